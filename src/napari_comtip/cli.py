@@ -1,0 +1,273 @@
+"""The ``comtip`` command line (also ``python -m napari_comtip``, which torchrun launches).
+
+Every user-facing action of the plugin has a subcommand here, and both call the same core
+functions. Errors a user can fix (:class:`~napari_comtip.errors.ComtipError`) are printed as one
+line ``error: ...`` and exit with status 2, without a traceback.
+
+Each subcommand has one ``_add_<name>`` function (its arguments) and one ``_run_<name>``
+function (its handler). Heavy imports happen inside the handlers so ``comtip --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import ComtipError
+
+
+# --------------------------------------------------------------------------- helpers
+def _add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True) -> None:
+    """The options every command that reads a sample shares (same meaning everywhere)."""
+    if path_required:
+        p.add_argument("path", help="dataset folder, Space Ranger outs/ folder, .h5ad file, HEST sample folder or slide file")
+    else:
+        p.add_argument("path", nargs="?", default=None, help="dataset folder, .h5ad, HEST folder or slide file")
+    p.add_argument("--sample", default=None, help="sample/section name inside a multi-sample dataset (e.g. C2 for her2st)")
+    p.add_argument("--slide", default=None, help="full-resolution slide to use instead of the one found next to the data")
+    p.add_argument("--pitch-um", type=float, default=None, help="spot pitch in micrometres for a bare slide grid (default: Visium, 100)")
+    p.add_argument("--mpp", type=float, default=None, help="override microns per pixel of the full-resolution image")
+
+
+def _load_sample_from_args(args: argparse.Namespace, progress=None):
+    from .io import load_sample
+
+    return load_sample(
+        args.path,
+        sample=args.sample,
+        slide=args.slide,
+        pitch_um=args.pitch_um,
+        mpp=args.mpp,
+        progress=progress,
+    )
+
+
+def _tqdm_progress(desc: str):
+    """A ``progress(done, total, message)`` callback that drives a tqdm bar on stderr."""
+    from tqdm.auto import tqdm
+
+    bar = {"bar": None}
+
+    def progress(done: int, total: int | None = None, message: str | None = None) -> None:
+        if bar["bar"] is None:
+            bar["bar"] = tqdm(total=total, desc=desc, unit="it", file=sys.stderr, leave=False, disable=None)
+        b = bar["bar"]
+        if total is not None and b.total != total:
+            b.total = total
+        b.n = done
+        if message:
+            b.set_postfix_str(message, refresh=False)
+        b.refresh()
+        if total is not None and done >= total:
+            b.close()
+            bar["bar"] = None
+
+    return progress
+
+
+# --------------------------------------------------------------------------- inspect
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="load a sample and print what was found")
+    _add_sample_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    sample = _load_sample_from_args(args, progress=_tqdm_progress("loading"))
+    info = sample.summary()
+    if args.json:
+        print(json.dumps(info, default=str))
+        return 0
+    levels = ", ".join(f"{w}x{h}" for h, w in info["levels"])
+    lines = [
+        f"sample       {info['name']}  ({info['format']})",
+        f"image        {info['width']} x {info['height']} px  ({info['image']})",
+        f"pyramid      {len(info['levels'])} levels: {levels}",
+        f"resolution   {info['mpp']:.4f} um/px  (from {info['mpp_source']})",
+        f"spots        {info['n_spots']}  (diameter {info['spot_diameter_px']:.1f} px)",
+        f"genes        {info['n_genes']}",
+    ]
+    if info.get("dropped_spots"):
+        lines.append(f"dropped      {info['dropped_spots']} selected spots without counts")
+    print("\n".join(lines))
+    return 0
+
+
+# --------------------------------------------------------------------------- predict
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict gene expression for every spot of a slide")
+    _add_sample_args(p)
+    p.add_argument("--checkpoint", default=None, help="CoMTIP checkpoint (.pt); default: the one bundled with the package")
+    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default="retrieval")
+    p.add_argument("--genes", default=None, help="comma-separated gene symbols (default: the whole panel)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--reference", default=None, help="reference dataset for retrieval/probe (default: the checkpoint's bank)")
+    p.add_argument("--reference-sample", action="append", default=None, help="sample name(s) inside --reference")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--csv", default=None, help="also write a CSV table (spots x genes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .engine.predict import predict_to_file
+
+    sample = _load_sample_from_args(args, progress=_tqdm_progress("loading"))
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    result = predict_to_file(
+        sample,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        mode=args.mode,
+        genes=genes,
+        device=args.device,
+        batch_size=args.batch_size,
+        reference=args.reference,
+        reference_samples=args.reference_sample,
+        csv=args.csv,
+        overwrite=args.overwrite,
+        progress=_tqdm_progress("encoding"),
+    )
+    print(f"wrote {result.n_obs} spots x {result.n_vars} genes to {args.out} "
+          f"(mode {args.mode}, device {result.uns['comtip']['device']})")
+    return 0
+
+
+# --------------------------------------------------------------------------- pretrain
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain CoMTIP on slides with spatial transcriptomics")
+    p.add_argument("--config", required=True, help="YAML config (see training/configs/)")
+    p.add_argument("--data", action="append", required=True, help="dataset path; repeat for several")
+    p.add_argument("--sample", action="append", default=None,
+                   help="sample name(s); repeat; with one --data they all come from it, else one per --data")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, config)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.mask_ratio=0.6")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from .engine.training import pretrain_from_args
+
+    return int(pretrain_from_args(args) or 0)
+
+
+# --------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="per-gene Pearson correlation of predictions on a held-out sample")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data", required=True)
+    p.add_argument("--sample", default=None)
+    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default="retrieval")
+    p.add_argument("--reference", default=None)
+    p.add_argument("--reference-sample", action="append", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .engine.evaluation import evaluate_from_args
+
+    metrics = evaluate_from_args(args)
+    if args.json:
+        print(json.dumps(metrics, default=float))
+    else:
+        for k in ("mode", "n_spots", "n_genes", "pcc_all", "pcc_heg50", "pcc_hvg50", "mse", "mae"):
+            v = metrics.get(k)
+            print(f"{k:10s} {v:.4f}" if isinstance(v, float) else f"{k:10s} {v}")
+    return 0
+
+
+# --------------------------------------------------------------------------- benchmark-loso
+def _add_loso(sub) -> None:
+    p = sub.add_parser("benchmark-loso", help="leave-one-section-out benchmark with ablations")
+    p.add_argument("--data", required=True, help="her2st-style dataset folder")
+    p.add_argument("--sample", action="append", default=None, help="sections (default: all in --data)")
+    p.add_argument("--config", default=None, help="training config (default: training/configs/loso.yaml values)")
+    p.add_argument("--arms", default=None, help="comma-separated arms (default: all)")
+    p.add_argument("--out", required=True, help="folder for runs and the results table")
+    p.add_argument("--results-md", default=None, help="also write the markdown table here (e.g. docs/results.md)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def _run_loso(args: argparse.Namespace) -> int:
+    from .engine.loso import loso_from_args
+
+    return int(loso_from_args(args) or 0)
+
+
+# --------------------------------------------------------------------------- view
+def _add_view(sub) -> None:
+    p = sub.add_parser("view", help="open napari with the slide and the Predict widget docked")
+    _add_sample_args(p, path_required=False)
+    p.add_argument("--gene", default=None, help="gene to show")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default="retrieval")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--screenshot", default=None, help="predict, render, save this PNG and exit")
+
+
+def _run_view(args: argparse.Namespace) -> int:
+    from ._widgets._view import view_from_args
+
+    return int(view_from_args(args) or 0)
+
+
+# --------------------------------------------------------------------------- main
+_COMMANDS = {
+    "inspect": (_add_inspect, _run_inspect),
+    "predict": (_add_predict, _run_predict),
+    "pretrain": (_add_pretrain, _run_pretrain),
+    "evaluate": (_add_evaluate, _run_evaluate),
+    "benchmark-loso": (_add_loso, _run_loso),
+    "view": (_add_view, _run_view),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comtip",
+        description="CoMTIP: predict spatial gene expression from H&E slides.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-comtip {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add, _ in _COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = _COMMANDS[args.command][1]
+    try:
+        return handler(args)
+    except ComtipError as exc:
+        if args.debug or os.environ.get("COMTIP_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+
+
+__all__ = ["main", "build_parser"]

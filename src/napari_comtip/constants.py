@@ -1,0 +1,55 @@
+"""The one place for AnnData key names and tunable constants.
+
+Import names from here instead of writing string literals: ``from napari_comtip.constants
+import Key, Default``. A reader, the model, the engines and the widgets all agree on these.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class Key:
+    """Key names used in AnnData objects and spot tables."""
+
+    # AnnData layers / obsm / uns
+    LOGNORM: Final = "lognorm"  # layer: library-size normalised (TARGET_SUM) then log1p
+    COUNTS: Final = "counts"  # layer: raw UMI counts (X also holds them on read)
+    SPATIAL: Final = "spatial"  # obsm: spot centres (x, y) in full-resolution pixels; uns: scanpy image dict
+    EMBEDDING: Final = "X_comtip"  # obsm: image embeddings in the shared space
+    PROVENANCE: Final = "comtip"  # uns: provenance of a prediction (checkpoint, predictor, device, versions)
+
+    # spot table columns (pandas DataFrame indexed by spot id)
+    ROW: Final = "row"  # spot centre, full-resolution pixel row (y)
+    COL: Final = "col"  # spot centre, full-resolution pixel column (x)
+    DIAMETER: Final = "diameter_px"  # spot diameter in full-resolution pixels
+    ARRAY_ROW: Final = "array_row"  # array (grid) coordinates when the platform has them
+    ARRAY_COL: Final = "array_col"
+    IN_TISSUE: Final = "in_tissue"
+
+
+class Default:
+    """Tunable defaults. Every one of them can be overridden by an option or a config key."""
+
+    TARGET_SUM: Final = 1e4  # library size for normalisation before log1p
+    VISIUM_PITCH_UM: Final = 100.0  # Visium centre-to-centre distance
+    VISIUM_SPOT_UM: Final = 55.0  # Visium spot diameter
+    LEGACY_ST_PITCH_UM: Final = 200.0  # legacy ST (her2st) centre-to-centre distance
+    LEGACY_ST_SPOT_UM: Final = 100.0  # legacy ST spot diameter
+    PATCH_UM: Final = 175.0  # physical side of a spot patch (= 224 px at her2st's ~0.78 um/px)
+    PAD_VALUE: Final = 255  # patches reaching past the slide edge are padded with white (glass)
+    PYRAMID_MIN_SIDE: Final = 4096  # single-level images larger than this get a cached pyramid
+    PYRAMID_TILE: Final = 512  # chunk side of cached pyramid levels
+    PYRAMID_FACTOR: Final = 2  # downsample between pyramid levels
+    PYRAMID_SMALLEST: Final = 512  # stop building levels below this side
+    TISSUE_THUMB_SIDE: Final = 2048  # thumbnail side used for tissue detection on bare slides
+    MIN_SHARED_GENES: Final = 0.5  # fraction of the panel a sample must share to be used
+    BATCH_SIZE: Final = 64
+    CACHE_APP_NAME: Final = "napari-comtip"
+    ZERO_SHOT_GRID: Final = 33  # candidate values v for zero-shot prediction
+    RETRIEVAL_K: Final = 50  # BLEEP's k
+    PROBE_ALPHA: Final = 1.0  # ridge penalty of the probe predictor
+
+
+# Environment variable that relocates the per-user cache (pyramids, embeddings).
+CACHE_ENV: Final = "NAPARI_COMTIP_CACHE"
