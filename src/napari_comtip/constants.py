@@ -49,6 +49,13 @@ class Default:
     ZERO_SHOT_GRID: Final = 33  # candidate values v for zero-shot prediction
     RETRIEVAL_K: Final = 50  # BLEEP's k
     PROBE_ALPHA: Final = 1.0  # ridge penalty of the probe predictor
+    # inference engine (engine/inference.py); measured in docs/performance.md
+    BATCH_SIZE_CPU: Final = 32  # encoder batch on the CPU (larger batches gain nothing there)
+    BATCH_SIZE_CUDA: Final = 256  # encoder batch on a GPU (halved automatically on out-of-memory)
+    BATCH_SIZE_MPS: Final = 64
+    PREFETCH_BATCHES: Final = 3  # patch batches read ahead of the encoder
+    EMBED_STREAM_BYTES: Final = 256 * 2**20  # embeddings larger than this stream to the on-disk cache
+    EMBED_CHUNK_SPOTS: Final = 8192  # spots per chunk when predicting from streamed embeddings
 
 
 # Environment variable that relocates the per-user cache (pyramids, embeddings).
