@@ -27,6 +27,10 @@ class Key:
     ARRAY_COL: Final = "array_col"
     IN_TISSUE: Final = "in_tissue"
 
+    # napari layer metadata (set by the reader / widgets in ``_widgets/``)
+    LAYER_SAMPLE: Final = "comtip_sample"  # the SpatialSample a layer was made from
+    LAYER_ROLE: Final = "comtip_role"  # tissue | spots | predicted | measured | heatmap-predicted | ...
+
 
 class Default:
     """Tunable defaults. Every one of them can be overridden by an option or a config key."""
@@ -49,6 +53,16 @@ class Default:
     ZERO_SHOT_GRID: Final = 33  # candidate values v for zero-shot prediction
     RETRIEVAL_K: Final = 50  # BLEEP's k
     PROBE_ALPHA: Final = 1.0  # ridge penalty of the probe predictor
+    # napari display (``_widgets/``)
+    HEATMAP_COLORMAP: Final = "inferno"  # colormap of predicted/measured expression
+    HEATMAP_PERCENTILES: Final = (1.0, 99.0)  # shared contrast limits of predicted + measured
+    HEATMAP_PX_PER_SPOT: Final = 8  # raster heatmap pixels across one spot diameter
+    HEATMAP_MAX_SIDE: Final = 4096  # the raster heatmap never gets larger than this per side
+    HEATMAP_TILE_PITCHES: Final = 0.71  # raster fills up to this many spot pitches around a spot
+    HEATMAP_OPACITY: Final = 0.8
+    SIDE_BY_SIDE_GAP: Final = 0.04  # gap between the predicted and measured views (fraction of width)
+    READER_MIN_PLAIN_IMAGE_SIDE: Final = 2048  # smaller .jpg/.png files are left to napari's own reader
+    PRETRAIN_POLL_MS: Final = 1000  # how often the Pretrain widget re-reads metrics.csv
     # inference engine (engine/inference.py); measured in docs/performance.md
     BATCH_SIZE_CPU: Final = 32  # encoder batch on the CPU (larger batches gain nothing there)
     BATCH_SIZE_CUDA: Final = 256  # encoder batch on a GPU (halved automatically on out-of-memory)
