@@ -1,0 +1,238 @@
+"""The three expression predictors, as pure tensor/numpy math (no file or sample IO).
+
+* :func:`zero_shot` - no head, no reference: score each image embedding against the sentences
+  "gene g at value v" for a grid of candidate values v and return the softmax-weighted
+  expectation of v.
+* :func:`retrieval` - BLEEP-style: the (weighted) mean expression of the k reference spots whose
+  image embeddings are most similar.
+* :func:`fit_probe` / :func:`probe_predict` - a closed-form ridge regression on frozen image
+  features (standardised), fitted on a reference dataset.
+
+All return numpy float32 arrays of shape (N spots, G genes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..constants import Default
+from ..errors import ConfigError, InputError
+
+PREDICTORS = ("zero-shot", "retrieval", "probe")
+WEIGHTINGS = ("mean", "inverse_distance", "inverse_square")
+
+
+def _as_tensor(x, device=None, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    return x.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- zero-shot
+@torch.no_grad()
+def zero_shot_sentence_embeddings(model, gene_idx: torch.Tensor, grid: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Embeddings (G', V, D) of the one-gene sentences (gene g, value grid[g, v]), chunked."""
+    g, v = grid.shape
+    dev = model.device
+    idx = gene_idx.to(dev).view(g, 1).expand(g, v).reshape(-1, 1)
+    vals = grid.to(dev).reshape(-1, 1)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    out = []
+    for s in range(0, idx.shape[0], chunk):
+        out.append(model.encode_genes(idx[s : s + chunk], vals[s : s + chunk], mask[s : s + chunk]).float())
+    return torch.cat(out).view(g, v, -1)
+
+
+@torch.no_grad()
+def zero_shot(
+    model,
+    image_emb,
+    gene_indices: Sequence[int | str] | torch.Tensor | None = None,
+    grid: int | None = None,
+    temperature: float | None = None,
+    *,
+    chunk: int | None = None,
+    spot_chunk: int = 4096,
+) -> np.ndarray:
+    """Zero-shot expression (N, G') of genes ``gene_indices`` (panel indices or symbols; None = all).
+
+    For each gene g, sentences "g at v" for ``grid`` values v evenly spanning the gene's training
+    range (``model.value_grid``) are embedded in one batched ``encode_genes`` pass (chunked);
+    similarities s_iv = <image_i, text_gv> become p_iv = softmax_v(s_iv / T) and the prediction
+    is sum_v p_iv * v. T defaults to the model's learned CLIP temperature (1 / logit_scale),
+    the temperature its similarities were trained with.
+    """
+    if not model.text.encodes_values:
+        raise ConfigError(
+            f"zero-shot prediction needs a model whose text encoder reads expression values; this one has text.mode={model.config.text.mode!r}",
+            hint="use --mode retrieval or --mode probe with this checkpoint",
+        )
+    cfg = model.config.zero_shot
+    if gene_indices is None:
+        gi = torch.arange(model.n_genes)
+    elif isinstance(gene_indices, torch.Tensor):
+        gi = gene_indices.long().cpu()
+    else:
+        gi = model.gene_index(list(gene_indices))
+    n_grid = int(grid or cfg.grid)
+    if n_grid < 2:
+        raise ConfigError(f"zero-shot grid must have at least 2 values, got {n_grid}")
+    temp = float(temperature) if temperature is not None else (cfg.temperature or model.temperature())
+    if not temp > 0:
+        raise ConfigError(f"zero-shot temperature must be > 0, got {temp}")
+    values = model.value_grid(gi, n_grid).float()  # (G', V)
+    text = zero_shot_sentence_embeddings(model, gi, values, int(chunk or cfg.chunk))  # (G', V, D)
+    img = _as_tensor(image_emb, device=text.device)
+    if img.ndim != 2 or img.shape[1] != text.shape[-1]:
+        raise InputError(f"image embeddings have shape {tuple(img.shape)}, expected (N, {text.shape[-1]})")
+    img = F.normalize(img, dim=-1)
+    out = np.empty((img.shape[0], gi.numel()), dtype=np.float32)
+    flat = text.reshape(-1, text.shape[-1])  # (G' V, D)
+    vals = values.to(text.device)
+    for s in range(0, img.shape[0], spot_chunk):
+        sim = (img[s : s + spot_chunk] @ flat.t()).view(-1, gi.numel(), n_grid)  # (n, G', V)
+        p = torch.softmax(sim / temp, dim=-1)
+        out[s : s + spot_chunk] = (p * vals).sum(-1).cpu().numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------- retrieval
+@torch.no_grad()
+def retrieval(
+    image_emb,
+    bank_emb,
+    bank_expr,
+    k: int = Default.RETRIEVAL_K,
+    weighting: str = "mean",
+    *,
+    chunk: int = 2048,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """BLEEP-style prediction (N, G): aggregate the expression of the k most cosine-similar bank spots.
+
+    ``weighting``: ``mean`` (BLEEP), ``inverse_distance`` (1/d) or ``inverse_square`` (1/d^2,
+    mclSTExp), with d the Euclidean distance between L2-normalised embeddings.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"retrieval weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    q = F.normalize(_as_tensor(image_emb, device), dim=-1)
+    b = F.normalize(_as_tensor(bank_emb, q.device), dim=-1)
+    y = _as_tensor(bank_expr, q.device)
+    if q.ndim != 2 or b.ndim != 2 or q.shape[1] != b.shape[1]:
+        raise InputError(f"embedding shapes do not match: query {tuple(q.shape)}, bank {tuple(b.shape)}")
+    if y.shape[0] != b.shape[0]:
+        raise InputError(f"bank has {b.shape[0]} embeddings but {y.shape[0]} expression rows")
+    if b.shape[0] == 0:
+        raise InputError("the retrieval reference bank is empty")
+    k = max(1, min(int(k), b.shape[0]))
+    out = np.empty((q.shape[0], y.shape[1]), dtype=np.float32)
+    for s in range(0, q.shape[0], chunk):
+        sim = q[s : s + chunk] @ b.t()
+        top, idx = sim.topk(k, dim=1)
+        neigh = y[idx]  # (n, k, G)
+        if weighting == "mean":
+            pred = neigh.mean(1)
+        else:
+            d = (2.0 - 2.0 * top).clamp_min(0.0)  # squared distance of unit vectors
+            w = 1.0 / (d.sqrt() + 1e-6) if weighting == "inverse_distance" else 1.0 / (d + 1e-6)
+            w = w / w.sum(1, keepdim=True)
+            pred = (w.unsqueeze(-1) * neigh).sum(1)
+        out[s : s + chunk] = pred.cpu().numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------- ridge probe
+@dataclass
+class Probe:
+    """A ridge regression on standardised frozen image features: y = ((x - mean) / std) @ W + b."""
+
+    weight: np.ndarray  # (F, G) float32
+    bias: np.ndarray  # (G,)
+    mean: np.ndarray  # (F,)
+    std: np.ndarray  # (F,)
+    alpha: float
+    genes: list[str] | None = None
+
+    def to_dict(self) -> dict:
+        """Tensors and primitives (can be stored in a checkpoint's ``probe`` entry)."""
+        return {
+            "weight": torch.from_numpy(self.weight),
+            "bias": torch.from_numpy(self.bias),
+            "mean": torch.from_numpy(self.mean),
+            "std": torch.from_numpy(self.std),
+            "alpha": float(self.alpha),
+            "genes": None if self.genes is None else list(self.genes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Probe:
+        def arr(x):
+            return (x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
+
+        return cls(arr(d["weight"]), arr(d["bias"]), arr(d["mean"]), arr(d["std"]), float(d["alpha"]), d.get("genes"))
+
+
+def fit_probe(features, expr, alpha: float = Default.PROBE_ALPHA, genes: Sequence[str] | None = None) -> Probe:
+    """Closed-form ridge regression (float64) of ``expr`` (N, G) on standardised ``features`` (N, F).
+
+    The primal solve (F x F) is used when N >= F, the dual (N x N) otherwise; both give the same
+    solution. The intercept is not penalised (targets are centred).
+    """
+    x = np.asarray(features.cpu().numpy() if isinstance(features, torch.Tensor) else features, dtype=np.float64)
+    y = np.asarray(expr.cpu().numpy() if isinstance(expr, torch.Tensor) else expr, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise InputError(f"probe needs features (N, F) and expression (N, G) with the same N, got {x.shape} and {y.shape}")
+    if x.shape[0] < 2:
+        raise InputError(f"probe needs at least 2 reference spots, got {x.shape[0]}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise InputError("probe features or expression contain NaN or infinite values")
+    if alpha < 0:
+        raise ConfigError(f"probe alpha must be >= 0, got {alpha}")
+    mean = x.mean(0)
+    std = x.std(0)
+    std = np.where(std < 1e-8, 1.0, std)
+    xs = (x - mean) / std
+    y_mean = y.mean(0)
+    yc = y - y_mean
+    n, f = xs.shape
+    if n >= f:
+        a = xs.T @ xs + alpha * np.eye(f)
+        w = _solve(a, xs.T @ yc)
+    else:
+        a = xs @ xs.T + alpha * np.eye(n)
+        w = xs.T @ _solve(a, yc)
+    return Probe(
+        weight=w.astype(np.float32),
+        bias=y_mean.astype(np.float32),
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+        alpha=float(alpha),
+        genes=None if genes is None else [str(g) for g in genes],
+    )
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:  # singular with alpha = 0: least-squares solution
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def probe_predict(probe: Probe | dict, features) -> np.ndarray:
+    """Apply a fitted probe to features (N, F) -> (N, G) float32."""
+    if isinstance(probe, dict):
+        probe = Probe.from_dict(probe)
+    x = np.asarray(features.cpu().numpy() if isinstance(features, torch.Tensor) else features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != probe.weight.shape[0]:
+        raise InputError(f"features have shape {x.shape}, the probe expects (N, {probe.weight.shape[0]})")
+    return (((x - probe.mean) / probe.std) @ probe.weight + probe.bias).astype(np.float32)
+
+
+__all__ = ["PREDICTORS", "Probe", "fit_probe", "probe_predict", "retrieval", "zero_shot", "zero_shot_sentence_embeddings"]

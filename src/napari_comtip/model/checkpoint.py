@@ -1,0 +1,327 @@
+"""One checkpoint file format: a ``torch.save`` of plain dicts, lists, strings, numbers and tensors.
+
+Everything in it loads with ``torch.load(..., weights_only=True)`` (no pickled Python objects),
+so opening a checkpoint from someone else cannot run code. Layout (``FORMAT_VERSION`` 1)::
+
+    format            "napari-comtip-checkpoint"
+    format_version    1
+    package_version   napari-comtip version that wrote it
+    config            ComtipConfig.to_dict() (every hyperparameter, model version included)
+    gene_panel        [symbol, ...] in model order
+    normalization     {"target_sum": 1e4, "log1p": True}
+    patch_um          physical side of a spot patch in micrometres
+    state_dict        weights (float16 when saved with half=True; restored to float32 on load)
+    storage_dtype     "float32" | "float16"
+    provenance        training provenance (data, steps, seed, metrics, versions ...)
+    bank              None | {"emb": (M, D) fp16, "expr": (M, G) fp16, "ids": [str], ...}
+    probe             None | {"weight": (F, G'), "bias": (G',), "mean": (F,), "std": (F,), "genes": [...], "alpha": a}
+    extras            any other primitive data the trainer wants to keep
+
+Files are written to a temporary file in the target folder and renamed (``os.replace``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import pickle
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .comtip import CoMTIP
+from .config import MODEL_VERSION, ComtipConfig
+
+FORMAT = "napari-comtip-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_CHECKPOINT_NAME = "comtip-tiny-her2st.pt"
+#: kept in float32 even in half-precision storage (tiny, and fp16 would lose their meaning)
+_KEEP_FP32 = ("logit_scale", "value_lo", "value_hi")
+
+
+@dataclass
+class Bank:
+    """A retrieval reference bank: image embeddings and the expression of the same spots."""
+
+    emb: torch.Tensor  # (M, D) float32
+    expr: torch.Tensor  # (M, G) float32, log-normalised, panel order
+    ids: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: CoMTIP
+    config: ComtipConfig
+    gene_panel: list[str]
+    meta: dict
+    bank: Bank | None = None
+    probe: dict | None = None
+    path: Path | None = None
+
+
+# ---------------------------------------------------------------------------- paths, digests
+def default_checkpoint_path(must_exist: bool = True) -> Path:
+    """The checkpoint bundled with the package (trained on her2st with the ``tiny`` preset)."""
+    path = Path(__file__).resolve().parent.parent / "checkpoints" / DEFAULT_CHECKPOINT_NAME
+    if must_exist and not path.is_file():
+        raise CheckpointError(
+            "the bundled default checkpoint is missing from this installation",
+            path=path,
+            hint="reinstall napari-comtip, or pass a checkpoint you trained with `comtip pretrain` (--checkpoint)",
+        )
+    return path
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the file's SHA-256 (a cache key; memoised per path/size/mtime)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+# ---------------------------------------------------------------------------- save
+def _primitive(obj: Any, where: str) -> Any:
+    """Convert numpy to torch/python and refuse anything weights_only loading would reject."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "OUS":
+            return [_primitive(x, where) for x in obj.tolist()]
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): _primitive(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_primitive(v, where) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"checkpoint entry {where} has type {type(obj).__name__}; store tensors, arrays and primitives only")
+
+
+def _bank_entry(bank: Any, n_genes: int, dim: int) -> dict:
+    if isinstance(bank, Bank):
+        bank = {"emb": bank.emb, "expr": bank.expr, "ids": bank.ids, **bank.meta}
+    bank = _primitive(dict(bank), "bank")
+    emb, expr = bank.get("emb"), bank.get("expr")
+    if not isinstance(emb, torch.Tensor) or not isinstance(expr, torch.Tensor):
+        raise ValueError("extras['bank'] needs tensors 'emb' (M, D) and 'expr' (M, G)")
+    if emb.ndim != 2 or emb.shape[1] != dim or expr.shape != (emb.shape[0], n_genes):
+        raise ValueError(f"bank shapes emb {tuple(emb.shape)}, expr {tuple(expr.shape)} do not fit D={dim}, G={n_genes}")
+    ids = [str(i) for i in bank.get("ids", range(emb.shape[0]))]
+    if len(ids) != emb.shape[0]:
+        raise ValueError("bank ids must have one entry per bank row")
+    bank.update(emb=emb.to(torch.float16), expr=expr.to(torch.float16), ids=ids)
+    return bank
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: CoMTIP,
+    config: ComtipConfig | None = None,
+    gene_panel: Sequence[str] | None = None,
+    extras: dict | None = None,
+    *,
+    half: bool = False,
+) -> Path:
+    """Write ``model`` (+ config, panel, provenance, optional bank/probe) atomically to ``path``.
+
+    ``extras`` keys with a meaning: ``provenance`` (dict), ``bank`` ({emb, expr, ids} or
+    :class:`Bank`), ``probe`` (dict of tensors, see engine.predictors.Probe.to_dict),
+    ``normalization`` (overrides the config's); any other key goes to ``extras``.
+    ``half=True`` stores floating weights as float16 (half the file size, for shipping).
+    """
+    path = Path(path)
+    cfg = model.config
+    if config is not None and _arch_dict(config) != _arch_dict(cfg):
+        diff = sorted(k for k, v in _flat(_arch_dict(config)).items() if _flat(_arch_dict(cfg)).get(k) != v)
+        raise ValueError(f"config differs from the model's own config at {', '.join(diff[:8])}; pass model.config")
+    if gene_panel is not None and [str(g) for g in gene_panel] != model.gene_panel:
+        raise ValueError("gene_panel differs from the panel the model was built for")
+    extras = dict(extras or {})
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if half and v.is_floating_point() and not k.endswith(_KEEP_FP32):
+            v = v.to(torch.float16)
+        state[k] = v.clone()
+    from .. import __version__
+
+    normalization = {"target_sum": float(cfg.target_sum), "log1p": bool(cfg.log1p)}
+    normalization.update(_primitive(extras.pop("normalization", {}) or {}, "normalization"))
+    bank = extras.pop("bank", None)
+    probe = extras.pop("probe", None)
+    blob = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_version": MODEL_VERSION,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        "gene_panel": list(model.gene_panel),
+        "normalization": normalization,
+        "patch_um": float(cfg.patch_um),
+        "storage_dtype": "float16" if half else "float32",
+        "state_dict": state,
+        "provenance": _primitive(extras.pop("provenance", {}) or {}, "provenance"),
+        "bank": None if bank is None else _bank_entry(bank, model.n_genes, model.embed_dim),
+        "probe": None if probe is None else _primitive(probe, "probe"),
+        "extras": _primitive(extras, "extras"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _arch_dict(cfg: ComtipConfig) -> dict:
+    d = cfg.to_dict()
+    d["vision"].pop("mean", None)  # resolved by the model when None
+    d["vision"].pop("std", None)
+    return d
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "overrides":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------- load
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The raw checkpoint dict, validated as ours and of this format version."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            "checkpoint file not found", path=path, hint="check the path, or train one with `comtip pretrain`"
+        )
+    try:
+        blob = torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            raise CheckpointError(
+                "not a napari-comtip checkpoint (it contains pickled Python objects, which are not loaded for safety)",
+                path=path,
+                hint="use a checkpoint written by `comtip pretrain`",
+            ) from None
+        raise CheckpointError("not a PyTorch checkpoint file (or it is truncated)", path=path, hint="use a .pt file written by `comtip pretrain`") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"not a PyTorch checkpoint file or it is damaged ({type(exc).__name__})",
+            path=path,
+            hint="use a .pt file written by `comtip pretrain`",
+        ) from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(
+            "not a napari-comtip checkpoint (no 'format' marker)",
+            path=path,
+            hint="use a checkpoint written by `comtip pretrain`; plain timm/ViT weights go into the config's vision.weights",
+        )
+    ver = blob.get("format_version")
+    if ver != FORMAT_VERSION:
+        if isinstance(ver, int) and ver > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint format {ver} is newer than this napari-comtip reads ({FORMAT_VERSION})",
+                path=path,
+                hint="upgrade napari-comtip (pip install -U napari-comtip)",
+            )
+        raise CheckpointError(
+            f"checkpoint format {ver} is older than this napari-comtip reads ({FORMAT_VERSION})",
+            path=path,
+            hint="re-train with `comtip pretrain` or use the napari-comtip release that wrote it",
+        )
+    for key in ("config", "gene_panel", "state_dict"):
+        if key not in blob:
+            raise CheckpointError(f"checkpoint is incomplete (no {key!r})", path=path, hint="re-save it with `comtip pretrain`")
+    return blob
+
+
+def load_checkpoint(
+    path: str | os.PathLike | None = None,
+    map_location: str | torch.device = "cpu",
+    *,
+    expected_panel: Sequence[str] | None = None,
+) -> LoadedCheckpoint:
+    """Load a checkpoint (default: the bundled one) into an eval-mode model on ``map_location``.
+
+    Raises CheckpointError for a missing/foreign/damaged file, another format or model version,
+    or (with ``expected_panel``) a checkpoint trained on another gene panel.
+    """
+    path = default_checkpoint_path() if path is None else Path(path).expanduser()
+    blob = read_checkpoint(path, map_location="cpu")
+    try:
+        config = ComtipConfig.from_dict(blob["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint config cannot be used: {exc}", path=path) from None
+    panel = [str(g) for g in blob["gene_panel"]]
+    if expected_panel is not None:
+        expected = [str(g) for g in expected_panel]
+        if expected != panel:
+            missing = [g for g in expected if g not in set(panel)]
+            detail = (
+                f"{len(missing)} expected genes are not in it (e.g. {', '.join(missing[:5])})"
+                if missing
+                else "same genes in another order" if sorted(expected) == sorted(panel) else "it has extra genes"
+            )
+            raise CheckpointError(
+                f"checkpoint was trained on another gene panel ({len(panel)} genes vs {len(expected)} expected; {detail})",
+                path=path,
+                hint="use the checkpoint that matches this panel, or re-train on it",
+            )
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()}
+    from .factory import build_model
+
+    try:
+        model = build_model(config, panel, name_embeddings=state.get("text.name_emb"), load_weights=False)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ConfigError) as exc:
+        first = str(exc).splitlines()[0][:300]
+        raise CheckpointError(f"weights do not fit the stored config ({first})", path=path, hint="the file is damaged or was edited; re-save it") from None
+    model.eval().to(map_location)
+    bank = None
+    if blob.get("bank"):
+        b = dict(blob["bank"])
+        bank = Bank(emb=b.pop("emb").float(), expr=b.pop("expr").float(), ids=list(b.pop("ids")), meta=b)
+    meta = {
+        "path": str(path),
+        "digest": checkpoint_digest(path),
+        "format_version": blob["format_version"],
+        "model_version": blob.get("model_version"),
+        "package_version": blob.get("package_version"),
+        "created": blob.get("created"),
+        "normalization": blob.get("normalization", {"target_sum": config.target_sum, "log1p": config.log1p}),
+        "patch_um": float(blob.get("patch_um", config.patch_um)),
+        "storage_dtype": blob.get("storage_dtype", "float32"),
+        "provenance": blob.get("provenance") or {},
+        "extras": blob.get("extras") or {},
+    }
+    return LoadedCheckpoint(model=model, config=model.config, gene_panel=panel, meta=meta, bank=bank, probe=blob.get("probe"), path=path)

@@ -1,0 +1,282 @@
+"""The CoMTIP network: masked vision branch + Gene-Text Encoder, aligned with InfoNCE, plus PAAT.
+
+``forward(images, gene_idx, values, mask)`` returns the training losses as a dict::
+
+    loss    = infonce + w_mfm * mfm + w_paat * paat
+    infonce   symmetric CLIP loss, learnable temperature (logit scale clamped at max_logit_scale)
+    mfm       masked feature modelling (0 when w_mfm == 0)
+    paat      pair-aware adversarial term (0 when w_paat == 0 or text.mode == "names"):
+              hard-negative CE (image vs its true text and its value-permuted texts)
+              [+ w_discriminator * pair-consistency BCE] [+ w_adversarial * FGSM consistency KL]
+
+Inference uses :meth:`CoMTIP.preprocess`, :meth:`CoMTIP.encode_image`,
+:meth:`CoMTIP.image_features` and :meth:`CoMTIP.encode_genes`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ComtipConfig
+from .text import GeneTextEncoder, permute_values, sample_gene_subsets
+from .vision import MaskedViT, resolve_normalization
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch (row i of img matches row i of txt)."""
+    logits = logit_scale * img @ txt.t()
+    labels = torch.arange(img.shape[0], device=img.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+class PairDiscriminator(nn.Module):
+    """Scores whether a (image embedding, text embedding) pair has the true gene-value pairing."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([img, txt, img * txt], dim=-1)).squeeze(-1)
+
+
+class CoMTIP(nn.Module):
+    """Contrastive Masked Text-Image Pretraining for spatial transcriptomics."""
+
+    def __init__(self, config: ComtipConfig, gene_panel: Sequence[str], name_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        config = copy.deepcopy(config)
+        config.validate()
+        self.config = config
+        self.gene_panel = [str(g) for g in gene_panel]
+        g = len(self.gene_panel)
+        self.vision = MaskedViT(config, with_generator=config.w_mfm > 0)
+        mean, std = resolve_normalization(self.vision.vit, config)
+        config.vision.mean, config.vision.std = mean, std  # make the checkpoint's config explicit
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.image_proj = nn.Linear(self.vision.width, config.embed_dim)
+        self.text = GeneTextEncoder(config, g, name_embeddings)
+        init = math.log(1.0 / config.init_temperature)
+        self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=config.learn_temperature)
+        use_disc = config.w_paat > 0 and config.paat.discriminator and self.text.encodes_values
+        self.pair_disc = PairDiscriminator(config.embed_dim) if use_disc else None
+        # training range of each gene's log-normalised value (zero-shot grid); lo > hi = not seen
+        self.register_buffer("value_lo", torch.full((g,), float("inf")))
+        self.register_buffer("value_hi", torch.full((g,), float("-inf")))
+        self.weights_report: dict | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_panel)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def feature_dim(self) -> int:
+        return self.vision.width
+
+    @property
+    def img_size(self) -> int:
+        return self.config.vision.img_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at ``max_logit_scale`` (CLIP)."""
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    def temperature(self) -> float:
+        return float(1.0 / self.scale().detach())
+
+    def gene_index(self, genes: Sequence[str | int]) -> torch.Tensor:
+        """Panel indices of gene symbols (or pass-through ints); KeyError names unknown genes."""
+        lookup = {g: i for i, g in enumerate(self.gene_panel)}
+        out, unknown = [], []
+        for gname in genes:
+            if isinstance(gname, (int, np.integer)):
+                if not 0 <= int(gname) < self.n_genes:
+                    unknown.append(str(gname))
+                out.append(int(gname))
+            elif gname in lookup:
+                out.append(lookup[gname])
+            else:
+                unknown.append(str(gname))
+        if unknown:
+            raise KeyError(f"not in the model's gene panel: {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
+        return torch.tensor(out, dtype=torch.long)
+
+    def count_parameters(self, trainable: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if (p.requires_grad or not trainable))
+
+    # ------------------------------------------------------------------ images
+    def preprocess(self, patches) -> torch.Tensor:
+        """uint8 patches (B, H, W, 3) (tensor or numpy) -> normalised float (B, 3, S, S) on the model's device."""
+        if isinstance(patches, np.ndarray):
+            patches = torch.from_numpy(np.ascontiguousarray(patches))
+        if patches.ndim == 3:
+            patches = patches.unsqueeze(0)
+        if patches.ndim != 4 or patches.shape[-1] != 3:
+            raise ValueError(f"patches must be (B, H, W, 3) uint8, got shape {tuple(patches.shape)}")
+        x = patches.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        s = self.img_size
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.pixel_mean) / self.pixel_std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-projection ViT features (B, F), for the probe predictor."""
+        return self.vision(x)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embedding in the shared space (B, D)."""
+        return F.normalize(self.image_proj(self.vision(x)), dim=-1)
+
+    def encode_image_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both at the cost of one ViT pass: ((B, D) embedding, (B, F) features)."""
+        feats = self.vision(x)
+        return F.normalize(self.image_proj(feats), dim=-1), feats
+
+    # ------------------------------------------------------------------ genes
+    def encode_genes(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embedding of gene sentences (B, D); all spots and genes in one pass."""
+        return self.text(gene_idx, values, mask)
+
+    def sample_text(self, expr: torch.Tensor, generator: torch.Generator | None = None):
+        """Training sentences for a batch of log-normalised expression vectors (B, G), per config."""
+        return sample_gene_subsets(expr, self.config, generator)
+
+    # ------------------------------------------------------------------ value range (zero-shot grid)
+    @torch.no_grad()
+    def observe_values(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Widen each gene's recorded [min, max] with the valid tokens of a batch."""
+        idx = gene_idx[mask]
+        vals = values[mask].float()
+        if idx.numel() == 0:
+            return
+        self.value_hi.scatter_reduce_(0, idx, vals, reduce="amax", include_self=True)
+        self.value_lo.scatter_reduce_(0, idx, vals, reduce="amin", include_self=True)
+
+    @torch.no_grad()
+    def set_value_range(self, lo, hi) -> None:
+        """Set each gene's zero-shot grid range explicitly (e.g. quantiles of the training data)."""
+        self.value_lo.copy_(torch.as_tensor(lo, dtype=torch.float32).expand_as(self.value_lo))
+        self.value_hi.copy_(torch.as_tensor(hi, dtype=torch.float32).expand_as(self.value_hi))
+
+    def value_grid(self, gene_idx: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Candidate values (G', n) for zero-shot prediction, spanning each gene's training range.
+
+        Genes never seen in training span [0, zero_shot.default_max].
+        """
+        n = n or self.config.zero_shot.grid
+        gi = gene_idx.to(self.value_lo.device)
+        lo, hi = self.value_lo[gi], self.value_hi[gi]
+        unseen = ~(hi >= lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
+        lo = torch.where(unseen, torch.zeros_like(lo), lo.clamp_min(0.0))
+        hi = torch.where(unseen, torch.full_like(hi, self.config.zero_shot.default_max), hi)
+        hi = torch.where(hi - lo < 1e-3, lo + 1e-3, hi)
+        steps = torch.linspace(0.0, 1.0, n, device=lo.device)
+        return lo.unsqueeze(1) + (hi - lo).unsqueeze(1) * steps
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        images: torch.Tensor,
+        gene_idx: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        mask = mask.bool()
+        if self.training:
+            self.observe_values(gene_idx, values, mask)
+        zero = images.new_zeros(())
+        tokens = self.vision.forward_tokens(images)
+        img = F.normalize(self.image_proj(self.vision.pool(tokens)), dim=-1)
+        ident, vpart, tmask = self.text.token_parts(gene_idx, values, mask)
+        txt = self.text.encode_parts(ident, vpart, tmask)
+        scale = self.scale()
+        infonce = clip_loss(img, txt, scale)
+
+        mfm = zero
+        if cfg.w_mfm > 0:
+            mfm = self.vision.mfm_loss(images, tokens, cfg.mask_ratio, generator)
+
+        out = {"infonce": infonce, "mfm": mfm}
+        paat = zero
+        if cfg.w_paat > 0 and self.text.encodes_values:
+            paat_terms = self._paat(img, txt, ident, vpart, tmask, gene_idx, values, mask, scale, generator)
+            out.update(paat_terms)
+            paat = paat_terms["paat_hard"] + paat_terms.get("paat_disc", zero) * cfg.paat.w_discriminator
+            paat = paat + paat_terms.get("paat_adv", zero) * cfg.paat.w_adversarial
+        out["paat"] = paat
+        out["loss"] = infonce + cfg.w_mfm * mfm + cfg.w_paat * paat
+        with torch.no_grad():
+            logits = img @ txt.t()
+            out["i2t_acc"] = (logits.argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
+            out["logit_scale"] = scale.detach()
+        return out
+
+    def _paat(self, img, txt, ident, vpart, tmask, gene_idx, values, mask, scale, generator):
+        """Pair-aware terms: hard negatives with permuted values, optional discriminator and FGSM."""
+        pc = self.config.paat
+        n = pc.n_negatives
+        b, length = gene_idx.shape
+        neg_values, differs = permute_values(values, mask, n, generator)
+        neg_txt = self.text(
+            gene_idx.repeat_interleave(n, dim=0),
+            neg_values.reshape(b * n, length),
+            mask.repeat_interleave(n, dim=0),
+        ).view(b, n, -1)
+        pos_logit = scale * (img * txt).sum(-1, keepdim=True)
+        neg_logit = scale * torch.einsum("bd,bnd->bn", img, neg_txt)
+        neg_logit = neg_logit.masked_fill(~differs, float("-inf"))
+        rows = differs.any(dim=1)
+        zero = img.new_zeros(())
+        terms = {}
+        if bool(rows.any()):
+            logits = torch.cat([pos_logit, neg_logit], dim=1)[rows]
+            terms["paat_hard"] = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=img.device))
+        else:
+            terms["paat_hard"] = zero
+        if self.pair_disc is not None:
+            if bool(rows.any()):
+                pos = self.pair_disc(img, txt)
+                neg = self.pair_disc(img.unsqueeze(1).expand_as(neg_txt)[differs], neg_txt[differs])
+                s = torch.cat([pos, neg])
+                y = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
+                terms["paat_disc"] = F.binary_cross_entropy_with_logits(s, y)
+            else:
+                terms["paat_disc"] = zero
+        if pc.adversarial:
+            terms["paat_adv"] = self._fgsm_consistency(img, txt, ident, vpart, tmask, scale)
+        return terms
+
+    def _fgsm_consistency(self, img, txt, ident, vpart, tmask, scale) -> torch.Tensor:
+        """FGSM step on the value embeddings that most hurts image-text alignment, then a KL term
+        keeping the image->text distribution of the perturbed texts equal to the clean one."""
+        v_adv = vpart.detach().requires_grad_(True)
+        with torch.enable_grad():
+            t_tmp = self.text.encode_parts(None if ident is None else ident.detach(), v_adv, tmask)
+            l_tmp = clip_loss(img.detach(), t_tmp, scale.detach())
+            (grad,) = torch.autograd.grad(l_tmp, v_adv)
+        rms = vpart.detach().pow(2).mean().sqrt()
+        delta = self.config.paat.adv_epsilon * rms * grad.sign()
+        t_adv = self.text.encode_parts(ident, vpart + delta, tmask)
+        clean = (scale * img @ txt.t()).detach()
+        adv = scale * img @ t_adv.t()
+        return F.kl_div(F.log_softmax(adv, dim=1), F.log_softmax(clean, dim=1), log_target=True, reduction="batchmean")

@@ -1,0 +1,312 @@
+"""The CoMTIP configuration: one dataclass tree that names every hyperparameter.
+
+A :class:`ComtipConfig` is what :func:`napari_comtip.model.factory.build_model` builds from and
+what a checkpoint stores (``config.to_dict()``), so a checkpoint can always rebuild its own
+network. ``from_dict`` refuses keys it does not know (a typo in a YAML file must not be silently
+ignored) with a :class:`~napari_comtip.errors.ConfigError` that names the key.
+
+Presets live in :data:`PRESETS` (``tiny`` for a CPU, ``base`` for a GPU, the paper's ViT-B/32);
+:func:`get_preset` returns an independent copy that callers may modify.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..constants import Default
+from ..errors import ConfigError
+
+#: Version of the network definition. Bump it when a change makes old weights meaningless.
+MODEL_VERSION = 1
+
+TEXT_MODES = ("names+values", "names", "values")
+VALUE_ENCODINGS = ("fourier", "binned")
+TOKEN_COMBINATIONS = ("sum", "concat")
+POOLS_VISION = ("cls", "mean")
+POOLS_TEXT = ("attention", "mean")
+MFM_LOSSES = ("mse", "cosine")
+
+
+@dataclass
+class VisionConfig:
+    """Image encoder: a timm ViT, its input size and how its tokens are pooled."""
+
+    name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer by name
+    img_size: int = 112  # square input side in pixels (patches are resized to this)
+    overrides: dict = field(default_factory=dict)  # extra kwargs for timm.create_model (depth, embed_dim, ...)
+    weights: str | None = None  # optional local weight file (.pt/.pth/.bin/.safetensors)
+    pool: str = "cls"  # "cls" token or "mean" of the patch tokens -> global image feature
+    mean: list | None = None  # RGB normalisation; None = timm's pretrained config for `name`
+    std: list | None = None
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class MaskConfig:
+    """Masked Feature Modelling (MFM): the masked branch and its mask feature generator."""
+
+    loss: str = "mse"  # "mse" or "cosine" (1 - cos) between predicted and target token features
+    generator_heads: int = 0  # heads of the cross-attention generator; 0 = same as the ViT
+    generator_mlp_ratio: float = 2.0
+    normalize_target: bool = True  # layer-norm the (stop-gradient) target features, as in data2vec/MAE
+
+
+@dataclass
+class TextConfig:
+    """Gene-Text Encoder: gene names + values -> spot text embedding."""
+
+    mode: str = "names+values"  # "names+values" (CoMTIP), "names" (OmiCLIP-style), "values" (BLEEP-style)
+    model_path: str | None = None  # local Hugging Face text model; None = bundled all-MiniLM-L6-v2
+    name_template: str = "{gene}"  # the text embedded for each gene symbol
+    use_name_embedding: bool = True  # ablation switch: drop the pretrained name embedding
+    use_gene_embedding: bool = True  # the learnable per-gene embedding
+    value_encoding: str = "fourier"  # "fourier" (continuous) or "binned"
+    fourier_features: int = 16  # number of log-spaced frequencies
+    fourier_max_freq: float = 8.0  # highest frequency (cycles per unit of log-normalised value)
+    value_bins: int = 32  # "binned": bins over (0, value_max]; bin 0 is exactly zero
+    value_max: float = 8.0  # "binned": upper edge of the last bin (log1p of TARGET_SUM-normalised counts)
+    combination: str = "sum"  # "sum" of the three parts, or "concat" -> linear
+    width: int = 192  # token width of the set transformer
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    pool: str = "attention"  # "attention" (learned query) or "mean" over valid tokens
+    top_k: int = 50  # "names" mode: the k most expressed genes make the sentence (OmiCLIP)
+    min_genes: int = 1  # training gene subsets: size drawn log-uniformly in [min_genes, max_genes]
+    max_genes: int = 64
+    p_single: float = 0.1  # extra probability that a training subset is one gene (zero-shot sentences)
+    values_mlp_layers: int = 2  # "values" mode: depth of the expression MLP
+
+
+@dataclass
+class PaatConfig:
+    """Pair-aware Adversarial Training: negatives that keep genes and values but break the pairing."""
+
+    n_negatives: int = 4  # value permutations per spot
+    discriminator: bool = False  # add a pair-consistency discriminator (BCE) to the PAAT term
+    w_discriminator: float = 1.0
+    adversarial: bool = False  # FGSM perturbation of the value embeddings + consistency term
+    adv_epsilon: float = 0.05  # step size, relative to the RMS of the value embeddings
+    w_adversarial: float = 1.0
+
+
+@dataclass
+class ZeroShotConfig:
+    """Zero-shot prediction: a grid of candidate values per gene and a softmax temperature."""
+
+    grid: int = Default.ZERO_SHOT_GRID  # number of candidate values v per gene
+    temperature: float | None = None  # None = the learned CLIP temperature (1 / logit_scale)
+    default_max: float = 5.0  # grid upper end when the model has not recorded a value range
+    chunk: int = 8192  # sentences encoded per batch
+
+
+@dataclass
+class ComtipConfig:
+    """Every hyperparameter of a CoMTIP model; stored inside each checkpoint."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    paat: PaatConfig = field(default_factory=PaatConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    embed_dim: int = 256  # shared image/text space
+    mask_ratio: float = 0.5  # fraction of patch tokens hidden from the masked branch
+    w_mfm: float = 1.0  # weight of the MFM loss (0 = off: the masked branch is not run)
+    w_paat: float = 0.5  # weight of the PAAT loss (0 = off)
+    init_temperature: float = 0.07  # CLIP's initial temperature
+    max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
+    learn_temperature: bool = True
+    patch_um: float = Default.PATCH_UM  # physical side of a spot patch
+    target_sum: float = Default.TARGET_SUM  # expression normalisation: library size ...
+    log1p: bool = True  # ... then log1p
+    n_genes_hint: int = 1000  # panel size the preset was designed for (informative)
+    version: int = MODEL_VERSION
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of primitives (JSON/YAML/torch ``weights_only`` safe)."""
+        return _to_primitive(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ComtipConfig:
+        """Build a config from a (possibly partial) dict; unknown keys raise ConfigError."""
+        cfg = cls()
+        if d:
+            _update(cfg, d, prefix="")
+        cfg.validate()
+        return cfg
+
+    def replace(self, **updates: Any) -> ComtipConfig:
+        """A copy with dotted-key updates, e.g. ``cfg.replace(**{"vision.img_size": 64})``."""
+        new = copy.deepcopy(self)
+        for key, value in updates.items():
+            nested: dict[str, Any] = {}
+            cur = nested
+            parts = key.replace("__", ".").split(".")
+            for p in parts[:-1]:
+                cur = cur.setdefault(p, {})
+            cur[parts[-1]] = value
+            _update(new, nested, prefix="")
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        """Raise ConfigError on values that cannot work."""
+        t, v = self.text, self.vision
+        _choice("text.mode", t.mode, TEXT_MODES)
+        _choice("text.value_encoding", t.value_encoding, VALUE_ENCODINGS)
+        _choice("text.combination", t.combination, TOKEN_COMBINATIONS)
+        _choice("text.pool", t.pool, POOLS_TEXT)
+        _choice("vision.pool", v.pool, POOLS_VISION)
+        _choice("mask.loss", self.mask.loss, MFM_LOSSES)
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}", hint="use e.g. 0.5")
+        if t.width % t.heads:
+            raise ConfigError(f"text.width ({t.width}) must be divisible by text.heads ({t.heads})")
+        if not 1 <= t.min_genes <= t.max_genes:
+            raise ConfigError(f"need 1 <= text.min_genes <= text.max_genes, got {t.min_genes}, {t.max_genes}")
+        if self.embed_dim < 1 or v.img_size < 8:
+            raise ConfigError("embed_dim and vision.img_size must be positive (img_size >= 8)")
+        for name in ("w_mfm", "w_paat"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.zero_shot.grid < 2:
+            raise ConfigError(f"zero_shot.grid must be >= 2, got {self.zero_shot.grid}")
+        if self.paat.n_negatives < 1:
+            raise ConfigError(f"paat.n_negatives must be >= 1, got {self.paat.n_negatives}", hint="set w_paat: 0 to switch PAAT off")
+        for name in ("mean", "std"):
+            val = getattr(v, name)
+            if val is not None and len(val) != 3:
+                raise ConfigError(f"vision.{name} must have 3 values (RGB), got {val}")
+        if self.version != MODEL_VERSION:
+            raise ConfigError(
+                f"config is for model version {self.version}, this napari-comtip builds version {MODEL_VERSION}",
+                hint="retrain or use the napari-comtip release that wrote it",
+            )
+
+    # convenience accessors used by the engines
+    @property
+    def uses_names(self) -> bool:
+        return self.text.mode in ("names+values", "names")
+
+    @property
+    def uses_values(self) -> bool:
+        return self.text.mode in ("names+values", "values")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _to_primitive(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _to_primitive(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_primitive(v) for v in obj]
+    return obj
+
+
+def _update(target: Any, d: dict[str, Any], prefix: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in d.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {full!r}", hint=f"known keys here: {known}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            _update(current, value, prefix=f"{full}.")
+        elif key == "overrides":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a mapping of timm.create_model arguments")
+            setattr(target, key, dict(value))
+        else:
+            setattr(target, key, _coerce(full, current, fields[key], value))
+
+
+def _coerce(name: str, current: Any, f: dataclasses.Field, value: Any) -> Any:
+    """Light type checking so that '0.5' in a YAML file becomes 0.5 and 'abc' is refused."""
+    if value is None:
+        return None
+    ann = str(f.type)
+    try:
+        if isinstance(current, bool) or ann == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if ann.startswith("int") or (isinstance(current, int) and not isinstance(current, bool)):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if ann.startswith("float"):
+            return float(value)
+        if ann.startswith("list"):
+            return [float(x) for x in value]
+        if ann.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name!r} has an invalid value {value!r} (expected {ann})") from None
+    return value
+
+
+# ---------------------------------------------------------------------------- presets
+def _tiny() -> ComtipConfig:
+    """CPU preset: a 6-block ViT-Ti/16 at 112 px (7x7 tokens), ~3.7 M trainable parameters."""
+    return ComtipConfig(
+        vision=VisionConfig(name="vit_tiny_patch16_224", img_size=112, overrides={"depth": 6}),
+        text=TextConfig(width=192, depth=2, heads=4, max_genes=64),
+        embed_dim=256,
+        n_genes_hint=1000,
+    )
+
+
+def _base() -> ComtipConfig:
+    """GPU preset: the paper's ViT-B/32 at 224 px (7x7 tokens), a wider 4-layer gene-text encoder."""
+    return ComtipConfig(
+        vision=VisionConfig(name="vit_base_patch32_224", img_size=224, drop_path_rate=0.1),
+        text=TextConfig(width=512, depth=4, heads=8, max_genes=256, dropout=0.1),
+        mask=MaskConfig(generator_heads=8),
+        embed_dim=512,
+        n_genes_hint=1000,
+    )
+
+
+def _micro() -> ComtipConfig:
+    """For tests only: a 2-block, 64-wide ViT at 32 px with 8 px patches (16 tokens)."""
+    return ComtipConfig(
+        vision=VisionConfig(
+            name="vit_tiny_patch16_224",
+            img_size=32,
+            overrides={"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 8},
+        ),
+        text=TextConfig(width=64, depth=1, heads=2, max_genes=16),
+        paat=PaatConfig(n_negatives=2),
+        embed_dim=32,
+        n_genes_hint=16,
+    )
+
+
+#: Preset configs by name. Do not modify these in place; :func:`get_preset` returns copies.
+PRESETS: dict[str, ComtipConfig] = {"tiny": _tiny(), "base": _base(), "micro": _micro()}
+
+
+def get_preset(name: str) -> ComtipConfig:
+    """A fresh copy of a preset config (``tiny``, ``base``; ``micro`` is for tests)."""
+    try:
+        preset = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}", hint=f"choose one of {', '.join(PRESETS)}") from None
+    cfg = copy.deepcopy(preset)
+    cfg.validate()
+    return cfg

