@@ -47,6 +47,10 @@ class Default:
     PYRAMID_FACTOR: Final = 2  # downsample between pyramid levels
     PYRAMID_SMALLEST: Final = 512  # stop building levels below this side
     TISSUE_THUMB_SIDE: Final = 2048  # thumbnail side used for tissue detection on bare slides
+    # io/ readers: validation tolerances
+    SPOTS_OUTSIDE_MAX: Final = 0.05  # refuse a sample when more spot centres than this fraction fall off the image
+    SCALE_TOLERANCE: Final = 0.03  # relative disagreement allowed between scale factors and image sizes
+    TISSUE_MIN_FRACTION: Final = 0.5  # bare-slide grid: keep a spot when this much of its disc is tissue
     MIN_SHARED_GENES: Final = 0.5  # fraction of the panel a sample must share to be used
     BATCH_SIZE: Final = 64
     CACHE_APP_NAME: Final = "napari-comtip"

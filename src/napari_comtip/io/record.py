@@ -97,3 +97,55 @@ class SpatialSample:
             "image": self.provenance.get("image"),
             "dropped_spots": self.provenance.get("dropped_spots", 0),
         }
+
+
+# --------------------------------------------------------------------------- reader helpers
+def drop_spots_outside(spots: pd.DataFrame, image: "MultiscaleImage", path, scale_note: str,
+                       provenance: dict[str, Any]) -> pd.DataFrame:
+    """Drop spots whose centre lies off the image; refuse when too many do (a mis-scaled overlay).
+
+    A spot whose centre is inside but whose disc/patch reaches past the edge is kept (patches
+    are padded). ``scale_note`` says which scale was applied, for the message.
+    """
+    import warnings
+
+    from ..constants import Default
+    from ..errors import InputError
+
+    if len(spots) == 0:
+        return spots
+    H, W = image.shape[:2]
+    r = spots[Key.ROW].to_numpy(dtype=np.float64)
+    c = spots[Key.COL].to_numpy(dtype=np.float64)
+    inside = (r >= -0.5) & (r <= H - 0.5) & (c >= -0.5) & (c <= W - 0.5) & np.isfinite(r) & np.isfinite(c)
+    n_out = int((~inside).sum())
+    if n_out == 0:
+        return spots
+    frac = n_out / len(spots)
+    if frac > Default.SPOTS_OUTSIDE_MAX:
+        raise InputError(
+            f"{n_out} of {len(spots)} spot centres ({frac:.0%}) fall outside the {W} x {H} px image "
+            f"(x up to {np.nanmax(c):.0f}, y up to {np.nanmax(r):.0f}; {scale_note})",
+            path=path,
+            hint="the spot coordinates and the image do not match: check the scale factors or pass the right --slide",
+        )
+    msg = f"{n_out} spot(s) with centres outside the image were dropped ({scale_note})"
+    warnings.warn(msg, stacklevel=3)
+    provenance.setdefault("warnings", []).append(msg)
+    provenance["spots_outside_image"] = n_out
+    return spots.loc[inside]
+
+
+def mpp_with_override(mpp: float | None, source: str, override: float | None, path=None) -> tuple[float, str]:
+    """Apply a user ``--mpp`` (which wins and says so); refuse when there is no usable figure."""
+    from ..errors import InputError
+
+    if override is not None:
+        if not (override > 0 and np.isfinite(override)):
+            raise InputError(f"--mpp must be a positive number, got {override}", path=path)
+        was = f"; the data said {mpp:.4f} from {source}" if mpp else ""
+        return float(override), f"--mpp override{was}"
+    if mpp is None or not (mpp > 0 and np.isfinite(mpp)):
+        raise InputError("the image resolution (microns per pixel) is unknown", path=path,
+                         hint="pass --mpp with the slide's microns per pixel")
+    return float(mpp), source
