@@ -1,0 +1,582 @@
+"""Batched image embedding of every spot of a sample, with an on-disk embedding cache.
+
+:func:`embed_sample` runs the CoMTIP image encoder over the spot patches of a
+:class:`~napari_comtip.io.record.SpatialSample` and returns an :class:`Embeddings` record.
+
+The pipeline is built so that the encoder's arithmetic is the limit, not Python, slide decoding
+or data movement (measured in ``docs/performance.md``, benchmarks in ``bench/``):
+
+* **read-ahead**: patch batches are read from the lazy pyramid (``io.patches.read_patch``, which
+  picks the pyramid level that matches the encoder's input size, so no full-resolution pixels
+  are decoded needlessly) by a thread pool, ``Default.PREFETCH_BATCHES`` batches ahead of the
+  encoder, into a ring of reusable buffers (page-locked on CUDA, so host-to-device copies are
+  ``non_blocking``);
+* **compute**: ``torch.inference_mode``, bf16 autocast on CUDA (fp16 where bf16 is missing),
+  channels-last input on CUDA (measured: no gain on the CPU for a ViT, so not used there);
+  uint8 patches travel to the device and are normalised there (4x less traffic than float);
+* **results** go into preallocated arrays; device-to-host copies of batch *i* complete while
+  batch *i+1* computes;
+* **out of memory**: a ``torch.cuda.OutOfMemoryError`` halves the compute batch and retries
+  the same spots; the run continues at the smaller size;
+* **bounded memory**: work and memory are linear in the number of spots, and when the
+  embeddings of a sample exceed ``Default.EMBED_STREAM_BYTES`` (Visium HD-scale grids) they are
+  streamed batch by batch into ``.npy`` files under ``cache_dir("embeddings")`` with positional
+  writes (not a writable memory map, whose dirty pages would count as resident memory) and come
+  back as read-only memory maps;
+* **cache**: a finished run is stored under ``cache_dir("embeddings")/<name>-<key>/`` with a
+  ``signature.json`` (sample identity, hash of the spot coordinates, pixel size, digest of the
+  model's weights, patch size in µm, input size, precision, dimensions). The signature is
+  compared field by field before reuse; any difference (or an unreadable/short array) means the
+  entry is recomputed and replaced, never silently reused. Entries appear atomically (written in
+  a temporary folder, then renamed), so a cancelled or crashed run leaves nothing half-written.
+
+Progress is reported as ``progress(done, total, message)`` after each batch; ``cancel()`` is
+polled between batches and raises :class:`~napari_comtip.errors.Cancelled`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..constants import Default
+from ..errors import Cancelled, InputError
+from .device import resolve_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..io.record import SpatialSample
+
+log = logging.getLogger(__name__)
+
+#: Version of the cache layout and of what is hashed into a signature; bump to invalidate.
+CACHE_FORMAT = 1
+
+Progress = Callable[[int, "int | None", "str | None"], None]
+Cancel = Callable[[], bool]
+
+
+# =========================================================================== result record
+@dataclass
+class Embeddings:
+    """Image embeddings of every spot of one sample, in the sample's spot order.
+
+    ``image`` is (N, D) float32 (a read-only memory map when the run was streamed to disk),
+    ``features`` (N, F) float32 pooled pre-projection features or ``None``. ``timings`` holds
+    seconds: ``read`` (patch reading, summed over reader threads), ``wait`` (time the encoder
+    waited for patches), ``compute`` (encoder incl. transfers), ``total``; plus ``spots_per_s``.
+    """
+
+    image: np.ndarray
+    features: np.ndarray | None = None
+    device: str = "cpu"
+    batch_size: int = 0
+    precision: str = "fp32"
+    cached: bool = False
+    cache_path: Path | None = None
+    signature: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.image.shape[0])
+
+
+# =========================================================================== model helpers
+def model_img_size(model: torch.nn.Module) -> int:
+    """The encoder's square input side in pixels (``config.vision.img_size``)."""
+    return int(model.config.vision.img_size)
+
+
+def model_patch_um(model: torch.nn.Module) -> float:
+    """The physical side of a spot patch the model was trained with (``config.patch_um``)."""
+    return float(model.config.patch_um)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's weights (names, shapes, dtypes, bytes), 16 hex digits.
+
+    This is the "checkpoint digest" of the embedding cache: it identifies the weights actually
+    in memory, so a model that was fine-tuned after loading never reuses its old embeddings.
+    The digest is memoised on the module and recomputed when any tensor's in-place version
+    counter moves (an optimizer step, ``load_state_dict``) or a tensor is replaced.
+    """
+    state = model.state_dict()
+    stamp = tuple((k, id(v), v._version) for k, v in state.items())
+    memo = model.__dict__.get("_comtip_weights_digest")
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
+    h = hashlib.sha256()
+    for k, v in state.items():
+        t = v.detach()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        t = t.to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes() if t.numel() else b"")
+    digest = h.hexdigest()[:16]
+    model.__dict__["_comtip_weights_digest"] = (stamp, digest)
+    return digest
+
+
+def coords_digest(sample: "SpatialSample") -> str:
+    """SHA-256 of the spot centres (row, col, float64, in spot order), 16 hex digits."""
+    rc = np.ascontiguousarray(sample.centers_rc(), dtype=np.float64)
+    h = hashlib.sha256(str(rc.shape).encode())
+    h.update(rc.tobytes())
+    return h.hexdigest()[:16]
+
+
+def precision_for(device: torch.device) -> str:
+    """Compute precision used on ``device``: bf16 on CUDA (fp16 without bf16 support), else fp32."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Batch size per device type (``Default.BATCH_SIZE_CPU/CUDA/MPS``)."""
+    return {"cuda": Default.BATCH_SIZE_CUDA, "mps": Default.BATCH_SIZE_MPS}.get(device.type, Default.BATCH_SIZE_CPU)
+
+
+def default_read_workers(device: torch.device) -> int:
+    """Reader threads: on the CPU they share the cores with the encoder, so few; on a GPU, more."""
+    n = os.cpu_count() or 1
+    if device.type == "cpu":
+        return max(1, min(4, n // 2))
+    return max(2, min(8, n - 1))
+
+
+def embedding_signature(sample: "SpatialSample", model: torch.nn.Module, *, precision: str) -> dict[str, Any]:
+    """The fields an embedding cache entry must match before it is reused."""
+    return {
+        "format": CACHE_FORMAT,
+        "sample_identity": str(sample.identity),
+        "coords_sha256": coords_digest(sample),
+        "n_spots": int(sample.n_spots),
+        "mpp": float(sample.mpp),
+        "weights_digest": weights_digest(model),
+        "patch_um": model_patch_um(model),
+        "img_size": model_img_size(model),
+        "pad_value": int(Default.PAD_VALUE),
+        "precision": precision,
+    }
+
+
+def _cache_key(signature: dict[str, Any]) -> str:
+    blob = json.dumps(signature, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+    return keep[:40] or "sample"
+
+
+def embeddings_cache_root() -> Path:
+    from ..io.cache import cache_dir
+
+    root = Path(cache_dir("embeddings"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# =========================================================================== cache entries
+_ARRAYS = ("image", "features")
+
+
+def _load_entry(path: Path, signature: dict[str, Any], *, features: bool, stream: bool) -> dict[str, np.ndarray] | None:
+    """Arrays of a cache entry if its stored signature and shapes match, else ``None`` (with a log line)."""
+    sig_file = path / "signature.json"
+    if not sig_file.is_file():
+        return None
+    try:
+        stored = json.loads(sig_file.read_text())
+    except (OSError, ValueError):
+        log.warning("embedding cache %s: unreadable signature, recomputing", path)
+        return None
+    meta = stored.pop("arrays", {}) if isinstance(stored, dict) else {}
+    if stored != signature:
+        diff = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
+        log.warning("embedding cache %s: signature differs in %s, recomputing", path, ", ".join(diff))
+        return None
+    wanted = ["image"] + (["features"] if features else [])
+    out: dict[str, np.ndarray] = {}
+    for name in wanted:
+        f = path / f"{name}.npy"
+        if name not in meta or not f.is_file():
+            return None  # e.g. features requested but only image embeddings were cached
+        try:
+            arr = np.load(f, mmap_mode="r")
+        except (OSError, ValueError):
+            log.warning("embedding cache %s: %s.npy unreadable, recomputing", path, name)
+            return None
+        if arr.shape != (signature["n_spots"], meta[name]) or arr.dtype != np.float32:
+            log.warning("embedding cache %s: %s.npy has shape %s, recomputing", path, name, arr.shape)
+            return None
+        out[name] = arr if stream else np.array(arr)
+    return out
+
+
+class _Sink:
+    """Preallocated outputs: numpy arrays in memory, or ``.npy`` files written with ``pwrite``."""
+
+    def __init__(self, n: int, directory: Path | None):
+        self.n = n
+        self.dir = directory
+        self.arrays: dict[str, np.ndarray] = {}
+        self.files: dict[str, tuple[int, int, int]] = {}  # name -> (fd, data offset, row bytes)
+
+    def allocate(self, name: str, dim: int) -> None:
+        if self.dir is None:
+            self.arrays[name] = np.empty((self.n, dim), dtype=np.float32)
+            return
+        path = self.dir / f"{name}.npy"
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                    "shape": (self.n, dim)})
+            offset = f.tell()
+            f.truncate(offset + self.n * dim * 4)
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        self.files[name] = (fd, offset, dim * 4)
+
+    def has(self, name: str) -> bool:
+        return name in self.arrays or name in self.files
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if self.dir is None:
+            self.arrays[name][start:start + len(values)] = values
+            return
+        fd, offset, row = self.files[name]
+        data = values.tobytes()
+        pos = offset + start * row
+        if hasattr(os, "pwrite"):
+            while data:
+                k = os.pwrite(fd, data, pos)
+                data, pos = data[k:], pos + k
+        else:  # pragma: no cover - Windows
+            os.lseek(fd, pos, os.SEEK_SET)
+            os.write(fd, data)
+
+    def close(self) -> None:
+        for fd, _, _ in self.files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.files = {k: (-1, o, r) for k, (_, o, r) in self.files.items()}
+
+    def save(self, directory: Path) -> dict[str, int]:
+        """Make sure every array exists as ``directory/<name>.npy``; return their widths."""
+        dims = {}
+        for name, arr in self.arrays.items():
+            np.save(directory / f"{name}.npy", arr)
+            dims[name] = int(arr.shape[1])
+        for name, (_, _, row) in self.files.items():
+            dims[name] = row // 4
+        return dims
+
+    def result(self, directory: Path | None) -> dict[str, np.ndarray]:
+        if self.dir is None:
+            return dict(self.arrays)
+        assert directory is not None
+        return {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in self.files}
+
+
+# =========================================================================== patch reading
+class _PatchReader:
+    """Reads spot patches in batches on a thread pool, ``prefetch`` batches ahead of the consumer.
+
+    Buffers come from a fixed ring (``prefetch + 1`` of them, page-locked when ``pin``); the
+    consumer hands each one back with :meth:`release` once the encoder no longer needs it.
+    """
+
+    def __init__(self, image, centers_rc: np.ndarray, side_px: float, out_px: int, batch_size: int,
+                 *, workers: int, prefetch: int, pin: bool, cancel: Cancel | None = None):
+        from ..io.patches import read_patch
+
+        self._read_patch = read_patch
+        self.image = image
+        self.centers = centers_rc
+        self.side = float(side_px)
+        self.out_px = int(out_px)
+        self.batch = int(batch_size)
+        self.prefetch = max(1, int(prefetch))
+        self.cancel = cancel
+        n_buf = self.prefetch + 1
+        self.free: deque[torch.Tensor] = deque(
+            torch.empty((self.batch, self.out_px, self.out_px, 3), dtype=torch.uint8, pin_memory=pin)
+            for _ in range(n_buf))
+        self.pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="comtip-read")
+        self.read_s = 0.0
+        self._stop = False
+
+    def _read_into(self, buf: torch.Tensor, start: int, stop: int) -> float:
+        t0 = time.perf_counter()
+        arr = buf.numpy()
+        for j, i in enumerate(range(start, stop)):
+            if self._stop:
+                break
+            arr[j] = self._read_patch(self.image, self.centers[i], self.side, self.out_px)
+        return time.perf_counter() - t0
+
+    def __iter__(self):
+        n = len(self.centers)
+        inflight: deque = deque()
+        nxt = 0
+        try:
+            while True:
+                while self.free and nxt < n and len(inflight) < self.prefetch:
+                    stop = min(n, nxt + self.batch)
+                    buf = self.free.popleft()
+                    inflight.append((nxt, stop, buf, self.pool.submit(self._read_into, buf, nxt, stop)))
+                    nxt = stop
+                if not inflight:
+                    return
+                start, stop, buf, fut = inflight.popleft()
+                self.read_s += fut.result()
+                yield start, stop, buf
+        finally:
+            self._stop = True
+            for *_, fut in inflight:
+                fut.cancel()
+            self.pool.shutdown(wait=True)
+
+    def release(self, buf: torch.Tensor) -> None:
+        self.free.append(buf)
+
+
+# =========================================================================== compute
+class _Encoder:
+    """Runs preprocess + encoder on one device, halving the batch on CUDA out-of-memory."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int, precision: str,
+                 features: bool, channels_last: bool):
+        self.model = model
+        self.device = device
+        self.chunk = int(batch_size)
+        self.features = features
+        self.channels_last = channels_last
+        self.cuda = device.type == "cuda"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = (lambda: torch.autocast(device_type=device.type, dtype=dtype)) if dtype is not None \
+            else contextlib.nullcontext
+        self.halvings = 0
+
+    def _forward(self, x_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with self.autocast():
+            x = self.model.preprocess(x_uint8)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if not self.features:
+                return self.model.encode_image(x), None
+            both = getattr(self.model, "encode_image_and_features", None)
+            if callable(both):  # one encoder pass for both outputs
+                return both(x)
+            return self.model.encode_image(x), self.model.image_features(x)
+
+    def run(self, batch: torch.Tensor):
+        """Encode ``batch`` (B, H, W, 3) uint8 on the host.
+
+        Returns ``([(offset, emb, feats)], copied)``: outputs on the device, and on CUDA an event
+        that completes when the host buffer has been copied (the buffer may be reused after it).
+        """
+        x = batch.to(self.device, non_blocking=True)
+        copied = None
+        if self.cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        out = []
+        i, n = 0, int(x.shape[0])
+        while i < n:
+            j = min(n, i + self.chunk)
+            try:
+                emb, feats = self._forward(x[i:j])
+            except torch.cuda.OutOfMemoryError:
+                if self.chunk <= 1:
+                    raise InputError("the encoder runs out of GPU memory even one patch at a time",
+                                     hint="use --device cpu or free GPU memory") from None
+                self.chunk = max(1, self.chunk // 2)
+                self.halvings += 1
+                if self.cuda:
+                    torch.cuda.empty_cache()
+                log.warning("out of GPU memory: encoder batch halved to %d", self.chunk)
+                continue
+            out.append((i, emb, feats))
+            i = j
+        return out, copied
+
+
+# =========================================================================== entry point
+def embed_sample(
+    sample: "SpatialSample",
+    model: torch.nn.Module,
+    *,
+    device: "str | torch.device" = "auto",
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    cache: bool = True,
+    features: bool = False,
+    read_workers: int | None = None,
+    prefetch: int | None = None,
+    stream: bool | None = None,
+) -> Embeddings:
+    """Image embeddings (and optionally pooled features) of every spot of ``sample``.
+
+    ``device``: "auto", "cpu", "cuda", "cuda:N", "mps" or a torch.device (the model is moved
+    there). ``batch_size``: None = per-device default. ``cache``: reuse/store the on-disk cache
+    entry whose signature matches. ``features``: also return the pre-projection features (the
+    probe predictor's input). ``read_workers``/``prefetch``: reader threads and read-ahead depth
+    (None = per-device defaults). ``stream``: force (True) or forbid (False) streaming the
+    results to disk; None = stream when they exceed ``Default.EMBED_STREAM_BYTES``.
+    """
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    n = int(sample.n_spots)
+    if n == 0:
+        raise InputError(f"sample '{sample.name}' has no spots to embed", hint="check the spot table or --pitch-um")
+    bs = int(batch_size) if batch_size else default_batch_size(dev)
+    if bs < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    precision = precision_for(dev)
+    signature = embedding_signature(sample, model, precision=precision)
+    key = _cache_key(signature)
+
+    # width of the outputs is only known after the first batch; estimate for the streaming decision
+    est_dim = int(getattr(model.config, "embed_dim", 256)) + (1024 if features else 0)
+    if stream is None:
+        stream = n * est_dim * 4 > Default.EMBED_STREAM_BYTES
+
+    entry: Path | None = None
+    if cache or stream:
+        root = embeddings_cache_root()
+        entry = root / f"{_safe_name(sample.name)}-{key}"
+    if cache and entry is not None and entry.is_dir():
+        arrays = _load_entry(entry, signature, features=features, stream=stream)
+        if arrays is not None:
+            if progress is not None:
+                progress(n, n, "embeddings from cache")
+            total = time.perf_counter() - t_start
+            return Embeddings(image=arrays["image"], features=arrays.get("features"), device=str(dev),
+                              batch_size=0, precision=precision, cached=True, cache_path=entry,
+                              signature=signature, timings={"total": total, "read": 0.0, "wait": 0.0,
+                                                            "compute": 0.0, "spots_per_s": n / max(total, 1e-9)})
+
+    tmp_dir: Path | None = None
+    if cache or stream:
+        tmp_dir = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
+        tmp_dir.mkdir(parents=True)
+    sink = _Sink(n, tmp_dir if stream else None)
+    reader = None
+    batches = None
+    was_training = model.training
+    ok = False
+    try:
+        from ..io.patches import patch_geometry
+
+        img_size = signature["img_size"]
+        side = patch_geometry(float(sample.mpp), signature["patch_um"], img_size)
+        model.to(dev)
+        model.eval()
+        enc = _Encoder(model, dev, bs, precision, features, channels_last=(dev.type == "cuda"))
+        workers = read_workers if read_workers is not None else default_read_workers(dev)
+        reader = _PatchReader(sample.image, sample.centers_rc(), side, img_size, bs, workers=workers,
+                              prefetch=prefetch if prefetch is not None else Default.PREFETCH_BATCHES,
+                              pin=dev.type == "cuda", cancel=cancel)
+        wait_s = compute_s = 0.0
+        pending: list = []  # device->host copies of the previous batch: (start, host tensors, event)
+        cuda = dev.type == "cuda"
+
+        def drain() -> None:
+            for start, emb_h, feat_h, event in pending:
+                if event is not None:
+                    event.synchronize()
+                for name, arr in (("image", emb_h), ("features", feat_h)):
+                    if arr is None:
+                        continue
+                    if not sink.has(name):
+                        sink.allocate(name, int(arr.shape[1]))
+                    sink.write(name, start, arr.numpy())
+            pending.clear()
+
+        done = 0
+        t_wait = time.perf_counter()
+        batches = iter(reader)
+        with torch.inference_mode():
+            for start, stop, buf in batches:
+                t_c = time.perf_counter()
+                wait_s += t_c - t_wait
+                if cancel is not None and cancel():
+                    raise Cancelled(f"embedding of '{sample.name}' cancelled after {done} of {n} spots")
+                parts, copied = enc.run(buf[: stop - start])
+                drain()  # previous batch's results are ready by now (or we wait for them here)
+                for off, emb, feats in parts:
+                    emb_h = emb.float().to("cpu", non_blocking=cuda)
+                    feat_h = feats.float().to("cpu", non_blocking=cuda) if feats is not None else None
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record()
+                    pending.append((start + off, emb_h, feat_h, event))
+                if copied is not None:
+                    copied.synchronize()  # the host buffer may be refilled once it reached the device
+                reader.release(buf)
+                done = stop
+                compute_s += time.perf_counter() - t_c
+                if progress is not None:
+                    progress(done, n, f"encoding spots ({dev.type})")
+                t_wait = time.perf_counter()
+            drain()
+        sink.close()
+        arrays_dims = sink.save(tmp_dir) if tmp_dir is not None and cache else None
+        if cache and tmp_dir is not None:
+            meta = dict(signature)
+            meta["arrays"] = arrays_dims
+            (tmp_dir / "signature.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            if entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            os.replace(tmp_dir, entry)
+            result_dir: Path | None = entry
+        else:
+            result_dir = tmp_dir
+        arrays = sink.result(result_dir)
+        if stream and not cache and tmp_dir is not None:
+            # the maps stay valid after unlinking on POSIX; the space is freed when they are dropped
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        ok = True
+        total = time.perf_counter() - t_start
+        return Embeddings(
+            image=arrays["image"], features=arrays.get("features"), device=str(dev), batch_size=enc.chunk,
+            precision=precision, cached=False, cache_path=entry if cache else None, signature=signature,
+            timings={"total": total, "read": reader.read_s, "wait": wait_s, "compute": compute_s,
+                     "spots_per_s": n / max(total, 1e-9), "halvings": float(enc.halvings)},
+        )
+    finally:
+        if batches is not None:
+            with contextlib.suppress(Exception):
+                batches.close()  # stops the reader threads now, not at garbage collection
+        sink.close()
+        model.train(was_training)
+        if not ok and tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+__all__ = ["Embeddings", "embed_sample", "embedding_signature", "weights_digest", "coords_digest",
+           "default_batch_size", "precision_for", "embeddings_cache_root", "CACHE_FORMAT"]

@@ -1,0 +1,290 @@
+"""The batched embedding engine: exact results, cache and its signature, cancel, OOM halving, streaming.
+
+A real tiny CoMTIP model (untrained weights) and a real multiscale image (a textured RGB array with
+a pyramid) are used throughout; the reference for every embedding is the model run directly on the
+patch that ``io.patches.read_patch`` cuts for that spot.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from napari_comtip.constants import Key
+from napari_comtip.engine import inference
+from napari_comtip.engine.inference import Embeddings, embed_sample, embeddings_cache_root
+from napari_comtip.errors import Cancelled, InputError
+from napari_comtip.io.image import MultiscaleImage
+from napari_comtip.io.patches import patch_geometry, read_patch
+from napari_comtip.io.record import SpatialSample
+
+PANEL = ["ERBB2", "KRT19", "CD74", "COL1A1", "ACTB", "SCGB2A2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from napari_comtip.model import build_model, get_preset
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    cfg.text.use_name_embedding = False  # the image path is identical; skips loading the text model
+    return build_model(cfg, PANEL).eval()
+
+
+def _sample(n: int = 40, seed: int = 0, name: str = "synthetic") -> SpatialSample:
+    rng = np.random.default_rng(seed)
+    side = 1600
+    blocks = rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8)
+    img = np.repeat(np.repeat(blocks, 16, axis=0), 16, axis=1)
+    image = MultiscaleImage.from_array(img, pyramid=True, identity=f"synthetic-{seed}-{side}")
+    rc = rng.uniform(-20, side + 20, size=(n, 2))  # a few patches reach past the edge (padding)
+    spots = pd.DataFrame({Key.ROW: rc[:, 0], Key.COL: rc[:, 1], Key.DIAMETER: 50.0},
+                         index=[f"spot{i:03d}" for i in range(n)])
+    return SpatialSample(name=name, image=image, mpp=1.0, mpp_source="test", spots=spots)
+
+
+def _direct(model, sample, idx, features=False):
+    """The model applied to read_patch's patches one by one: the ground truth."""
+    side = patch_geometry(sample.mpp, model.config.patch_um, model.img_size)
+    rc = sample.centers_rc()
+    patches = np.stack([read_patch(sample.image, rc[i], side, model.img_size) for i in idx])
+    with torch.inference_mode():
+        x = model.preprocess(torch.from_numpy(patches))
+        if features:
+            return model.image_features(x).numpy()
+        return model.encode_image(x).numpy()
+
+
+class _ForwardCounter:
+    """Counts how many images went through the ViT (a forward hook on the real module)."""
+
+    def __init__(self, model):
+        self.images = 0
+        self.handle = model.vision.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.images += int(args[0].shape[0])
+
+    def close(self):
+        self.handle.remove()
+
+
+def _entries():
+    root = embeddings_cache_root()
+    return sorted(p for p in root.iterdir())
+
+
+# --------------------------------------------------------------------------- correctness
+def test_embeddings_equal_the_model_on_each_patch(tiny_model):
+    s = _sample(19)
+    emb = embed_sample(s, tiny_model, device="cpu", batch_size=8, cache=False, features=True)
+    assert isinstance(emb, Embeddings)
+    assert emb.image.shape == (19, tiny_model.embed_dim) and emb.image.dtype == np.float32
+    assert emb.features.shape == (19, tiny_model.feature_dim) and emb.features.dtype == np.float32
+    assert np.allclose(np.linalg.norm(emb.image, axis=1), 1.0, atol=1e-5)
+    idx = [0, 7, 8, 16, 18]  # batch boundaries and the short last batch
+    np.testing.assert_allclose(emb.image[idx], _direct(tiny_model, s, idx), atol=2e-5)
+    np.testing.assert_allclose(emb.features[idx], _direct(tiny_model, s, idx, features=True), atol=2e-4)
+    assert emb.device == "cpu" and emb.precision == "fp32" and emb.batch_size == 8 and not emb.cached
+    assert emb.timings["compute"] > 0 and emb.timings["spots_per_s"] > 0
+    # different spots really give different embeddings (the patches are read at their centres)
+    assert np.abs(emb.image[0] - emb.image[1]).max() > 1e-3
+
+
+def test_batch_size_and_workers_do_not_change_results(tiny_model):
+    s = _sample(11, seed=1)
+    a = embed_sample(s, tiny_model, device="cpu", batch_size=3, cache=False, read_workers=1, prefetch=1)
+    b = embed_sample(s, tiny_model, device="cpu", batch_size=64, cache=False, read_workers=3, prefetch=4)
+    np.testing.assert_allclose(a.image, b.image, atol=2e-5)
+
+
+def test_training_mode_is_restored(tiny_model):
+    s = _sample(4, seed=2)
+    tiny_model.train()
+    try:
+        embed_sample(s, tiny_model, device="cpu", cache=False)
+        assert tiny_model.training
+    finally:
+        tiny_model.eval()
+
+
+def test_empty_sample_and_bad_batch_size(tiny_model):
+    s = _sample(3)
+    empty = SpatialSample(name="empty", image=s.image, mpp=1.0, mpp_source="test", spots=s.spots.iloc[:0])
+    with pytest.raises(InputError, match="no spots"):
+        embed_sample(empty, tiny_model, device="cpu")
+    with pytest.raises(InputError, match="batch size"):
+        embed_sample(s, tiny_model, device="cpu", batch_size=-1)
+
+
+# --------------------------------------------------------------------------- cache
+def test_cache_hit_skips_the_encoder(tiny_model):
+    s = _sample(14, seed=3, name="cachehit")
+    first = embed_sample(s, tiny_model, device="cpu", batch_size=16, cache=True)
+    assert not first.cached and first.cache_path is not None and first.cache_path.is_dir()
+    counter = _ForwardCounter(tiny_model)
+    try:
+        again = embed_sample(s, tiny_model, device="cpu", batch_size=16, cache=True)
+    finally:
+        counter.close()
+    assert again.cached and counter.images == 0
+    np.testing.assert_array_equal(again.image, first.image)
+    sig = json.loads((first.cache_path / "signature.json").read_text())
+    assert sig["coords_sha256"] == inference.coords_digest(s)
+    assert sig["weights_digest"] == inference.weights_digest(tiny_model)
+    assert sig["patch_um"] == tiny_model.config.patch_um and sig["img_size"] == tiny_model.img_size
+    # features were not cached: asking for them recomputes (once), then they are cached too
+    counter = _ForwardCounter(tiny_model)
+    try:
+        f1 = embed_sample(s, tiny_model, device="cpu", cache=True, features=True)
+        n_after_first = counter.images
+        f2 = embed_sample(s, tiny_model, device="cpu", cache=True, features=True)
+    finally:
+        counter.close()
+    assert not f1.cached and n_after_first == 14 and f2.cached and counter.images == 14
+    np.testing.assert_array_equal(f1.features, f2.features)
+
+
+@pytest.mark.parametrize("field,value", [("weights_digest", "0" * 16), ("patch_um", 55.0), ("img_size", 224),
+                                         ("sample_identity", "another slide"), ("format", -1)])
+def test_mismatched_signature_is_recomputed_not_reused(tiny_model, field, value):
+    s = _sample(6, seed=4, name=f"sig-{field}")
+    first = embed_sample(s, tiny_model, device="cpu", cache=True)
+    sig_file = first.cache_path / "signature.json"
+    sig = json.loads(sig_file.read_text())
+    sig[field] = value
+    sig_file.write_text(json.dumps(sig))
+    # poison the stored arrays: a wrongly reused entry would return these zeros
+    np.save(first.cache_path / "image.npy", np.zeros_like(first.image))
+    counter = _ForwardCounter(tiny_model)
+    try:
+        again = embed_sample(s, tiny_model, device="cpu", cache=True)
+    finally:
+        counter.close()
+    assert not again.cached and counter.images == 6
+    np.testing.assert_allclose(again.image, first.image, atol=1e-6)
+    # the entry was replaced by a good one
+    assert json.loads(sig_file.read_text())[field] != value
+    assert embed_sample(s, tiny_model, device="cpu", cache=True).cached
+
+
+def test_wrong_shaped_cached_array_is_recomputed(tiny_model):
+    s = _sample(6, seed=5, name="shape")
+    first = embed_sample(s, tiny_model, device="cpu", cache=True)
+    np.save(first.cache_path / "image.npy", np.zeros((5, first.image.shape[1]), np.float32))
+    again = embed_sample(s, tiny_model, device="cpu", cache=True)
+    assert not again.cached
+    np.testing.assert_allclose(again.image, first.image, atol=1e-6)
+
+
+def test_moved_spots_or_changed_weights_use_another_entry(tiny_model):
+    s = _sample(10, seed=6, name="keys")
+    first = embed_sample(s, tiny_model, device="cpu", cache=True)
+    moved = _sample(10, seed=6, name="keys")
+    moved.spots.iloc[3, moved.spots.columns.get_loc(Key.ROW)] += 40.0
+    m = embed_sample(moved, tiny_model, device="cpu", cache=True)
+    assert not m.cached and m.cache_path != first.cache_path
+    assert np.abs(m.image[3] - first.image[3]).max() > 1e-4
+    np.testing.assert_allclose(m.image[[0, 1, 2, 4]], first.image[[0, 1, 2, 4]], atol=1e-6)
+    # fine-tuning the weights in place (an optimizer step) changes the digest
+    p = tiny_model.image_proj.bias
+    saved = p.detach().clone()
+    old_digest = inference.weights_digest(tiny_model)
+    with torch.no_grad():
+        p.add_(0.01)
+    try:
+        assert inference.weights_digest(tiny_model) != old_digest
+        assert not embed_sample(s, tiny_model, device="cpu", cache=True).cached
+    finally:
+        with torch.no_grad():
+            p.copy_(saved)
+    assert embed_sample(s, tiny_model, device="cpu", cache=True).cached
+
+
+# --------------------------------------------------------------------------- progress, cancel
+def test_progress_and_cancel_between_batches(tiny_model):
+    s = _sample(20, seed=7, name="cancel")
+    calls = []
+    embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False,
+                 progress=lambda d, t, m: calls.append((d, t)))
+    assert [d for d, _ in calls] == [4, 8, 12, 16, 20] and all(t == 20 for _, t in calls)
+
+    before = _entries()
+    seen = []
+
+    def cancel():
+        return len(seen) >= 2
+
+    with pytest.raises(Cancelled, match="cancelled after 8 of 20"):
+        embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=True,
+                     progress=lambda d, t, m: seen.append(d), cancel=cancel)
+    assert seen == [4, 8]
+    assert _entries() == before  # no entry and no temporary folder left behind
+
+
+# --------------------------------------------------------------------------- out of memory
+def test_cuda_oom_halves_the_batch_and_continues(tiny_model, monkeypatch, caplog):
+    s = _sample(13, seed=8)
+    ref = embed_sample(s, tiny_model, device="cpu", batch_size=16, cache=False)
+    real = tiny_model.encode_image
+    sizes = []
+
+    def fails_above_4(x):  # what a GPU with room for 4 patches does
+        sizes.append(int(x.shape[0]))
+        if x.shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+
+    monkeypatch.setattr(tiny_model, "encode_image", fails_above_4)
+    with caplog.at_level("WARNING"):
+        emb = embed_sample(s, tiny_model, device="cpu", batch_size=16, cache=False)
+    assert emb.batch_size == 4 and emb.timings["halvings"] == 2
+    assert sizes[:3] == [13, 8, 4] and max(sizes[3:]) <= 4
+    assert "batch halved to 4" in caplog.text
+    np.testing.assert_allclose(emb.image, ref.image, atol=2e-5)
+
+    def always_fails(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(tiny_model, "encode_image", always_fails)
+    with pytest.raises(InputError, match="out of GPU memory even one patch at a time"):
+        embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False)
+
+
+# --------------------------------------------------------------------------- streaming to disk
+def test_streamed_embeddings_are_memory_maps_and_identical(tiny_model):
+    s = _sample(11, seed=9, name="stream")
+    mem = embed_sample(s, tiny_model, device="cpu", batch_size=8, cache=False, stream=False)
+    before = _entries()
+    st = embed_sample(s, tiny_model, device="cpu", batch_size=8, cache=False, stream=True, features=True)
+    assert isinstance(st.image, np.memmap) and not st.image.flags.writeable
+    np.testing.assert_array_equal(np.asarray(st.image), mem.image)
+    assert _entries() == before  # uncached streaming leaves no files behind
+    cached = embed_sample(s, tiny_model, device="cpu", batch_size=8, cache=True, stream=True, features=True)
+    assert isinstance(cached.image, np.memmap) and cached.cache_path is not None
+    np.testing.assert_array_equal(np.asarray(cached.features), np.asarray(st.features))
+    again = embed_sample(s, tiny_model, device="cpu", cache=True, stream=True, features=True)
+    assert again.cached and isinstance(again.image, np.memmap)
+
+
+def test_stream_threshold_is_automatic(tiny_model, monkeypatch):
+    s = _sample(4, seed=10, name="auto-stream")
+    monkeypatch.setattr(inference.Default, "EMBED_STREAM_BYTES", 1024)
+    emb = embed_sample(s, tiny_model, device="cpu", cache=False)
+    assert isinstance(emb.image, np.memmap)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu_in_bf16(tiny_model):
+    s = _sample(64, seed=11)
+    cpu = embed_sample(s, tiny_model, device="cpu", cache=False)
+    gpu = embed_sample(s, tiny_model, device="cuda", cache=False)
+    tiny_model.to("cpu")
+    assert gpu.device.startswith("cuda") and gpu.precision in ("bf16", "fp16")
+    cos = (cpu.image * gpu.image).sum(axis=1)
+    assert cos.min() > 0.98, cos.min()
