@@ -1,0 +1,300 @@
+"""SpatialSample -> napari layer data, and expression -> colours. No Qt, no napari import.
+
+Every function here returns plain napari ``LayerDataTuple``s ``(data, kwargs, layer_type)`` or
+numpy arrays, so the reader, the Predict widget and ``comtip view`` build identical layers, and
+the geometry is unit-tested without a display.
+
+Coordinates: napari uses (row, col) world coordinates; every layer made here is placed in
+*full-resolution slide pixels* (the frame of ``SpatialSample.spots``). An image whose level 0 is
+not the full-resolution slide (e.g. a Visium folder that ships only the hires PNG) gets
+``scale = full-res px per level-0 px`` so that spots and tissue align.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..constants import Default, Key
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
+
+    from ..io.record import SpatialSample
+
+LayerDataTuple = tuple[Any, dict[str, Any], str]
+
+# layer roles (values of ``metadata[Key.LAYER_ROLE]``)
+ROLE_TISSUE = "tissue"
+ROLE_SPOTS = "spots"
+ROLE_PREDICTED = "predicted"
+ROLE_MEASURED = "measured"
+ROLE_HEAT_PREDICTED = "heatmap-predicted"
+ROLE_HEAT_MEASURED = "heatmap-measured"
+ROLE_TISSUE_COPY = "tissue-measured"
+
+
+# --------------------------------------------------------------------------- geometry
+def image_scale(sample: "SpatialSample") -> float:
+    """Full-resolution pixels per level-0 pixel of ``sample.image`` (1.0 for a real full-res slide).
+
+    A Visium folder without the full-resolution TIFF offers only the hires PNG as level 0; its
+    ``MultiscaleImage.downsamples[0]`` is then ``1 / tissue_hires_scalef`` and the napari layer
+    needs it as ``scale`` so that the image and the spots (full-res px) align.
+    """
+    f = float(getattr(sample.image, "base_scale", sample.image.downsamples[0]))
+    return f if np.isfinite(f) and f > 0 else 1.0
+
+
+def spot_pitch_px(centers_rc: np.ndarray) -> float:
+    """Median centre-to-nearest-centre distance in pixels (NaN for fewer than two spots)."""
+    if len(centers_rc) < 2:
+        return float("nan")
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(centers_rc).query(centers_rc, k=2)
+    return float(np.median(d[:, 1]))
+
+
+def side_offset(sample: "SpatialSample") -> tuple[float, float]:
+    """Translation (rows, cols) that puts a second copy of the slide to the right of the first."""
+    return (0.0, float(sample.width * (1.0 + Default.SIDE_BY_SIDE_GAP)))
+
+
+# --------------------------------------------------------------------------- layers of a sample
+def _meta(sample: "SpatialSample", role: str) -> dict[str, Any]:
+    return {Key.LAYER_SAMPLE: sample, Key.LAYER_ROLE: role}
+
+
+def image_layer(sample: "SpatialSample", *, name: str | None = None, role: str = ROLE_TISSUE,
+                translate: tuple[float, float] = (0.0, 0.0)) -> LayerDataTuple:
+    """The slide as a (multiscale) RGB image layer, lazily read level by level."""
+    levels = sample.image.as_dask()
+    s = image_scale(sample)
+    kwargs: dict[str, Any] = {
+        "name": name or f"{sample.name} tissue",
+        "rgb": True,
+        "scale": (s, s),
+        "translate": translate,
+        "metadata": _meta(sample, role),
+    }
+    if len(levels) > 1:
+        kwargs["multiscale"] = True
+        data: Any = list(levels)
+    else:
+        kwargs["multiscale"] = False
+        data = levels[0]
+    return data, kwargs, "image"
+
+
+def spot_features(sample: "SpatialSample") -> pd.DataFrame:
+    """The light per-spot table shown in napari (spot id, array position, library size).
+
+    The full expression matrix stays on ``metadata[Key.LAYER_SAMPLE]``: putting 15,000 gene
+    columns into ``features`` would copy the matrix into pandas for nothing.
+    """
+    spots = sample.spots
+    feats = pd.DataFrame({"spot": np.asarray(spots.index, dtype=str)})
+    for col in (Key.ARRAY_ROW, Key.ARRAY_COL, Key.IN_TISSUE):
+        if col in spots.columns:
+            feats[col] = spots[col].to_numpy()
+    counts = _aligned_counts(sample)
+    if counts is not None:
+        feats["total_counts"] = counts
+    return feats
+
+
+def _aligned_counts(sample: "SpatialSample") -> np.ndarray | None:
+    adata = sample.expression
+    if adata is None:
+        return None
+    x = adata.layers[Key.COUNTS] if Key.COUNTS in adata.layers else adata.X
+    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+    s = pd.Series(totals, index=np.asarray(adata.obs_names, dtype=str))
+    return s.reindex(np.asarray(sample.spots.index, dtype=str)).to_numpy()
+
+
+def spots_layer(sample: "SpatialSample", *, name: str | None = None) -> LayerDataTuple:
+    """All spots as hollow circles (diameter = spot diameter in full-resolution px)."""
+    return (
+        sample.centers_rc(),
+        {
+            "name": name or f"{sample.name} spots",
+            "size": sample.spots[Key.DIAMETER].to_numpy(dtype=np.float64),
+            "features": spot_features(sample),
+            "face_color": "transparent",
+            "border_color": "#00e5ff",
+            "border_width": 0.08,
+            "border_width_is_relative": True,
+            "opacity": 0.7,
+            "metadata": _meta(sample, ROLE_SPOTS),
+        },
+        "points",
+    )
+
+
+def sample_layers(sample: "SpatialSample") -> list[LayerDataTuple]:
+    """What the reader gives napari for one sample: the tissue and its spots."""
+    return [image_layer(sample), spots_layer(sample)]
+
+
+# --------------------------------------------------------------------------- expression -> colour
+def gene_values(adata: "anndata.AnnData", gene: str, spot_ids, layer: str | None = None) -> np.ndarray:
+    """One gene's values for ``spot_ids`` (NaN where a spot has no row), as float64.
+
+    ``layer=None`` reads ``X`` (predictions); measured samples pass ``Key.LOGNORM``.
+    """
+    j = adata.var_names.get_loc(gene)
+    m = adata.layers[layer] if layer is not None else adata.X
+    col = m[:, j]
+    col = np.asarray(col.toarray() if hasattr(col, "toarray") else col, dtype=np.float64).ravel()
+    s = pd.Series(col, index=np.asarray(adata.obs_names, dtype=str))
+    return s.reindex(np.asarray(list(spot_ids), dtype=str)).to_numpy()
+
+
+def shared_limits(*arrays: np.ndarray, percentiles=Default.HEATMAP_PERCENTILES) -> tuple[float, float]:
+    """One pair of contrast limits for all arrays (robust percentiles of the finite values)."""
+    vals = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays if a is not None])
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(vals, percentiles))
+    if not hi > lo:
+        lo, hi = float(vals.min()), float(vals.max())
+    if not hi > lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def pearson_r(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation over the spots where both are finite (NaN if either is constant)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    a = a[ok] - a[ok].mean()
+    b = b[ok] - b[ok].mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+@dataclass
+class Raster:
+    """A spot heatmap resampled to a regular grid: ``data[i, j]`` is the value at world
+    ``(translate[0] + i * step, translate[1] + j * step)``; NaN (drawn transparent) off-tissue."""
+
+    data: np.ndarray
+    step: float
+    translate: tuple[float, float]
+
+
+@dataclass
+class RasterIndex:
+    """Which spot paints each cell of the heatmap grid (-1: none). Built once per spot grid, so
+    painting another gene is one fancy-indexing operation."""
+
+    index: np.ndarray  # (H, W) int64
+    step: float
+    translate: tuple[float, float]
+
+    def paint(self, values: np.ndarray) -> Raster:
+        values = np.asarray(values, dtype=np.float32)
+        out = np.full(self.index.shape, np.nan, np.float32)
+        hit = self.index >= 0
+        out[hit] = values[self.index[hit]]
+        return Raster(out, self.step, self.translate)
+
+
+def raster_geometry(centers_rc: np.ndarray, diameter_px: float) -> tuple[float, float]:
+    """(grid step, fill radius) in full-res px for a spot grid."""
+    ok_d = bool(np.isfinite(diameter_px) and diameter_px > 0)
+    pitch = spot_pitch_px(centers_rc)
+    if not np.isfinite(pitch) or pitch <= 0:
+        pitch = diameter_px if ok_d else 1.0
+    radius = max(Default.HEATMAP_TILE_PITCHES * pitch, 0.5 * diameter_px if ok_d else 0.0)
+    step = (diameter_px if ok_d else pitch) / Default.HEATMAP_PX_PER_SPOT
+    return max(step, 1.0), radius
+
+
+def raster_index(centers_rc: np.ndarray, diameter_px: float) -> RasterIndex:
+    """Assign each grid cell to its nearest spot within the fill radius.
+
+    The cells tile the tissue like the spots' Voronoi cells (a continuous heatmap a pathologist
+    reads like an overlay), but never reach further than ``HEATMAP_TILE_PITCHES`` pitches from a
+    spot, so the edge of the measured area stays visible. The grid never exceeds
+    ``HEATMAP_MAX_SIDE`` cells per side.
+    """
+    centers_rc = np.asarray(centers_rc, dtype=np.float64)
+    step, radius = raster_geometry(centers_rc, diameter_px)
+    if len(centers_rc) == 0:
+        return RasterIndex(np.full((1, 1), -1, np.int64), step, (0.0, 0.0))
+    lo = centers_rc.min(axis=0) - radius
+    hi = centers_rc.max(axis=0) + radius
+    span = hi - lo
+    step = max(step, float(span.max()) / (Default.HEATMAP_MAX_SIDE - 1))
+    n = np.maximum(np.floor(span / step).astype(int) + 1, 1)
+    rr = lo[0] + step * np.arange(n[0])
+    cc = lo[1] + step * np.arange(n[1])
+    grid = np.stack(np.meshgrid(rr, cc, indexing="ij"), axis=-1).reshape(-1, 2)
+    from scipy.spatial import cKDTree
+
+    dist, idx = cKDTree(centers_rc).query(grid, k=1, distance_upper_bound=radius)
+    idx = np.where(np.isfinite(dist), idx, -1).astype(np.int64)
+    return RasterIndex(idx.reshape(n[0], n[1]), float(step), (float(lo[0]), float(lo[1])))
+
+
+def rasterize(centers_rc: np.ndarray, values: np.ndarray, diameter_px: float) -> Raster:
+    """One-off heatmap of ``values`` (see :func:`raster_index`)."""
+    return raster_index(centers_rc, diameter_px).paint(values)
+
+
+def heatmap_layer(raster: Raster, *, name: str, limits: tuple[float, float], sample: "SpatialSample",
+                  role: str, offset: tuple[float, float] = (0.0, 0.0)) -> LayerDataTuple:
+    """A rasterised heatmap as an Image layer with a colour bar."""
+    return (
+        raster.data,
+        {
+            "name": name,
+            "scale": (raster.step, raster.step),
+            "translate": (raster.translate[0] + offset[0], raster.translate[1] + offset[1]),
+            "colormap": Default.HEATMAP_COLORMAP,
+            "contrast_limits": limits,
+            "opacity": Default.HEATMAP_OPACITY,
+            "interpolation2d": "nearest",
+            "metadata": _meta(sample, role),
+        },
+        "image",
+    )
+
+
+def values_layer(sample: "SpatialSample", *, name: str, column: str, values: np.ndarray,
+                 limits: tuple[float, float], role: str,
+                 offset: tuple[float, float] = (0.0, 0.0)) -> LayerDataTuple:
+    """Spots filled with a colour per value (``face_color=<feature>``, shared colormap/limits)."""
+    feats = pd.DataFrame({"spot": np.asarray(sample.spots.index, dtype=str), column: values})
+    return (
+        sample.centers_rc(),
+        {
+            "name": name,
+            "size": sample.spots[Key.DIAMETER].to_numpy(dtype=np.float64),
+            "features": feats,
+            "face_color": column,
+            "face_colormap": Default.HEATMAP_COLORMAP,
+            "face_contrast_limits": limits,
+            "border_width": 0,
+            "translate": offset,
+            "metadata": _meta(sample, role),
+        },
+        "points",
+    )
+
+
+__all__ = [
+    "LayerDataTuple", "Raster", "image_scale", "spot_pitch_px", "side_offset", "image_layer",
+    "spot_features", "spots_layer", "sample_layers", "gene_values", "shared_limits", "pearson_r",
+    "RasterIndex", "raster_index", "raster_geometry", "rasterize", "heatmap_layer", "values_layer",
+]

@@ -1,0 +1,143 @@
+"""npe2 reader: File > Open of a slide or a spatial transcriptomics dataset.
+
+What opens here (everything :func:`napari_comtip.io.load_sample` reads):
+
+* a her2st / legacy ST dataset folder (``ST-cnts/``, ``ST-spotfiles/``, ``ST-imgs/``). Such a
+  folder holds several sections; napari's File > Open cannot ask which one, so the **first
+  section opens** and a notification names the others and how to open one of them: open the
+  section's own folder ``ST-imgs/<patient>/<section>``, its H&E image, or its count file
+  ``ST-cnts/<section>.tsv.gz``. (Opening every section at once would stack several full slides
+  on top of each other and take minutes on a 36-section dataset.)
+* a Space Ranger ``outs/`` folder (or its feature-barcode ``.h5``), a HEST sample folder, an
+  ``.h5ad`` file;
+* a bare slide (``.svs``, ``.tif``/``.tiff``/``.ome.tif``, ``.ndpi`` and the other formats
+  tiffslide reads, and ``.jpg``/``.png`` files at least ``Default.READER_MIN_PLAIN_IMAGE_SIDE``
+  pixels on a side; smaller photos are left to napari's own reader) with a spot grid laid over
+  the tissue.
+
+Each sample becomes a multiscale RGB image layer plus a Points layer of its spots (see
+``_layers.py``). A path that is not one of these gets ``None`` (napari tries other readers); a
+path that looks right but cannot be read shows the core's one-line message as a napari
+notification and opens nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..constants import Default
+
+_PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_HER2ST_DIRS = ("ST-cnts", "ST-spotfiles")
+
+
+# --------------------------------------------------------------------------- path recognition
+def her2st_root(path: Path) -> Path | None:
+    """The her2st-style dataset folder ``path`` is or lies in, else None."""
+    for p in (path, *path.parents):
+        if p.is_dir() and all((p / d).is_dir() for d in _HER2ST_DIRS):
+            return p
+    return None
+
+
+def her2st_member(path: Path) -> tuple[Path, str | None] | None:
+    """(dataset root, section) for a path inside a her2st-style dataset (section None = the root)."""
+    root = her2st_root(path)
+    if root is None:
+        return None
+    if path == root:
+        return root, None
+    rel = path.relative_to(root).parts
+    if rel[0] == "ST-cnts" and len(rel) == 2:
+        return root, rel[1].split(".")[0]
+    if rel[0] == "ST-spotfiles" and len(rel) == 2:
+        return root, rel[1].split(".")[0].removesuffix("_selection")
+    if rel[0] == "ST-imgs" and len(rel) >= 3:
+        return root, rel[2]
+    return root, None
+
+
+def _plain_image_is_large(path: Path) -> bool:
+    try:
+        from ..io.image import image_size
+
+        return max(image_size(path)) >= Default.READER_MIN_PLAIN_IMAGE_SIDE
+    except Exception:  # not an image we can size: not ours
+        return False
+
+
+def recognise(path: str | os.PathLike) -> tuple[Path, str | None] | None:
+    """(path to give ``load_sample``, section name) if this reader should open ``path``, else None.
+
+    Recognition is the IO layer's own format detection (``io.detect_format``), plus: a path
+    inside a her2st-style dataset opens that section, and small .jpg/.png photos stay napari's.
+    """
+    from ..errors import ComtipError
+    from ..io import detect_format
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        return None
+    member = her2st_member(p)
+    if member is not None:
+        return member
+    try:
+        fmt = detect_format(p)
+    except ComtipError:
+        return None
+    if fmt == "bare" and p.suffix.lower() in _PLAIN_SUFFIXES and not _plain_image_is_large(p):
+        return None
+    return p, None
+
+
+# --------------------------------------------------------------------------- napari entry point
+def get_reader(path):
+    """npe2 reader hook: a reader function for ``path``, or None when it is not ours."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    targets = [recognise(p) for p in paths]
+    if not paths or any(t is None for t in targets):
+        return None
+    return lambda _paths, stack=False: read_targets(targets)  # noqa: ARG005 - napari passes stack
+
+
+def read_targets(targets):
+    """Load each (path, sample) and return its layers; errors become notifications."""
+    from napari.utils import progress as napari_progress
+    from napari.utils.notifications import show_error, show_info
+
+    from ..errors import ComtipError
+    from ..io import list_samples, load_sample
+    from ._layers import sample_layers
+
+    layers = []
+    for path, section in targets:
+        try:
+            if section is None and her2st_root(path) == path:
+                names = list_samples(path)
+                if names:
+                    section = names[0]
+                    if len(names) > 1:
+                        others = ", ".join(names[1:])
+                        show_info(f"{path.name}: opened section {section}; this dataset also holds {others}. "
+                                  f"To open another, open its folder ST-imgs/<patient>/<section> or its "
+                                  f"count file ST-cnts/<section>.tsv.gz.")
+            with napari_progress(total=0, desc=f"opening {path.name}") as pbar:
+                def progress(done, total=None, message=None, _p=pbar):
+                    if total is not None and _p.total != total:
+                        _p.total = total
+                    _p.n = done
+                    if message:
+                        _p.set_description(f"opening {path.name}: {message}")
+                    _p.refresh()
+
+                sample = load_sample(path, sample=section, progress=progress)
+        except ComtipError as exc:
+            show_error(str(exc))
+            continue
+        layers.extend(sample_layers(sample))
+    # napari's "read fine, nothing to add" sentinel: no traceback, no second reader tried
+    return layers or [(None,)]
+
+
+__all__ = ["get_reader", "recognise", "her2st_root", "her2st_member", "read_targets"]

@@ -1,0 +1,104 @@
+"""The Predict widget's state, without Qt: the loaded checkpoint and cached embeddings.
+
+One :class:`PredictSession` lives per widget. It runs the encoder once per
+(slide, spot grid, model weights, patch size, input size) and keeps the image embeddings (with
+the pooled features the probe needs) in memory, so choosing another predictor re-runs only the
+predictor and choosing another gene re-runs nothing. The prediction itself is the same engine
+call as ``comtip predict`` (:func:`napari_comtip.engine.predict.predict_sample`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
+
+    from ..engine.inference import Embeddings
+    from ..io.record import SpatialSample
+
+MODES = ("zero-shot", "retrieval", "probe")
+
+
+@dataclass
+class Prediction:
+    """The result of one Run: predicted expression of every spot for the checkpoint's panel."""
+
+    adata: "anndata.AnnData"
+    sample: "SpatialSample"
+    mode: str
+    checkpoint: str
+    device: str
+    encoder_ran: bool
+    seconds: float
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def genes(self) -> list[str]:
+        return [str(g) for g in self.adata.var_names]
+
+
+class PredictSession:
+    """Checkpoint and embeddings kept between Runs of the Predict widget."""
+
+    def __init__(self) -> None:
+        self._embeddings: dict[tuple, "Embeddings"] = {}
+        self.encoder_runs = 0  # times the encoder actually ran (not served from a cache)
+
+    @staticmethod
+    def checkpoint(path: str | os.PathLike | None):
+        """The loaded checkpoint for ``path`` (None: the bundled one), kept in memory by the engine."""
+        from ..engine.predict import get_checkpoint
+
+        return get_checkpoint(None if not path else os.fspath(path))
+
+    @staticmethod
+    def embedding_key(sample: "SpatialSample", model) -> tuple:
+        from ..engine.inference import coords_digest, model_img_size, model_patch_um, weights_digest
+
+        return (sample.identity, coords_digest(sample), weights_digest(model), model_patch_um(model),
+                model_img_size(model))
+
+    def cached(self, sample: "SpatialSample", model) -> "Embeddings | None":
+        return self._embeddings.get(self.embedding_key(sample, model))
+
+    def embeddings(self, sample: "SpatialSample", model, *, device: str = "auto", batch_size: int | None = None,
+                   progress: Callable | None = None,
+                   cancel: Callable[[], bool] | None = None) -> tuple["Embeddings", bool]:
+        """(embeddings with pooled features, whether the encoder ran for them now)."""
+        from ..engine.inference import embed_sample
+
+        key = self.embedding_key(sample, model)
+        hit = self._embeddings.get(key)
+        if hit is not None:
+            return hit, False
+        emb = embed_sample(sample, model, device=device, batch_size=batch_size, progress=progress,
+                           cancel=cancel, features=True)
+        ran = not emb.cached
+        self.encoder_runs += int(ran)
+        self._embeddings[key] = emb
+        return emb, ran
+
+    def predict(self, sample: "SpatialSample", checkpoint: str | os.PathLike | None = None, *,
+                mode: str = "retrieval", device: str = "auto", batch_size: int | None = None,
+                progress: Callable | None = None, cancel: Callable[[], bool] | None = None) -> Prediction:
+        """Predict the whole panel for every spot."""
+        from ..constants import Key
+        from ..engine.predict import predict_sample
+
+        t0 = time.perf_counter()
+        ck = self.checkpoint(checkpoint)
+        emb, ran = self.embeddings(sample, ck.model, device=device, batch_size=batch_size,
+                                   progress=progress, cancel=cancel)
+        adata = predict_sample(sample, checkpoint=ck, mode=mode, device=device, batch_size=batch_size,
+                               progress=progress, cancel=cancel, embeddings=emb)
+        prov = dict(adata.uns.get(Key.PROVENANCE, {}))
+        return Prediction(adata=adata, sample=sample, mode=mode, checkpoint=str(prov.get("checkpoint", "")),
+                          device=str(prov.get("device", emb.device)), encoder_ran=ran,
+                          seconds=time.perf_counter() - t0, provenance=prov)
+
+
+__all__ = ["MODES", "Prediction", "PredictSession"]

@@ -1,0 +1,138 @@
+"""``comtip view``: napari with a slide and the Predict expression widget docked.
+
+Without ``--screenshot`` it opens the viewer (and, with ``--gene``, runs the prediction and
+shows that gene). With ``--screenshot OUT.png`` it runs the prediction through the widget (the
+same code path as pressing Run), shows the gene as a heatmap over the tissue, saves a PNG
+(atomically, never over an existing file without ``--overwrite``) and exits; used for reports
+and the user guide. It needs a display: on a headless machine run it under ``xvfb-run -a``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import ComtipError, InputError
+
+
+def _check_display() -> None:
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("QT_QPA_PLATFORM")
+    ):
+        raise InputError("no display to open napari on",
+                         hint="run it on a desktop, or headless as: xvfb-run -a comtip view ...")
+
+
+def _screenshot_target(out: str, overwrite: bool, protect: list[str]) -> Path:
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".png":
+        raise InputError("the screenshot must be a .png file", path=path, hint="name it e.g. heatmap.png")
+    if not path.parent.is_dir():
+        raise InputError("the screenshot folder does not exist", path=path.parent, hint="create it first")
+    if any(path.resolve() == Path(p).expanduser().resolve() for p in protect):
+        raise InputError("refusing to write the screenshot over an input", path=path, hint="choose another name")
+    if path.exists() and not overwrite:
+        raise InputError("the screenshot file already exists", path=path,
+                         hint="choose another name or pass --overwrite")
+    return path
+
+
+def _parse_size(text: str | None) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in (text or "1400x900").lower().split("x"))
+        if w < 200 or h < 200:
+            raise ValueError
+        return w, h
+    except ValueError:
+        raise InputError(f"--size must look like 1400x900 (width x height in pixels), got {text!r}") from None
+
+
+def wait_for(widget, timeout_s: float = 3600.0) -> None:
+    """Run the Qt event loop until the widget's prediction worker has finished."""
+    from qtpy.QtCore import QElapsedTimer
+    from qtpy.QtWidgets import QApplication
+
+    clock = QElapsedTimer()
+    clock.start()
+    while widget.worker is not None:
+        QApplication.processEvents()
+        if clock.elapsed() > timeout_s * 1000:
+            widget.cancel()
+        QApplication.instance().thread().msleep(20)
+
+
+def predict_in_widget(widget, gene: str | None) -> None:
+    """Press Run, wait, show ``gene``; a failure raises the one-line error the widget showed."""
+    if widget.run() is None:
+        raise InputError(widget.last_error or "the prediction could not start")
+    wait_for(widget)
+    if widget.prediction is None:
+        raise ComtipError(widget.last_error or "the prediction failed")
+    if gene and widget.show_gene(gene) is None:
+        raise InputError(widget.last_error or f"gene '{gene}' cannot be shown")
+
+
+def view_from_args(args: argparse.Namespace) -> int:
+    """Entry point of ``comtip view`` (see the module docstring)."""
+    from ..io import DEMO_ALIAS, load_sample
+
+    size = _parse_size(getattr(args, "size", None))
+    path = args.path or DEMO_ALIAS
+    sample = load_sample(path, sample=args.sample, slide=args.slide, pitch_um=args.pitch_um, mpp=args.mpp)
+    shot = None
+    if args.screenshot:
+        shot = _screenshot_target(args.screenshot, getattr(args, "overwrite", False),
+                                  [str(p) for p in sample.provenance.get("inputs", [])])
+    _check_display()
+
+    import napari
+
+    from ._layers import sample_layers
+
+    viewer = napari.Viewer(show=True, title=f"napari-comtip: {sample.name}")
+    viewer.window.resize(*size)
+    for data, kwargs, kind in sample_layers(sample):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-comtip", "Predict expression")
+    widget.set_checkpoint(args.checkpoint)
+    widget.mode_box.setCurrentText(args.mode)
+    if args.device not in [widget.device_box.itemText(i) for i in range(widget.device_box.count())]:
+        from ..engine.device import resolve_device
+
+        resolve_device(args.device)  # raises the one-line error for a device that does not exist
+        widget.device_box.addItem(args.device)
+    widget.device_box.setCurrentText(args.device)
+
+    if shot is None:
+        if args.gene:
+            predict_in_widget(widget, args.gene)
+        napari.run()
+        return 0
+    try:
+        predict_in_widget(widget, args.gene)
+        viewer.reset_view()
+        from qtpy.QtWidgets import QApplication
+
+        for _ in range(5):  # let the canvas draw the new layers
+            QApplication.processEvents()
+        fd, tmp = tempfile.mkstemp(prefix=f".{shot.stem}.", suffix=".png", dir=shot.parent)
+        os.close(fd)
+        try:
+            viewer.screenshot(tmp, canvas_only=bool(getattr(args, "canvas_only", False)))
+            os.replace(tmp, shot)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    finally:
+        viewer.close()
+    view = widget.last_view
+    r = "" if view is None or not view.measured else f", Pearson r {view.pearson_r:.3f} vs measured"
+    print(f"wrote {shot} ({sample.name}, {view.gene if view else '?'}, {widget.prediction.mode}, "
+          f"ran on {widget.prediction.device}{r})")
+    return 0
+
+
+__all__ = ["view_from_args", "predict_in_widget", "wait_for"]

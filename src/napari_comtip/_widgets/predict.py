@@ -1,0 +1,426 @@
+"""The "Predict expression" dock widget.
+
+Choose a slide (and optionally another spots layer), a checkpoint, a predictor, a device and a
+batch size; *Run* embeds every spot patch off the GUI thread (progress bar, *Cancel*) and
+predicts the checkpoint's whole gene panel through the same engine call as ``comtip predict``.
+Then pick a gene (type to search): the predicted layers are recoloured at once, the measured
+expression (when the slide has it) is shown beside on the same colour scale, with the gene's
+Pearson r. *Export* writes the prediction as ``.h5ad`` (the format of ``comtip predict``) or CSV,
+atomically and never over an input.
+
+Image embeddings are cached per (slide, spot grid, checkpoint, patch size) in
+:class:`~napari_comtip._widgets._session.PredictSession`: changing the gene re-runs nothing,
+changing the predictor re-runs only the predictor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QCheckBox, QComboBox, QCompleter, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+    QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+)
+
+from ..constants import Key
+from ..errors import Cancelled, ComtipError, InputError
+from . import _layers as L
+from ._display import ExpressionDisplay, GeneView
+from ._session import MODES, Prediction, PredictSession
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+    from ..io.record import SpatialSample
+
+_OWN_SPOTS = "(spots of the slide)"
+
+
+class _Relay(QObject):
+    """Carries ``progress(done, total, message)`` from the worker thread to the GUI thread."""
+
+    progress = Signal(int, int, str)
+
+
+def _notify_error(msg: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(msg)
+
+
+def _notify_info(msg: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(msg)
+
+
+def spots_from_points(layer, sample: "SpatialSample") -> "SpatialSample":
+    """``sample`` with its spots replaced by a (user-drawn or edited) Points layer's points."""
+    rc = np.asarray(layer.data, dtype=np.float64)[:, -2:] * np.asarray(layer.scale)[-2:] \
+        + np.asarray(layer.translate)[-2:]
+    if len(rc) == 0:
+        raise InputError(f"the spots layer '{layer.name}' has no points", hint="add points or choose another layer")
+    size = np.asarray(layer.size, dtype=np.float64).reshape(len(rc), -1)[:, -1] * float(np.asarray(layer.scale)[-1])
+    spots = pd.DataFrame({Key.ROW: rc[:, 0], Key.COL: rc[:, 1], Key.DIAMETER: size},
+                         index=pd.Index([f"{layer.name}-{i}" for i in range(len(rc))], name="spot"))
+    return dataclasses.replace(sample, name=f"{sample.name}/{layer.name}", spots=spots, expression=None)
+
+
+class PredictWidget(QWidget):
+    """Predict expression for every spot of a slide and explore it gene by gene."""
+
+    def __init__(self, napari_viewer: "napari.Viewer", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.session = PredictSession()
+        self.display = ExpressionDisplay(napari_viewer)
+        self.prediction: Prediction | None = None
+        self.last_view: GeneView | None = None
+        self.worker = None
+        self.last_error: str | None = None  # the last message shown as an error notification
+        self._cancel_requested = False
+        self._relay = _Relay()
+        self._relay.progress.connect(self._on_progress)
+        self._build()
+        self._refresh_layers()
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            ev.connect(self._refresh_layers)
+
+    def _error(self, msg: str) -> None:
+        self.last_error = msg
+        _notify_error(msg)
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        from ..engine.device import available_devices
+
+        self.slide_box = QComboBox()
+        self.slide_box.setToolTip("the slide opened with File > Open (or File > Open Sample)")
+        self.spots_box = QComboBox()
+        self.spots_box.setToolTip("which spots to predict: the slide's own, or a Points layer you drew")
+        self.checkpoint_edit = QLineEdit()
+        self.checkpoint_edit.setPlaceholderText("bundled checkpoint")
+        self.checkpoint_edit.setToolTip("CoMTIP checkpoint (.pt); leave empty for the one bundled with the plugin")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse_checkpoint)
+        ck_row = QHBoxLayout()
+        ck_row.addWidget(self.checkpoint_edit)
+        ck_row.addWidget(browse)
+        self.mode_box = QComboBox()
+        self.mode_box.addItems(list(MODES))
+        self.mode_box.setCurrentText("retrieval")
+        self.mode_box.setToolTip("zero-shot: no reference data; retrieval: average of the most similar "
+                                 "reference spots; probe: ridge regression on image features")
+        self.device_box = QComboBox()
+        self.device_box.addItems(available_devices())
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(0, 4096)
+        self.batch_spin.setSpecialValueText("auto")
+        self.batch_spin.setValue(0)
+
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.run_button)
+        run_row.addWidget(self.cancel_button)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+
+        self.gene_box = QComboBox()
+        self.gene_box.setEditable(True)
+        self.gene_box.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.gene_box.lineEdit().setPlaceholderText("type a gene symbol")
+        completer = QCompleter(self.gene_box.model(), self.gene_box)
+        completer.setFilterMode(Qt.MatchFlag.MatchContains)
+        completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        completer.setCompletionMode(QCompleter.CompletionMode.PopupCompletion)
+        self.gene_box.setCompleter(completer)
+        self.gene_box.setEnabled(False)
+        self.gene_box.activated.connect(lambda _i: self.show_gene(self.gene_box.currentText()))
+        self.gene_box.lineEdit().returnPressed.connect(lambda: self.show_gene(self.gene_box.currentText()))
+        self.heatmap_check = QCheckBox("heatmap image with colour bar")
+        self.heatmap_check.setChecked(True)
+        self.heatmap_check.toggled.connect(self._toggle_heatmap)
+        self.pcc_label = QLabel("")
+        self.pcc_label.setWordWrap(True)
+
+        self.export_h5ad_button = QPushButton("Export .h5ad…")
+        self.export_h5ad_button.clicked.connect(lambda: self.export_h5ad())
+        self.export_csv_button = QPushButton("Export CSV…")
+        self.export_csv_button.clicked.connect(lambda: self.export_csv())
+        exp_row = QHBoxLayout()
+        exp_row.addWidget(self.export_h5ad_button)
+        exp_row.addWidget(self.export_csv_button)
+        for b in (self.export_h5ad_button, self.export_csv_button):
+            b.setEnabled(False)
+
+        form = QFormLayout()
+        form.addRow("Slide", self.slide_box)
+        form.addRow("Spots", self.spots_box)
+        form.addRow("Checkpoint", ck_row)
+        form.addRow("Predictor", self.mode_box)
+        form.addRow("Device", self.device_box)
+        form.addRow("Batch size", self.batch_spin)
+        form2 = QFormLayout()
+        form2.addRow("Gene", self.gene_box)
+        outer = QVBoxLayout(self)
+        outer.addLayout(form)
+        outer.addLayout(run_row)
+        outer.addWidget(self.progress_bar)
+        outer.addWidget(self.status_label)
+        outer.addLayout(form2)
+        outer.addWidget(self.heatmap_check)
+        outer.addWidget(self.pcc_label)
+        outer.addLayout(exp_row)
+        outer.addStretch(1)
+
+    # ------------------------------------------------------------------ layer choices
+    def _refresh_layers(self, *_: Any) -> None:
+        slide, spots = self.slide_box.currentText(), self.spots_box.currentText()
+        self.slide_box.clear()
+        self.spots_box.clear()
+        self.spots_box.addItem(_OWN_SPOTS)
+        for lyr in self.viewer.layers:
+            role = lyr.metadata.get(Key.LAYER_ROLE)
+            if role == L.ROLE_TISSUE and lyr.metadata.get(Key.LAYER_SAMPLE) is not None:
+                self.slide_box.addItem(lyr.name)
+            elif lyr._type_string == "points" and role in (None, L.ROLE_SPOTS):
+                self.spots_box.addItem(lyr.name)
+        if slide and self.slide_box.findText(slide) >= 0:
+            self.slide_box.setCurrentText(slide)
+        if spots and self.spots_box.findText(spots) >= 0:
+            self.spots_box.setCurrentText(spots)
+
+    def current_sample(self) -> "SpatialSample":
+        """The sample to predict, from the chosen slide layer (and spots layer)."""
+        name = self.slide_box.currentText()
+        if not name or name not in self.viewer.layers:
+            raise InputError("no slide is open",
+                             hint="open a slide with File > Open, or File > Open Sample > napari-comtip")
+        sample = self.viewer.layers[name].metadata[Key.LAYER_SAMPLE]
+        spots = self.spots_box.currentText()
+        if spots and spots != _OWN_SPOTS and spots in self.viewer.layers:
+            lyr = self.viewer.layers[spots]
+            own = lyr.metadata.get(Key.LAYER_SAMPLE)
+            if own is None:
+                return spots_from_points(lyr, sample)
+            if own is not sample:
+                raise InputError(f"the spots layer '{spots}' belongs to another slide ({own.name})",
+                                 hint=f"choose the spots of {sample.name} or '{_OWN_SPOTS}'")
+        return sample
+
+    # ------------------------------------------------------------------ checkpoint
+    def _browse_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "CoMTIP checkpoint", "", "CoMTIP checkpoint (*.pt);;All files (*)")
+        if path:
+            self.set_checkpoint(path)
+
+    def set_checkpoint(self, path: str | os.PathLike | None) -> None:
+        """Use ``path`` for the next Run (None: the bundled checkpoint)."""
+        self.checkpoint_edit.setText("" if path is None else str(path))
+
+    def checkpoint(self) -> str | None:
+        return self.checkpoint_edit.text().strip() or None
+
+    # ------------------------------------------------------------------ run / cancel
+    def run(self):
+        """Start a prediction off the GUI thread; returns the worker (None if nothing started)."""
+        if self.worker is not None:
+            return None
+        try:
+            sample = self.current_sample()
+        except ComtipError as exc:
+            self._error(str(exc))
+            return None
+        from napari.qt.threading import create_worker
+
+        ckpt, mode, device = self.checkpoint(), self.mode_box.currentText(), self.device_box.currentText()
+        batch = self.batch_spin.value() or None
+        self._cancel_requested = False
+        self.last_error = None
+        relay = self._relay
+
+        def job():
+            try:
+                return self.session.predict(sample, ckpt, mode=mode, device=device, batch_size=batch,
+                                            progress=lambda d, t=None, m=None: relay.progress.emit(
+                                                int(d), -1 if t is None else int(t), m or ""),
+                                            cancel=lambda: self._cancel_requested)
+            except ComtipError as exc:  # shown as a notification, not a traceback
+                return exc
+
+        self.worker = create_worker(job, _start_thread=False, _connect={"errored": self._on_crash})
+        self.worker.returned.connect(self._on_returned)
+        self.worker.finished.connect(self._on_finished)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setRange(0, 0)
+        self.status_label.setText(f"predicting {sample.name} ({mode}) …")
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        """Ask the running prediction to stop at the next batch."""
+        if self.worker is not None:
+            self._cancel_requested = True
+            self.status_label.setText("cancelling …")
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        if total > 0:
+            self.progress_bar.setRange(0, total)
+            self.progress_bar.setValue(min(done, total))
+        if message:
+            self.status_label.setText(message)
+
+    def _on_returned(self, result) -> None:
+        if isinstance(result, Cancelled):
+            self.status_label.setText("cancelled")
+            _notify_info(str(result))
+            return
+        if isinstance(result, ComtipError):
+            self.status_label.setText("failed: see the notification")
+            self._error(str(result))
+            return
+        self.set_prediction(result)
+
+    def _on_crash(self, exc: BaseException) -> None:  # a bug: napari shows the traceback
+        self.status_label.setText(f"failed: {type(exc).__name__}: {exc}")
+        self._error(f"prediction failed: {type(exc).__name__}: {exc}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1 if self.prediction is not None else 0)
+
+    # ------------------------------------------------------------------ genes
+    def set_prediction(self, prediction: Prediction, gene: str | None = None) -> None:
+        """Show a finished prediction: fill the gene list and colour the layers."""
+        self.prediction = prediction
+        reused = "encoder reused" if not prediction.encoder_ran else "encoder ran"
+        self.status_label.setText(f"{prediction.sample.name}: {prediction.adata.n_obs} spots x "
+                                  f"{prediction.adata.n_vars} genes, {prediction.mode}, ran on {prediction.device}, "
+                                  f"{prediction.seconds:.1f} s ({reused})")
+        previous = self.gene_box.currentText()
+        genes = sorted(prediction.genes, key=str.upper)
+        self.gene_box.blockSignals(True)
+        self.gene_box.clear()
+        self.gene_box.addItems(genes)
+        self.gene_box.blockSignals(False)
+        self.gene_box.setEnabled(True)
+        for b in (self.export_h5ad_button, self.export_csv_button):
+            b.setEnabled(True)
+        chosen = gene or (previous if previous in prediction.adata.var_names else None) or self._default_gene(prediction)
+        self.show_gene(chosen)
+
+    @staticmethod
+    def _default_gene(prediction: Prediction) -> str:
+        """The gene whose prediction varies most across the slide (the most informative map)."""
+        x = prediction.adata.X
+        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+        return str(prediction.adata.var_names[int(np.nanargmax(np.nanvar(x, axis=0)))])
+
+    def show_gene(self, gene: str) -> GeneView | None:
+        """Recolour the prediction layers by ``gene``; unknown genes give a notification."""
+        if self.prediction is None:
+            self._error("no prediction yet: press Run first")
+            return None
+        gene = gene.strip()
+        match = [g for g in self.prediction.genes if g.upper() == gene.upper()]
+        try:
+            if not match:
+                raise InputError(f"gene '{gene}' is not in the checkpoint's panel "
+                                 f"({self.prediction.adata.n_vars} genes)", hint="pick one from the list (type to search)")
+            view = self.display.show(self.prediction, match[0])
+        except ComtipError as exc:
+            self._error(str(exc))
+            return None
+        if self.gene_box.currentText() != view.gene:
+            self.gene_box.setCurrentText(view.gene)
+        self.last_view = view
+        lo, hi = view.limits
+        if view.measured:
+            self.pcc_label.setText(f"{view.gene}: Pearson r = {view.pearson_r:.3f} between predicted and measured "
+                                   f"over {view.n_spots} spots (colour scale {lo:.2f}–{hi:.2f}, shared)")
+        else:
+            self.pcc_label.setText(f"{view.gene}: not measured on this slide (colour scale {lo:.2f}–{hi:.2f})")
+        return view
+
+    def _toggle_heatmap(self, on: bool) -> None:
+        self.display.heatmap = bool(on)
+        if self.prediction is not None and self.last_view is not None:
+            self.show_gene(self.last_view.gene)
+
+    # ------------------------------------------------------------------ export
+    def _input_paths(self) -> list[str]:
+        """Files the prediction was made from (slide, counts, checkpoint): never export over them."""
+        if self.prediction is None:
+            return []
+        inputs = list(self.prediction.provenance.get("inputs") or [])
+        inputs += list(self.prediction.sample.provenance.get("inputs") or [])
+        return [str(p) for p in inputs if p]
+
+    def _target(self, path, title: str, filt: str) -> tuple[Path, bool] | None:
+        if self.prediction is None:
+            self._error("no prediction to export: press Run first")
+            return None
+        if path is not None:
+            return Path(path), False
+        chosen, _ = QFileDialog.getSaveFileName(self, title, f"{self.prediction.sample.name}-predicted", filt)
+        # the dialog already asked before replacing an existing file
+        return (Path(chosen), True) if chosen else None
+
+    def export_h5ad(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
+        """Write the prediction as ``.h5ad`` (same layout as ``comtip predict``)."""
+        target = self._target(path, "Export predictions", "AnnData (*.h5ad)")
+        if target is None:
+            return None
+        from ..io.writers import write_h5ad_atomic
+
+        out, confirmed = target
+        if out.suffix != ".h5ad":
+            out = out.with_suffix(".h5ad")
+        try:
+            written = write_h5ad_atomic(self.prediction.adata, out, overwrite=overwrite or confirmed,
+                                        protect=self._input_paths())
+        except ComtipError as exc:
+            self._error(str(exc))
+            return None
+        _notify_info(f"wrote {self.prediction.adata.n_obs} spots x {self.prediction.adata.n_vars} genes to {written}")
+        return Path(written)
+
+    def export_csv(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
+        """Write the prediction as a CSV table (spots x genes, with x/y centres)."""
+        target = self._target(path, "Export predictions as CSV", "CSV table (*.csv)")
+        if target is None:
+            return None
+        from ..engine.predict import prediction_table
+        from ..io.writers import write_csv_atomic
+
+        out, confirmed = target
+        if out.suffix != ".csv":
+            out = out.with_suffix(".csv")
+        try:
+            written = write_csv_atomic(prediction_table(self.prediction.adata), out, index=False,
+                                       overwrite=overwrite or confirmed, protect=self._input_paths())
+        except ComtipError as exc:
+            self._error(str(exc))
+            return None
+        _notify_info(f"wrote {written}")
+        return Path(written)
+
+
+__all__ = ["PredictWidget", "spots_from_points"]
