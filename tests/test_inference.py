@@ -288,3 +288,79 @@ def test_cuda_matches_cpu_in_bf16(tiny_model):
     assert gpu.device.startswith("cuda") and gpu.precision in ("bf16", "fp16")
     cos = (cpu.image * gpu.image).sum(axis=1)
     assert cos.min() > 0.98, cos.min()
+
+
+# --------------------------------------------------------------------------- tile-cached reading
+def _write_tiled_tiff(path, rng, side=(1000, 1300), tile=256):
+    import tifffile
+
+    img = np.repeat(np.repeat(rng.integers(0, 256, (side[0] // 8, side[1] // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
+    opts = dict(photometric="rgb", tile=(tile, tile), compression="jpeg", resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        tif.write(img, subifds=1, resolution=(2e4, 2e4), metadata={"axes": "YXS"}, **opts)
+        tif.write(img[::2, ::2], subfiletype=1, resolution=(1e4, 1e4), **opts)
+    return path
+
+
+def _random_windows(image, rng, n=40):
+    for _ in range(n):
+        lvl = int(rng.integers(0, image.n_levels))
+        H, W = image.level_shapes[lvl][:2]
+        r, c = rng.integers(-200, H, 1)[0], rng.integers(-200, W, 1)[0]
+        h, w = rng.integers(1, 600, 2)
+        yield lvl, int(r), int(c), int(h), int(w)
+
+
+@pytest.mark.parametrize("max_bytes", [None, 300_000])  # default, and a cache that must evict
+def test_tile_cache_gives_the_pixels_of_a_tiled_tiff(tmp_path, max_bytes):
+    from napari_comtip.io.image import open_image
+
+    rng = np.random.default_rng(0)
+    image, mpp = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
+    assert image.kind == "tiffslide" and image.n_levels == 2 and mpp == pytest.approx(0.5)
+    view = inference.TileCachedImage(image, max_bytes=max_bytes)
+    assert [type(s).__name__ for s in view._sources] == ["_TiffTiles", "_TiffTiles"]  # no zarr per read
+    for lvl, r, c, h, w in _random_windows(image, rng):
+        np.testing.assert_array_equal(view.read_level_window(lvl, r, c, h, w, pad_value=7),
+                                      image.read_level_window(lvl, r, c, h, w, pad_value=7))
+    for c in rng.uniform(-50, 1300, size=(20, 2)):
+        np.testing.assert_array_equal(read_patch(view, c, 175.0, 64), read_patch(image, c, 175.0, 64))
+    assert view.hits > 0
+    if max_bytes:
+        assert view._bytes <= max_bytes
+    view.close()
+
+
+def test_tile_cache_on_chunked_zarr_levels(tmp_path):
+    import zarr
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    levels = []
+    for i, a in enumerate([base, base[::2, ::2]]):
+        z = zarr.open_array(str(tmp_path / f"l{i}.zarr"), mode="w", shape=a.shape, chunks=(128, 128, 3), dtype="uint8")
+        z[:] = a
+        levels.append(z)
+    image = MultiscaleImage(levels, [1.0, 2.0], identity="zarr-test")
+    view = inference.TileCachedImage(image)
+    assert [type(s).__name__ for s in view._sources] == ["_ArrayChunks", "_ArrayChunks"]
+    for lvl, r, c, h, w in _random_windows(image, rng):
+        np.testing.assert_array_equal(view.read_level_window(lvl, r, c, h, w),
+                                      image.read_level_window(lvl, r, c, h, w))
+    # in-memory levels are sliced directly
+    assert inference.TileCachedImage(MultiscaleImage([base], [1.0]))._sources == [None]
+
+
+def test_embedding_a_tiff_slide_equals_direct_reading(tmp_path, tiny_model):
+    from napari_comtip.io.image import open_image
+
+    rng = np.random.default_rng(2)
+    image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
+    rc = rng.uniform(0, 1000, size=(9, 2))
+    spots = pd.DataFrame({Key.ROW: rc[:, 0], Key.COL: rc[:, 1], Key.DIAMETER: 50.0}, index=[f"b{i}" for i in range(9)])
+    s = SpatialSample(name="tiff", image=image, mpp=0.5, mpp_source="test", spots=spots)
+    order = inference.spatial_order(rc, 350.0)
+    assert sorted(order.tolist()) == list(range(9)) and order.tolist() != list(range(9))  # really reordered
+    emb = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False)
+    np.testing.assert_allclose(emb.image, _direct(tiny_model, s, range(9)), atol=2e-5)
+    assert emb.timings["tile_misses"] > 0

@@ -42,9 +42,10 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -234,6 +235,16 @@ def _load_entry(path: Path, signature: dict[str, Any], *, features: bool, stream
     return out
 
 
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    if hasattr(os, "pwrite"):
+        while data:
+            k = os.pwrite(fd, data, pos)
+            data, pos = data[k:], pos + k
+    else:  # pragma: no cover - Windows
+        os.lseek(fd, pos, os.SEEK_SET)
+        os.write(fd, data)
+
+
 class _Sink:
     """Preallocated outputs: numpy arrays in memory, or ``.npy`` files written with ``pwrite``."""
 
@@ -260,21 +271,18 @@ class _Sink:
     def has(self, name: str) -> bool:
         return name in self.arrays or name in self.files
 
-    def write(self, name: str, start: int, values: np.ndarray) -> None:
+    def write(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """Store ``values`` (len(rows), dim) at the output rows ``rows`` (any order)."""
         values = np.ascontiguousarray(values, dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
         if self.dir is None:
-            self.arrays[name][start:start + len(values)] = values
+            self.arrays[name][rows] = values
             return
         fd, offset, row = self.files[name]
-        data = values.tobytes()
-        pos = offset + start * row
-        if hasattr(os, "pwrite"):
-            while data:
-                k = os.pwrite(fd, data, pos)
-                data, pos = data[k:], pos + k
-        else:  # pragma: no cover - Windows
-            os.lseek(fd, pos, os.SEEK_SET)
-            os.write(fd, data)
+        # runs of consecutive rows become one positional write each
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            _pwrite_all(fd, values[a:b].tobytes(), offset + int(rows[a]) * row)
 
     def close(self) -> None:
         for fd, _, _ in self.files.values():
@@ -297,6 +305,231 @@ class _Sink:
             return dict(self.arrays)
         assert directory is not None
         return {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in self.files}
+
+
+# =========================================================================== tile-cached reading
+def spatial_order(centres_rc: np.ndarray, side_px: float) -> np.ndarray:
+    """A read order that visits spots band by band (bands one patch high), left to right.
+
+    Spot tables are often in barcode order, which is spatially random; reading neighbours one
+    after the other lets :class:`TileCachedImage` decode each slide tile once. Results are
+    written back to the spots' own rows, so the order never shows outside the engine.
+    """
+    n = len(centres_rc)
+    if n == 0:
+        return np.arange(0, dtype=np.int64)
+    band = np.floor(centres_rc[:, 0] / max(float(side_px), 1.0))
+    return np.lexsort((centres_rc[:, 1], band)).astype(np.int64)
+
+
+def _pread(fd: int, count: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, count, offset)
+    with _PREAD_LOCK:  # pragma: no cover - Windows
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, count)
+
+
+_PREAD_LOCK = threading.Lock()
+
+
+class _TiffTiles:
+    """Tiles of one level of a tiled TIFF, read with ``pread`` and decoded by tifffile, no zarr.
+
+    Slicing tiffslide's zarr view costs several milliseconds per call in zarr's async machinery
+    (measured in docs/performance.md), several times the JPEG decoding itself.
+    """
+
+    def __init__(self, page, path: str):
+        self.th, self.tw = int(page.tilelength), int(page.tilewidth)
+        self.H, self.W = int(page.imagelength), int(page.imagewidth)
+        self.ntx = -(-self.W // self.tw)
+        self.offsets = page.dataoffsets
+        self.counts = page.databytecounts
+        self.jpegtables = page.jpegtables
+        self.decode = page.decode
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.chunk = (self.th, self.tw)
+
+    def fetch(self, tiles: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        from ..io.image import to_rgb_uint8
+
+        out = {}
+        for ty, tx in tiles:
+            i = ty * self.ntx + tx
+            h, w = min(self.th, self.H - ty * self.th), min(self.tw, self.W - tx * self.tw)
+            cnt = int(self.counts[i])
+            if cnt == 0:  # a sparse (never written) tile reads as zeros, as in tifffile
+                out[(ty, tx)] = np.zeros((h, w, 3), np.uint8)
+                continue
+            seg, _, _ = self.decode(_pread(self.fd, cnt, int(self.offsets[i])), i, jpegtables=self.jpegtables)
+            seg = np.asarray(seg).reshape(self.th, self.tw, -1)[:h, :w]
+            out[(ty, tx)] = seg if seg.shape[2] == 3 and seg.dtype == np.uint8 else to_rgb_uint8(seg)
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _ArrayChunks:
+    """Chunks of a chunked array (zarr): all missing chunks of a window in one slicing call."""
+
+    def __init__(self, arr, chunk: tuple[int, int]):
+        self.arr = arr
+        self.th, self.tw = int(chunk[0]), int(chunk[1])
+        self.H, self.W = int(arr.shape[0]), int(arr.shape[1])
+        self.chunk = (self.th, self.tw)
+
+    def fetch(self, tiles: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        tys = [t[0] for t in tiles]
+        txs = [t[1] for t in tiles]
+        ty0, ty1, tx0, tx1 = min(tys), max(tys), min(txs), max(txs)
+        r0, c0 = ty0 * self.th, tx0 * self.tw
+        block = np.asarray(self.arr[r0:min(self.H, (ty1 + 1) * self.th), c0:min(self.W, (tx1 + 1) * self.tw)])
+        out = {}
+        for ty, tx in tiles:
+            a, b = (ty - ty0) * self.th, (tx - tx0) * self.tw
+            out[(ty, tx)] = np.ascontiguousarray(block[a:a + self.th, b:b + self.tw, :3])
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class TileCachedImage:
+    """A read-only view of a :class:`~napari_comtip.io.image.MultiscaleImage` for ``read_patch``.
+
+    It answers ``read_level_window`` from an LRU cache of decoded tiles (``Default.TILE_CACHE_BYTES``
+    in all), so that overlapping and neighbouring spot patches decode each slide tile once.
+    Levels of tiled TIFFs opened through tiffslide are decoded directly with tifffile (no zarr
+    call per read); other chunked levels (the cached zarr pyramids of JPEG slides) fetch all the
+    chunks a window misses in one slicing call; in-memory levels are sliced directly. The pixels
+    are exactly those of the image's own ``read_level_window`` (tested).
+    """
+
+    def __init__(self, image, max_bytes: int | None = None):
+        self.image = image
+        self.downsamples = image.downsamples
+        self.levels = image.levels
+        self.shape = image.shape
+        self.identity = image.identity
+        self.max_bytes = int(Default.TILE_CACHE_BYTES if max_bytes is None else max_bytes)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+        tiff = self._tiff_pages()
+        self._sources = [self._source(i, tiff) for i in range(len(image.levels))]
+
+    # ------------------------------------------------------------------ sources
+    def _tiff_pages(self) -> list | None:
+        """tifffile pages of each level when the image is a plain tiled TIFF pyramid read by tiffslide."""
+        slide = getattr(self.image, "_keepalive", None)
+        if getattr(self.image, "kind", "") != "tiffslide" or slide is None or not self.image.source:
+            return None
+        try:
+            props = slide.properties
+            if props.get("tiffslide.series-composition"):
+                return None
+            series = slide.ts_tifffile.series[int(props.get("tiffslide.series-index", 0) or 0)]
+            pages = []
+            for i, lvl in enumerate(series.levels):
+                pg = lvl.keyframe
+                ok = (len(lvl.pages) == 1 and pg.is_tiled and int(pg.planarconfig) == 1 and pg.dtype == np.uint8
+                      and pg.samplesperpixel in (3, 4) and int(pg.imagedepth) == 1
+                      and (int(pg.imagelength), int(pg.imagewidth)) == tuple(self.image.level_shapes[i][:2]))
+                pages.append(pg if ok else None)
+            return pages if len(pages) == len(self.image.levels) else None
+        except Exception:  # noqa: BLE001 - anything unexpected: use the generic path
+            return None
+
+    def _source(self, i: int, tiff: list | None):
+        if tiff is not None and tiff[i] is not None:
+            src = _TiffTiles(tiff[i], str(self.image.source))
+            if self._agrees(i, src):
+                return src
+            src.close()
+        lv = self.image.levels[i]
+        chunks = getattr(lv, "chunks", None)
+        if isinstance(lv, np.ndarray) or not chunks or len(chunks) < 2:
+            return None
+        try:
+            th, tw = int(chunks[0]), int(chunks[1])
+        except (TypeError, ValueError):
+            return None
+        if th * tw * 3 > 32 * 2**20 or th * tw <= 0:
+            return None  # huge chunks: caching whole chunks would cost more than it saves
+        return _ArrayChunks(lv, (th, tw))
+
+    def _agrees(self, i: int, src: _TiffTiles) -> bool:
+        """Decode one tile directly and compare with the level's own reader (guards exotic TIFFs)."""
+        try:
+            h, w = min(src.th, src.H), min(src.tw, src.W)
+            ref = self.image.read_level_window(i, 0, 0, h, w)
+            return bool(np.array_equal(src.fetch([(0, 0)])[(0, 0)][:h, :w], ref))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def close(self) -> None:
+        for src in self._sources:
+            if src is not None:
+                src.close()
+        self._cache.clear()
+
+    def __del__(self):  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # ------------------------------------------------------------------ the read_patch interface
+    def best_level(self, downsample: float) -> int:
+        return self.image.best_level(downsample)
+
+    def read_level_window(self, level: int, row0: int, col0: int, height: int, width: int,
+                          pad_value: int = Default.PAD_VALUE) -> np.ndarray:
+        src = self._sources[level]
+        if src is None:
+            return self.image.read_level_window(level, row0, col0, height, width, pad_value=pad_value)
+        row0, col0, height, width = int(row0), int(col0), int(height), int(width)
+        out = np.full((height, width, 3), pad_value, dtype=np.uint8)
+        r0, c0 = max(row0, 0), max(col0, 0)
+        r1, c1 = min(row0 + height, src.H), min(col0 + width, src.W)
+        if r1 <= r0 or c1 <= c0:
+            return out
+        th, tw = src.chunk
+        wanted = [(ty, tx) for ty in range(r0 // th, (r1 - 1) // th + 1) for tx in range(c0 // tw, (c1 - 1) // tw + 1)]
+        tiles: dict[tuple[int, int], np.ndarray] = {}
+        missing = []
+        with self._lock:
+            for t in wanted:
+                hit = self._cache.get((level, *t))
+                if hit is None:
+                    missing.append(t)
+                else:
+                    self._cache.move_to_end((level, *t))
+                    tiles[t] = hit
+            self.hits += len(wanted) - len(missing)
+            self.misses += len(missing)
+        if missing:
+            fetched = src.fetch(missing)  # decoding happens outside the lock
+            tiles.update(fetched)
+            with self._lock:
+                for t, arr in fetched.items():
+                    key = (level, *t)
+                    if key not in self._cache:
+                        self._cache[key] = arr
+                        self._bytes += arr.nbytes
+                while self._bytes > self.max_bytes and self._cache:
+                    _, old = self._cache.popitem(last=False)
+                    self._bytes -= old.nbytes
+        for (ty, tx), arr in tiles.items():
+            tr0, tc0 = ty * th, tx * tw
+            a0, a1 = max(r0, tr0), min(r1, tr0 + arr.shape[0])
+            b0, b1 = max(c0, tc0), min(c1, tc0 + arr.shape[1])
+            if a1 > a0 and b1 > b0:
+                out[a0 - row0:a1 - row0, b0 - col0:b1 - col0] = arr[a0 - tr0:a1 - tr0, b0 - tc0:b1 - tc0]
+        return out
 
 
 # =========================================================================== patch reading
@@ -485,6 +718,7 @@ def embed_sample(
         tmp_dir.mkdir(parents=True)
     sink = _Sink(n, tmp_dir if stream else None)
     reader = None
+    view = None
     batches = None
     was_training = model.training
     ok = False
@@ -497,7 +731,10 @@ def embed_sample(
         model.eval()
         enc = _Encoder(model, dev, bs, precision, features, channels_last=(dev.type == "cuda"))
         workers = read_workers if read_workers is not None else default_read_workers(dev)
-        reader = _PatchReader(sample.image, sample.centers_rc(), side, img_size, bs, workers=workers,
+        centres = sample.centers_rc()
+        order = spatial_order(centres, side)
+        view = TileCachedImage(sample.image)
+        reader = _PatchReader(view, centres[order], side, img_size, bs, workers=workers,
                               prefetch=prefetch if prefetch is not None else Default.PREFETCH_BATCHES,
                               pin=dev.type == "cuda", cancel=cancel)
         wait_s = compute_s = 0.0
@@ -508,12 +745,13 @@ def embed_sample(
             for start, emb_h, feat_h, event in pending:
                 if event is not None:
                     event.synchronize()
+                rows = order[start:start + len(emb_h)]
                 for name, arr in (("image", emb_h), ("features", feat_h)):
                     if arr is None:
                         continue
                     if not sink.has(name):
                         sink.allocate(name, int(arr.shape[1]))
-                    sink.write(name, start, arr.numpy())
+                    sink.write(name, rows, arr.numpy())
             pending.clear()
 
         done = 0
@@ -566,13 +804,16 @@ def embed_sample(
             image=arrays["image"], features=arrays.get("features"), device=str(dev), batch_size=enc.chunk,
             precision=precision, cached=False, cache_path=entry if cache else None, signature=signature,
             timings={"total": total, "read": reader.read_s, "wait": wait_s, "compute": compute_s,
-                     "spots_per_s": n / max(total, 1e-9), "halvings": float(enc.halvings)},
+                     "spots_per_s": n / max(total, 1e-9), "halvings": float(enc.halvings),
+                     "tile_hits": float(view.hits), "tile_misses": float(view.misses)},
         )
     finally:
         if batches is not None:
             with contextlib.suppress(Exception):
                 batches.close()  # stops the reader threads now, not at garbage collection
         sink.close()
+        if view is not None:
+            view.close()
         model.train(was_training)
         if not ok and tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
