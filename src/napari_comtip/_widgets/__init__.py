@@ -11,3 +11,7 @@
 Modules are imported by napari through ``napari.yaml`` on demand; importing this package
 imports nothing heavy.
 """
+
+from ._compat import guard_triton as _guard_triton
+
+_guard_triton()

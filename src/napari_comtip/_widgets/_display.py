@@ -173,7 +173,27 @@ class ExpressionDisplay:
         heat_m = self.layer(L.ROLE_HEAT_MEASURED)
         if heat_m is not None:
             heat_m.colorbar.visible = False  # one colour bar: both maps share the scale
+        self._caption(sample, gene, prediction.mode, limits, meas is not None, r)
+        pts = self.layer(L.ROLE_PREDICTED)
+        if pts is not None:  # hovering shows the predicted value of the spot under the cursor
+            self.viewer.layers.selection.active = pts
         return GeneView(gene=gene, limits=limits, measured=meas is not None, pearson_r=r, n_spots=len(pred))
+
+    def _caption(self, sample, gene: str, mode: str, limits, measured: bool, r: float) -> None:
+        """What the canvas shows, in words (also in every screenshot)."""
+        lines = [f"{sample.name}  {gene}: log-normalised expression, colour scale {limits[0]:.2f} to {limits[1]:.2f}"]
+        if measured:
+            corr = f", Pearson r = {r:.2f}" if np.isfinite(r) else ""
+            lines.append(f"left: predicted ({mode}), right: measured{corr}")
+        else:
+            lines.append(f"predicted ({mode}); not measured on this slide")
+        text = "\n".join(lines)
+        overlay = self.viewer.text_overlay
+        overlay.text = text
+        overlay.position = "bottom_left"
+        overlay.font_size = 11
+        overlay.color = "white"
+        overlay.visible = True
 
     def clear(self) -> None:
         for role in list(self._layers):

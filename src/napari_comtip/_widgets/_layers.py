@@ -286,6 +286,7 @@ def values_layer(sample: "SpatialSample", *, name: str, column: str, values: np.
             "face_colormap": Default.HEATMAP_COLORMAP,
             "face_contrast_limits": limits,
             "border_width": 0,
+            "opacity": Default.SPOT_OPACITY,
             "translate": offset,
             "metadata": _meta(sample, role),
         },

@@ -87,7 +87,9 @@ def view_from_args(args: argparse.Namespace) -> int:
         shot = _screenshot_target(args.screenshot, getattr(args, "overwrite", False),
                                   [str(p) for p in sample.provenance.get("inputs", [])])
     _check_display()
+    from ._compat import preload_model_stack
 
+    preload_model_stack()  # before the OpenGL canvas exists (see _compat.py)
     import napari
 
     from ._layers import sample_layers

@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 from ..constants import Key
 from ..errors import Cancelled, ComtipError, InputError
 from . import _layers as L
+from ._compat import preload_model_stack
 from ._display import ExpressionDisplay, GeneView
 from ._session import MODES, Prediction, PredictSession
 
@@ -77,6 +78,7 @@ class PredictWidget(QWidget):
 
     def __init__(self, napari_viewer: "napari.Viewer", parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        preload_model_stack()  # before any worker thread touches torch (see _compat.py)
         self.viewer = napari_viewer
         self.session = PredictSession()
         self.display = ExpressionDisplay(napari_viewer)
@@ -246,6 +248,7 @@ class PredictWidget(QWidget):
             return None
         from napari.qt.threading import create_worker
 
+        preload_model_stack()
         ckpt, mode, device = self.checkpoint(), self.mode_box.currentText(), self.device_box.currentText()
         batch = self.batch_spin.value() or None
         self._cancel_requested = False

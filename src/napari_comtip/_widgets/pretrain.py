@@ -24,6 +24,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..constants import Default
+from ._compat import guard_triton
+
+guard_triton()  # engine.training imports the model stack (see _compat.py)
 from ..engine.training import CONFIG_FILE as RUN_CONFIG
 from ..engine.training import FINAL_FILE, METRICS_FILE
 from ._loss_plot import LossPlot, read_metrics_rows
