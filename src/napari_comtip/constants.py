@@ -63,7 +63,8 @@ class Default:
     HEATMAP_PX_PER_SPOT: Final = 8  # raster heatmap pixels across one spot diameter
     HEATMAP_MAX_SIDE: Final = 4096  # the raster heatmap never gets larger than this per side
     HEATMAP_TILE_PITCHES: Final = 0.71  # raster fills up to this many spot pitches around a spot
-    HEATMAP_OPACITY: Final = 0.8
+    HEATMAP_OPACITY: Final = 0.55  # the raster heatmap lets the tissue show through
+    SPOT_OPACITY: Final = 0.75  # spots coloured by value (drawn over the raster heatmap)
     SIDE_BY_SIDE_GAP: Final = 0.04  # gap between the predicted and measured views (fraction of width)
     READER_MIN_PLAIN_IMAGE_SIDE: Final = 2048  # smaller .jpg/.png files are left to napari's own reader
     PRETRAIN_POLL_MS: Final = 1000  # how often the Pretrain widget re-reads metrics.csv
