@@ -50,6 +50,26 @@ def zero_shot_sentence_embeddings(model, gene_idx: torch.Tensor, grid: torch.Ten
     return torch.cat(out).view(g, v, -1)
 
 
+def _weights_stamp(model) -> tuple:
+    """Changes whenever a text-encoder weight or the value range is modified in place or replaced."""
+    ts = list(model.text.parameters()) + list(model.text.buffers()) + [model.value_lo, model.value_hi]
+    return tuple((t.data_ptr(), t._version, str(t.device)) for t in ts)
+
+
+def _sentences(model, gi: torch.Tensor, n_grid: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid values and sentence embeddings, memoised on the (eval-mode) model: prediction in
+    chunks of spots then embeds the G x V sentences once, not once per chunk."""
+    key = (tuple(gi.tolist()), n_grid, _weights_stamp(model))
+    memo = model.__dict__.get("_comtip_zero_shot_memo")
+    if memo is not None and memo[0] == key and not model.training:
+        return memo[1], memo[2]
+    values = model.value_grid(gi, n_grid).float()
+    text = zero_shot_sentence_embeddings(model, gi, values, chunk)
+    if not model.training:
+        model.__dict__["_comtip_zero_shot_memo"] = (key, values, text)
+    return values, text
+
+
 @torch.no_grad()
 def zero_shot(
     model,
@@ -87,8 +107,12 @@ def zero_shot(
     temp = float(temperature) if temperature is not None else (cfg.temperature or model.temperature())
     if not temp > 0:
         raise ConfigError(f"zero-shot temperature must be > 0, got {temp}")
-    values = model.value_grid(gi, n_grid).float()  # (G', V)
-    text = zero_shot_sentence_embeddings(model, gi, values, int(chunk or cfg.chunk))  # (G', V, D)
+    was_training = model.training
+    model.eval()
+    try:
+        values, text = _sentences(model, gi, n_grid, int(chunk or cfg.chunk))  # (G', V), (G', V, D)
+    finally:
+        model.train(was_training)
     img = _as_tensor(image_emb, device=text.device)
     if img.ndim != 2 or img.shape[1] != text.shape[-1]:
         raise InputError(f"image embeddings have shape {tuple(img.shape)}, expected (N, {text.shape[-1]})")

@@ -114,19 +114,34 @@ def _primitive(obj: Any, where: str) -> Any:
         return [_primitive(v, where) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # e.g. engine.predictors.Probe
+        return _primitive(obj.to_dict(), where)
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     raise TypeError(f"checkpoint entry {where} has type {type(obj).__name__}; store tensors, arrays and primitives only")
 
 
+_BANK_ALIASES = {
+    "emb": ("emb", "image_emb", "bank_emb"),
+    "expr": ("expr", "bank_expr"),
+    "ids": ("ids", "spot_ids", "bank_ids"),
+}
+
+
 def _bank_entry(bank: Any, n_genes: int, dim: int) -> dict:
+    """Normalise a bank to {"emb" (M, D) fp16, "expr" (M, G) fp16, "ids" [str], other metadata}."""
     if isinstance(bank, Bank):
         bank = {"emb": bank.emb, "expr": bank.expr, "ids": bank.ids, **bank.meta}
     bank = _primitive(dict(bank), "bank")
+    for name, aliases in _BANK_ALIASES.items():
+        for a in aliases:
+            if a in bank:
+                bank[name] = bank.pop(a)
+                break
     emb, expr = bank.get("emb"), bank.get("expr")
     if not isinstance(emb, torch.Tensor) or not isinstance(expr, torch.Tensor):
         raise ValueError("extras['bank'] needs tensors 'emb' (M, D) and 'expr' (M, G)")
-    if emb.ndim != 2 or emb.shape[1] != dim or expr.shape != (emb.shape[0], n_genes):
+    if emb.ndim != 2 or emb.shape[1] != dim or tuple(expr.shape) != (emb.shape[0], n_genes):
         raise ValueError(f"bank shapes emb {tuple(emb.shape)}, expr {tuple(expr.shape)} do not fit D={dim}, G={n_genes}")
     ids = [str(i) for i in bank.get("ids", range(emb.shape[0]))]
     if len(ids) != emb.shape[0]:
@@ -148,8 +163,10 @@ def save_checkpoint(
 
     ``extras`` keys with a meaning: ``provenance`` (dict), ``bank`` ({emb, expr, ids} or
     :class:`Bank`), ``probe`` (dict of tensors, see engine.predictors.Probe.to_dict),
-    ``normalization`` (overrides the config's); any other key goes to ``extras``.
-    ``half=True`` stores floating weights as float16 (half the file size, for shipping).
+    ``normalization`` (overrides the config's); ``training`` is taken as the provenance when no
+    ``provenance`` is given; any other key goes to ``extras``.
+    ``half=True`` stores floating weights as float16 (half the file size, for shipping); a model
+    already converted with ``.half()`` is stored as float16 too. Loading restores float32.
     """
     path = Path(path)
     cfg = model.config
@@ -159,11 +176,13 @@ def save_checkpoint(
     if gene_panel is not None and [str(g) for g in gene_panel] != model.gene_panel:
         raise ValueError("gene_panel differs from the panel the model was built for")
     extras = dict(extras or {})
+    raw = model.state_dict()
+    half = half or any(v.dtype == torch.float16 for v in raw.values())
     state = {}
-    for k, v in model.state_dict().items():
+    for k, v in raw.items():
         v = v.detach().cpu()
-        if half and v.is_floating_point() and not k.endswith(_KEEP_FP32):
-            v = v.to(torch.float16)
+        if v.is_floating_point():
+            v = v.float() if k.endswith(_KEEP_FP32) else v.to(torch.float16 if half else torch.float32)
         state[k] = v.clone()
     from .. import __version__
 
@@ -171,6 +190,9 @@ def save_checkpoint(
     normalization.update(_primitive(extras.pop("normalization", {}) or {}, "normalization"))
     bank = extras.pop("bank", None)
     probe = extras.pop("probe", None)
+    provenance = extras.pop("provenance", None)
+    if provenance is None:
+        provenance = extras.pop("training", None)
     blob = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -183,7 +205,7 @@ def save_checkpoint(
         "patch_um": float(cfg.patch_um),
         "storage_dtype": "float16" if half else "float32",
         "state_dict": state,
-        "provenance": _primitive(extras.pop("provenance", {}) or {}, "provenance"),
+        "provenance": _primitive(provenance or {}, "provenance"),
         "bank": None if bank is None else _bank_entry(bank, model.n_genes, model.embed_dim),
         "probe": None if probe is None else _primitive(probe, "probe"),
         "extras": _primitive(extras, "extras"),

@@ -38,7 +38,7 @@ class VisionConfig:
     img_size: int = 112  # square input side in pixels (patches are resized to this)
     overrides: dict = field(default_factory=dict)  # extra kwargs for timm.create_model (depth, embed_dim, ...)
     weights: str | None = None  # optional local weight file (.pt/.pth/.bin/.safetensors)
-    pool: str = "cls"  # "cls" token or "mean" of the patch tokens -> global image feature
+    pool: str = "mean"  # "mean" of the patch tokens or the "cls" token -> global image feature
     mean: list | None = None  # RGB normalisation; None = timm's pretrained config for `name`
     std: list | None = None
     drop_path_rate: float = 0.0

@@ -213,9 +213,6 @@ def mfm_distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.T
 
 
 # ---------------------------------------------------------------------------- local weights
-_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "vit.", "visual.", "image_encoder.", "vision.vit.")
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -254,14 +251,22 @@ def load_vision_weights(vit: nn.Module, path: str | os.PathLike) -> dict:
     def n_match(d):
         return sum(1 for k in d if k in own)
 
-    # strip wrapper prefixes while that increases the number of matching keys
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            stripped = {(k[len(p) :] if k.startswith(p) else k): v for k, v in sd.items()}
-            if n_match(stripped) > n_match(sd):
-                sd, changed = stripped, True
+    # strip wrapper prefixes ("module.", "backbone.", "model.encoder." ...): drop the number of
+    # leading dotted components that makes the most keys match
+    best, best_depth = sd, 0
+    for depth in range(1, 4):
+        stripped = {}
+        for k, v in sd.items():
+            parts = k.split(".")
+            stripped[".".join(parts[depth:]) if len(parts) > depth else k] = v
+        if n_match(stripped) > n_match(best):
+            best, best_depth = stripped, depth
+    original = {k: k for k in sd} if best_depth == 0 else {}
+    if best_depth:
+        for k in sd:
+            parts = k.split(".")
+            original.setdefault(".".join(parts[best_depth:]) if len(parts) > best_depth else k, k)
+    sd = best
     loadable, mismatched = {}, []
     for k, v in sd.items():
         if k not in own:
@@ -289,6 +294,6 @@ def load_vision_weights(vit: nn.Module, path: str | os.PathLike) -> dict:
         "path": str(path),
         "loaded": len(loadable),
         "missing": list(result.missing_keys),
-        "unexpected": sorted(k for k in sd if k not in own),
+        "unexpected": sorted(original.get(k, k) for k in sd if k not in own),
         "shape_mismatch": mismatched,
     }
