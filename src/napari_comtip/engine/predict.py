@@ -1,0 +1,539 @@
+"""One entry point for the three predictors, and the atomic writers of ``comtip predict``.
+
+:func:`predict_sample` embeds the spot patches of a sample (:func:`engine.inference.embed_sample`,
+cached) and turns the embeddings into predicted log-normalised expression with one of
+
+* ``retrieval`` (default): the average expression of the ``k`` most similar reference spots
+  (BLEEP-style). The reference is the bank stored in the checkpoint (image embeddings and
+  log-normalised panel expression of the training spots), or, with ``reference=``, built here
+  from a user's dataset(s): their spots are embedded with the same model (and cached) and their
+  expression is taken log-normalised over the checkpoint's gene panel;
+* ``probe``: a ridge head on the frozen pooled image features: the checkpoint's stored probe,
+  or one fitted here on ``reference=`` (an error names both options when neither exists);
+* ``zero-shot``: no reference at all: the image embedding is scored against the sentences
+  "gene g at value v" (see ``engine.predictors.zero_shot``).
+
+The result is an :class:`anndata.AnnData` aligned with the sample's spot table:
+``obs_names`` = the source's spot ids, ``obsm['spatial']`` = (x, y) full-resolution pixels,
+``var_names`` = genes, ``X`` = predicted log-normalised expression (float32),
+``obsm[Key.EMBEDDING]`` = the image embeddings and ``uns[Key.PROVENANCE]`` = where it came from
+(checkpoint path, digest and training provenance, predictor and its parameters, device actually
+used, batch size, patch size, package versions, time, sample source).
+
+:func:`predict_to_file` also writes it, atomically (temporary file + rename): an existing output
+is refused without ``overwrite=True``, and an input file is never written over.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..constants import Default, Key
+from ..errors import CheckpointError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
+
+    from ..io.record import SpatialSample
+    from .inference import Embeddings
+
+log = logging.getLogger(__name__)
+
+MODES = ("retrieval", "probe", "zero-shot")
+_MODE_ALIASES = {"zero_shot": "zero-shot", "zeroshot": "zero-shot", "knn": "retrieval", "ridge": "probe"}
+
+Progress = Callable[[int, "int | None", "str | None"], None]
+Cancel = Callable[[], bool]
+
+
+# =========================================================================== checkpoints
+_CKPT_LOCK = threading.Lock()
+_CKPT_MEMO: dict[tuple, Any] = {}  # one loaded checkpoint, keyed by file identity
+
+
+def resolve_checkpoint_path(checkpoint: str | os.PathLike | None) -> Path:
+    """The checkpoint file to use: ``checkpoint``, or the one bundled with the package."""
+    from ..model.checkpoint import default_checkpoint_path
+
+    if checkpoint is None:
+        path = Path(default_checkpoint_path())
+        if not path.is_file():
+            raise CheckpointError("no checkpoint is bundled with this installation", path=path,
+                                  hint="pass --checkpoint with a CoMTIP model.pt (see `comtip pretrain`)")
+        return path
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError("checkpoint file not found", path=path,
+                              hint="pass --checkpoint with an existing CoMTIP .pt file, or omit it for the bundled one")
+    return path
+
+
+def get_checkpoint(checkpoint: Any = None):
+    """A loaded checkpoint (``model.checkpoint.LoadedCheckpoint``) for a path, ``None`` or a loaded one.
+
+    The last checkpoint loaded from a file is kept in memory (keyed by path, size and mtime), so
+    repeated predictions from the widget do not reload it.
+    """
+    if checkpoint is not None and hasattr(checkpoint, "model") and hasattr(checkpoint, "gene_panel"):
+        return checkpoint
+    from ..io.cache import file_identity
+    from ..model.checkpoint import load_checkpoint
+
+    path = resolve_checkpoint_path(checkpoint)
+    key = (file_identity(path),)
+    with _CKPT_LOCK:
+        if key in _CKPT_MEMO:
+            return _CKPT_MEMO[key]
+        loaded = load_checkpoint(path, map_location="cpu")
+        _CKPT_MEMO.clear()
+        _CKPT_MEMO[key] = loaded
+        return loaded
+
+
+def _ckpt_path(ck) -> str | None:
+    p = getattr(ck, "path", None)
+    return None if p is None else str(p)
+
+
+def _ckpt_digest(ck) -> str | None:
+    meta = getattr(ck, "meta", None) or {}
+    d = getattr(ck, "digest", None) or (meta.get("digest") if isinstance(meta, dict) else None)
+    if d:
+        return str(d)
+    p = _ckpt_path(ck)
+    if p is None:
+        return None
+    from ..model.checkpoint import checkpoint_digest
+
+    return str(checkpoint_digest(p))
+
+
+def _ckpt_extra(ck, name: str):
+    """``bank``/``probe`` of a loaded checkpoint, wherever the loader put them."""
+    v = getattr(ck, name, None)
+    if v is None:
+        meta = getattr(ck, "meta", None) or {}
+        v = meta.get(name) if isinstance(meta, dict) else None
+        if v is None and isinstance(getattr(ck, "extras", None), dict):
+            v = ck.extras.get(name)
+    return v
+
+
+# =========================================================================== genes
+def resolve_genes(genes: Sequence[str] | str | None, panel: Sequence[str], checkpoint_label: str = "the checkpoint") -> list[int]:
+    """Panel indices of ``genes`` (all of the panel when None), in the requested order, deduplicated.
+
+    An unknown symbol raises :class:`InputError` with the closest panel symbols.
+    """
+    panel = [str(g) for g in panel]
+    if genes is None:
+        return list(range(len(panel)))
+    if isinstance(genes, str):
+        genes = [g.strip() for g in genes.split(",") if g.strip()]
+    if len(genes) == 0:
+        raise InputError("no gene given", hint="pass gene symbols, e.g. --genes ERBB2,KRT19, or omit --genes for the whole panel")
+    lookup = {g: i for i, g in enumerate(panel)}
+    upper = {}
+    for g, i in lookup.items():
+        upper.setdefault(g.upper(), i)
+    out: list[int] = []
+    for g in genes:
+        g = str(g).strip()
+        i = lookup.get(g, upper.get(g.upper()))
+        if i is None:
+            close = difflib.get_close_matches(g, panel, n=5, cutoff=0.6) or \
+                difflib.get_close_matches(g.upper(), [p.upper() for p in panel], n=5, cutoff=0.6)
+            close_txt = f"; close matches: {', '.join(close)}" if close else ""
+            raise InputError(
+                f"gene '{g}' is not in the gene panel of {checkpoint_label} ({len(panel)} genes){close_txt}",
+                hint="run `comtip predict` without --genes to predict the whole panel; its var_names list "
+                     "every gene (also in the checkpoint's gene_panel)")
+        if i not in out:
+            out.append(i)
+    return out
+
+
+# =========================================================================== references
+def _as_samples(reference, reference_samples, progress: Progress | None) -> list["SpatialSample"]:
+    """Load the reference dataset(s): a path (all its samples, or ``reference_samples``) or samples."""
+    from ..io.record import SpatialSample
+
+    if isinstance(reference, SpatialSample):
+        return [reference]
+    if isinstance(reference, (list, tuple)) and reference and all(isinstance(r, SpatialSample) for r in reference):
+        return list(reference)
+    from ..io import list_samples, load_sample
+
+    refs = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    out = []
+    for ref in refs:
+        names = list(reference_samples) if reference_samples else (list_samples(ref) or [None])
+        for name in names:
+            out.append(load_sample(ref, sample=name))
+    return out
+
+
+def _reference_data(refs: Sequence["SpatialSample"], model, panel: list[str], *, device, batch_size,
+                    features: bool, progress, cancel) -> dict[str, Any]:
+    """Embeddings (and features) of every reference spot plus their panel expression."""
+    from .data import panel_matrix
+    from .inference import embed_sample
+
+    embs, feats, exprs, names = [], [], [], []
+    for ref in refs:
+        if ref.expression is None:
+            raise InputError(f"reference sample '{ref.name}' has no measured expression",
+                             path=ref.provenance.get("root") or ref.provenance.get("image"),
+                             hint="a reference needs counts (e.g. a her2st section or a Space Ranger outs/ folder)")
+        e = embed_sample(ref, model, device=device, batch_size=batch_size, progress=progress, cancel=cancel,
+                         cache=True, features=features)
+        embs.append(np.asarray(e.image, dtype=np.float32))
+        if features:
+            feats.append(np.asarray(e.features, dtype=np.float32))
+        exprs.append(panel_matrix(ref.expression, panel, sample_name=ref.name,
+                                  min_shared=Default.MIN_SHARED_GENES))
+        names.append(ref.name)
+    var_sets = [set(map(str, r.expression.var_names)) for r in refs]
+    missing = [g for g in panel if not any(g in s for s in var_sets)]
+    return {
+        "image_emb": np.concatenate(embs),
+        "features": np.concatenate(feats) if features else None,
+        "expr": np.concatenate(exprs).astype(np.float32),
+        "samples": names,
+        "missing_genes": missing,
+        "paths": [p for r in refs for p in r.provenance.get("inputs", [])],
+    }
+
+
+def _bank_arrays(bank) -> tuple[np.ndarray, np.ndarray]:
+    """(image embeddings (M, D), panel expression (M, G)) of a checkpoint's bank."""
+    if isinstance(bank, dict):
+        emb = bank.get("emb", bank.get("image_emb"))
+        expr = bank.get("expr")
+    else:
+        emb, expr = getattr(bank, "emb", None), getattr(bank, "expr", None)
+    if emb is None or expr is None:
+        raise CheckpointError("the checkpoint's retrieval bank is incomplete (no embeddings or expression)",
+                              hint="re-save the checkpoint with `comtip pretrain`, or pass --reference")
+    return _to_numpy(emb), _to_numpy(expr)
+
+
+def _to_numpy(a) -> np.ndarray | None:
+    if a is None:
+        return None
+    if hasattr(a, "detach"):
+        a = a.detach().float().cpu().numpy()
+    return np.asarray(a, dtype=np.float32)
+
+
+# =========================================================================== provenance
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("napari-comtip", "torch", "timm", "anndata", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            out[pkg] = "not installed"
+    return out
+
+
+def _h5ad_safe(obj: Any, depth: int = 0) -> Any:
+    """Make ``obj`` storable in ``uns`` of an .h5ad (no None, no mixed lists, no objects)."""
+    if depth > 6:
+        return json.dumps(obj, default=str)
+    if obj is None:
+        return ""
+    if isinstance(obj, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _h5ad_safe(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if all(isinstance(v, str) for v in obj):
+            return [str(v) for v in obj] if obj else np.array([], dtype=str)
+        if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in obj):
+            return np.asarray(obj)
+        return json.dumps(obj, default=str)
+    if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf" and obj.size <= 4096:
+        return obj
+    return str(obj)
+
+
+# =========================================================================== predict
+def predict_sample(
+    sample: "SpatialSample | str | os.PathLike",
+    checkpoint: Any = None,
+    mode: str = "retrieval",
+    genes: Sequence[str] | str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    reference: Any = None,
+    reference_samples: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    embeddings: "Embeddings | None" = None,
+    *,
+    k: int = Default.RETRIEVAL_K,
+    alpha: float = Default.PROBE_ALPHA,
+) -> "anndata.AnnData":
+    """Predict log-normalised expression for every spot of ``sample`` (see the module docstring).
+
+    ``checkpoint``: a path, a loaded checkpoint, or None (the bundled one). ``mode``:
+    ``"retrieval"``, ``"probe"`` or ``"zero-shot"``. ``genes``: symbols (default: the whole
+    panel). ``reference``/``reference_samples``: dataset(s) to build the retrieval bank or fit
+    the probe from (default: what the checkpoint stores). ``embeddings``: precomputed
+    :class:`~napari_comtip.engine.inference.Embeddings` of this sample with this checkpoint (the
+    widget's cache; with ``probe`` they must include features). ``k``: neighbours for retrieval;
+    ``alpha``: ridge penalty when a probe is fitted here.
+    """
+    import anndata
+
+    from . import predictors
+    from .device import describe_device, resolve_device
+    from .inference import embed_sample, weights_digest
+
+    t0 = time.perf_counter()
+    mode = _MODE_ALIASES.get(str(mode).lower(), str(mode).lower())
+    if mode not in MODES:
+        raise InputError(f"unknown prediction mode '{mode}'", hint="use retrieval, probe or zero-shot")
+    if isinstance(sample, (str, os.PathLike)):
+        from ..io import load_sample
+
+        sample = load_sample(sample)
+    dev = resolve_device(device)
+    ck = get_checkpoint(checkpoint)
+    model = ck.model
+    panel = [str(g) for g in ck.gene_panel]
+    ck_label = Path(_ckpt_path(ck)).name if _ckpt_path(ck) else "the checkpoint"
+    gene_idx = resolve_genes(genes, panel, ck_label)
+    gene_names = [panel[i] for i in gene_idx]
+
+    # ------------------------------------------------------------------ the predictor's inputs
+    bank = probe = ref = None
+    if mode == "retrieval":
+        if reference is None:
+            bank = _ckpt_extra(ck, "bank")
+            if bank is None:
+                raise InputError(f"{ck_label} stores no retrieval bank",
+                                 hint="pass --reference with a dataset that has expression, or use --mode zero-shot")
+    elif mode == "probe":
+        if reference is None:
+            probe = _ckpt_extra(ck, "probe")
+            if probe is None:
+                raise InputError(f"{ck_label} stores no probe",
+                                 hint="pass --reference with a dataset that has expression to fit one, "
+                                      "or use --mode retrieval / zero-shot")
+    if reference is not None and mode != "zero-shot":
+        refs = _as_samples(reference, reference_samples, progress)
+        ref = _reference_data(refs, model, panel, device=dev, batch_size=batch_size, features=mode == "probe",
+                              progress=progress, cancel=cancel)
+        if ref["missing_genes"]:
+            miss = [g for g in gene_names if g in set(ref["missing_genes"])]
+            if miss:
+                log.warning("%d requested gene(s) are not measured in the reference and predict as 0: %s",
+                            len(miss), ", ".join(miss[:10]))
+
+    # ------------------------------------------------------------------ embeddings of the sample
+    need_feats = mode == "probe"
+    if embeddings is not None:
+        if embeddings.n_spots != sample.n_spots:
+            raise InputError(f"the given embeddings have {embeddings.n_spots} rows but sample "
+                             f"'{sample.name}' has {sample.n_spots} spots", hint="recompute them for this sample")
+        if embeddings.signature and embeddings.signature.get("weights_digest") not in (None, weights_digest(model)):
+            raise InputError("the given embeddings were computed with another model",
+                             hint="recompute them with this checkpoint")
+        if need_feats and embeddings.features is None:
+            embeddings = None  # the probe needs the pooled features: compute them (cached)
+    emb = embeddings if embeddings is not None else embed_sample(
+        sample, model, device=dev, batch_size=batch_size, progress=progress, cancel=cancel, features=need_feats)
+
+    # ------------------------------------------------------------------ predict, in chunks of spots
+    n, G = sample.n_spots, len(gene_idx)
+    X = np.empty((n, G), dtype=np.float32)
+    params: dict[str, Any] = {}
+    if mode == "retrieval":
+        if ref is not None:
+            bank_emb, bank_expr = ref["image_emb"], ref["expr"]
+        else:
+            bank_emb, bank_expr = _bank_arrays(bank)
+        bank_expr = np.ascontiguousarray(bank_expr[:, gene_idx])
+        k_eff = int(min(k, len(bank_emb)))
+        params = {"k": k_eff, "bank_spots": int(len(bank_emb)),
+                  "bank_source": "reference" if ref is not None else "checkpoint"}
+    elif mode == "probe":
+        if ref is not None:
+            probe = predictors.fit_probe(ref["features"], ref["expr"], alpha=alpha, genes=panel)
+            params = {"alpha": float(alpha), "probe_source": "reference", "probe_spots": int(len(ref["expr"]))}
+        else:
+            a = probe.get("alpha") if isinstance(probe, dict) else getattr(probe, "alpha", None)
+            params = {"alpha": float(a) if a is not None else "", "probe_source": "checkpoint"}
+        probe_genes = (probe.get("genes") if isinstance(probe, dict) else getattr(probe, "genes", None)) or panel
+        col = {str(g): j for j, g in enumerate(probe_genes)}
+        lacking = [g for g in gene_names if g not in col]
+        if lacking:
+            raise InputError(f"the probe of {ck_label} does not cover {len(lacking)} requested gene(s) "
+                             f"(e.g. {', '.join(lacking[:5])})", hint="pass --reference to fit a probe over the whole panel")
+        probe_cols = np.asarray([col[g] for g in gene_names], dtype=np.int64)
+    else:
+        params = {"grid": int(model.config.zero_shot.grid),
+                  "temperature": model.config.zero_shot.temperature or float(model.temperature())}
+
+    chunk = int(Default.EMBED_CHUNK_SPOTS)
+    for a in range(0, n, chunk):
+        if cancel is not None and cancel():
+            from ..errors import Cancelled
+
+            raise Cancelled(f"prediction of '{sample.name}' cancelled")
+        b = min(n, a + chunk)
+        e = np.asarray(emb.image[a:b], dtype=np.float32)
+        if mode == "retrieval":
+            X[a:b] = predictors.retrieval(e, bank_emb, bank_expr, k_eff)
+        elif mode == "probe":
+            f = np.asarray(emb.features[a:b], dtype=np.float32)
+            X[a:b] = predictors.probe_predict(probe, f)[:, probe_cols]
+        else:
+            X[a:b] = predictors.zero_shot(model, e, gene_idx)
+        if progress is not None:
+            progress(b, n, f"predicting ({mode})")
+
+    # ------------------------------------------------------------------ the AnnData
+    obs = pd.DataFrame(index=pd.Index(sample.spot_ids, name=None))
+    for col in (Key.ROW, Key.COL, Key.DIAMETER, Key.ARRAY_ROW, Key.ARRAY_COL, Key.IN_TISSUE):
+        if col in sample.spots.columns:
+            obs[col] = sample.spots[col].to_numpy()
+    adata = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names)))
+    adata.obsm[Key.SPATIAL] = sample.centers_xy().astype(np.float64)
+    adata.obsm[Key.EMBEDDING] = np.asarray(emb.image, dtype=np.float32)
+
+    meta = getattr(ck, "meta", None) or {}
+    training = meta.get("provenance", meta.get("training")) if isinstance(meta, dict) else None
+    ck_path = _ckpt_path(ck)
+    inputs = [str(p) for p in sample.provenance.get("inputs", [])]
+    if ck_path:
+        inputs.append(ck_path)
+    if ref is not None:
+        inputs.extend(str(p) for p in ref["paths"])
+    prov: dict[str, Any] = {
+        "predictor": mode,
+        "params": params,
+        "genes_requested": "all" if genes is None else ",".join(gene_names),
+        "checkpoint": ck_path or "",
+        "checkpoint_digest": _ckpt_digest(ck) or "",
+        "weights_digest": weights_digest(model),
+        "model_version": int(getattr(model.config, "version", 0)),
+        "training": training if training is not None else {},
+        "reference": {"samples": ref["samples"], "missing_genes": ref["missing_genes"]} if ref is not None else {},
+        "device": describe_device(resolve_device(emb.device)) if not emb.cached else str(emb.device),
+        "device_type": str(emb.device).split(":")[0],
+        "precision": emb.precision,
+        "batch_size": int(emb.batch_size or (batch_size or 0)),
+        "embeddings_cached": bool(emb.cached),
+        "patch_um": float(model.config.patch_um),
+        "img_size": int(model.config.vision.img_size),
+        "mpp": float(sample.mpp),
+        "mpp_source": str(sample.mpp_source),
+        "sample": {"name": sample.name, "format": sample.format, "identity": sample.identity,
+                   "source": str(sample.provenance.get("root") or sample.provenance.get("image") or "")},
+        "inputs": inputs,
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "timings": {k2: float(v) for k2, v in (emb.timings or {}).items()},
+    }
+    adata.uns[Key.PROVENANCE] = _h5ad_safe(prov)
+    return adata
+
+
+def _check_out(out: Path, overwrite: bool, protected: Sequence[str], what: str) -> Path:
+    """Fail before any work when ``out`` cannot be written (the writers check again, atomically)."""
+    out = Path(out).expanduser()
+    res = out.resolve()
+    if any(res == Path(p).expanduser().resolve() for p in protected):
+        raise InputError(f"refusing to write the {what} over an input of this prediction", path=out,
+                         hint="choose another output path")
+    if out.is_dir():
+        raise InputError(f"the {what} path is a folder", path=out, hint="give a file name, e.g. prediction.h5ad")
+    if out.exists() and not overwrite:
+        raise InputError("the output file already exists", path=out,
+                         hint="choose another path or pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise InputError("the output folder does not exist", path=out.parent, hint="create it first")
+    return out
+
+
+def prediction_table(adata: "anndata.AnnData") -> pd.DataFrame:
+    """Spots x genes with ``spot_id``, ``x``, ``y`` first (what ``--csv`` writes)."""
+    xy = np.asarray(adata.obsm[Key.SPATIAL])
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    df = pd.DataFrame(X, columns=list(map(str, adata.var_names)))
+    df.insert(0, "y", xy[:, 1])
+    df.insert(0, "x", xy[:, 0])
+    df.insert(0, "spot_id", list(map(str, adata.obs_names)))
+    return df
+
+
+def predict_to_file(
+    sample: "SpatialSample | str | os.PathLike",
+    out: str | os.PathLike,
+    checkpoint: Any = None,
+    mode: str = "retrieval",
+    genes: Sequence[str] | str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    reference: Any = None,
+    reference_samples: Sequence[str] | None = None,
+    csv: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    embeddings: "Embeddings | None" = None,
+    **kwargs: Any,
+) -> "anndata.AnnData":
+    """:func:`predict_sample`, then write ``out`` (.h5ad) and optionally ``csv``, atomically.
+
+    The output paths are checked before any work: an existing file is refused without
+    ``overwrite`` and an input of the prediction (slide, counts, checkpoint, reference) is never
+    a valid output.
+    """
+    from ..io.writers import write_csv_atomic, write_h5ad_atomic
+
+    if isinstance(sample, (str, os.PathLike)):
+        from ..io import load_sample
+
+        sample = load_sample(sample)
+    protected = [str(p) for p in sample.provenance.get("inputs", [])]
+    if isinstance(checkpoint, (str, os.PathLike)):
+        protected.append(str(checkpoint))
+    out = _check_out(Path(out), overwrite, protected, "prediction")
+    if Path(out).suffix.lower() != ".h5ad":
+        raise InputError("the output must be an .h5ad file", path=out, hint="name it e.g. prediction.h5ad (use --csv for a table)")
+    csv_path = _check_out(Path(csv), overwrite, protected, "CSV table") if csv is not None else None
+    if csv_path is not None and csv_path.resolve() == Path(out).resolve():
+        raise InputError("--csv and --out name the same file", path=csv_path, hint="give the CSV its own name")
+
+    adata = predict_sample(sample, checkpoint=checkpoint, mode=mode, genes=genes, device=device,
+                           batch_size=batch_size, reference=reference, reference_samples=reference_samples,
+                           progress=progress, cancel=cancel, embeddings=embeddings, **kwargs)
+    prov_inputs = list(adata.uns[Key.PROVENANCE].get("inputs", []))
+    write_h5ad_atomic(adata, out, overwrite=overwrite, protect=prov_inputs)
+    if csv_path is not None:
+        write_csv_atomic(prediction_table(adata), csv_path, overwrite=overwrite, protect=prov_inputs, index=False)
+    return adata
+
+
+__all__ = ["predict_sample", "predict_to_file", "resolve_genes", "get_checkpoint", "resolve_checkpoint_path",
+           "prediction_table", "MODES"]

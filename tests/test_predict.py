@@ -1,0 +1,275 @@
+"""``predict_sample`` / ``predict_to_file`` / ``comtip predict`` on real samples with a real tiny checkpoint.
+
+The checkpoint is a tiny CoMTIP (untrained weights) whose retrieval bank and ridge probe were
+built here from the bundled demo section (real H&E, real counts), saved with ``save_checkpoint``
+and loaded back, exactly the file layout ``comtip pretrain`` writes.
+"""
+
+from __future__ import annotations
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from napari_comtip.cli import main
+from napari_comtip.constants import Key
+from napari_comtip.engine import predict as predict_mod
+from napari_comtip.engine.predict import predict_sample, predict_to_file, resolve_genes
+from napari_comtip.errors import CheckpointError, InputError
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from napari_comtip.io import load_sample
+
+    return load_sample("@demo")
+
+
+@pytest.fixture(scope="session")
+def panel(demo):
+    """40 real genes of the demo section: the most expressed ones (alphabetical ties broken)."""
+    from napari_comtip.engine.data import lognorm_matrix
+
+    ln = lognorm_matrix(demo.expression)
+    order = np.argsort(-ln.mean(axis=0), kind="stable")[:40]
+    return [str(demo.expression.var_names[i]) for i in order]
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory, demo, panel):
+    from napari_comtip.engine import predictors
+    from napari_comtip.engine.data import panel_matrix
+    from napari_comtip.engine.inference import embed_sample
+    from napari_comtip.model import build_model, get_preset, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    cfg.text.use_name_embedding = False  # skips loading the text model; every predictor still works
+    model = build_model(cfg, panel).eval()
+    emb = embed_sample(demo, model, device="cpu", features=True)
+    expr = panel_matrix(demo.expression, panel)
+    probe = predictors.fit_probe(emb.features, expr, alpha=1.0, genes=panel)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model, extras={
+        "bank": {"emb": torch.from_numpy(np.asarray(emb.image)), "expr": torch.from_numpy(expr),
+                 "ids": demo.spot_ids},
+        "probe": probe.to_dict(),
+        "provenance": {"data": ["@demo C2"], "steps": 0, "note": "untrained, for tests"},
+    })
+    return path
+
+
+@pytest.fixture(scope="session")
+def visium(visium_tiny_dir):
+    from napari_comtip.io import load_sample
+
+    return load_sample(visium_tiny_dir)
+
+
+def _lognorm(demo, genes):
+    from napari_comtip.engine.data import panel_matrix
+
+    return panel_matrix(demo.expression, genes)
+
+
+# --------------------------------------------------------------------------- the AnnData
+def test_retrieval_on_visium_is_aligned_with_the_source(visium, ckpt, panel):
+    ad = predict_sample(visium, checkpoint=ckpt, device="cpu")
+    assert ad.shape == (visium.n_spots, len(panel))
+    assert list(ad.obs_names) == visium.spot_ids
+    np.testing.assert_array_equal(ad.obsm[Key.SPATIAL], visium.centers_xy())
+    assert list(ad.var_names) == panel
+    assert ad.X.dtype == np.float32 and np.isfinite(ad.X).all()
+    assert ad.obsm[Key.EMBEDDING].shape == (visium.n_spots, 256)
+    prov = ad.uns[Key.PROVENANCE]
+    assert prov["predictor"] == "retrieval" and prov["params"]["k"] == 50 and prov["params"]["bank_source"] == "checkpoint"
+    assert prov["checkpoint"] == str(ckpt) and len(prov["checkpoint_digest"]) == 16
+    assert prov["training"]["note"] == "untrained, for tests"
+    assert prov["device"].startswith("cpu") and prov["batch_size"] > 0 and prov["patch_um"] == 175.0
+    assert set(prov["versions"]) >= {"napari-comtip", "torch", "timm", "anndata"}
+    assert prov["sample"]["format"] == "visium" and prov["created"].endswith("+00:00")
+    # the bank's values are log-normalised expression of real spots: a mean of k of them
+    assert ad.X.min() >= 0 and ad.X.max() < 15
+
+
+def test_retrieval_k1_on_the_bank_sample_returns_its_own_expression(demo, ckpt, panel):
+    ad = predict_sample(demo, checkpoint=ckpt, device="cpu", k=1)
+    np.testing.assert_allclose(ad.X, _lognorm(demo, panel), atol=5e-3)  # fp16 bank storage
+    assert list(ad.obs_names) == demo.spot_ids
+
+
+def test_gene_subset_keeps_the_requested_order(visium, ckpt, panel):
+    full = predict_sample(visium, checkpoint=ckpt, device="cpu")
+    genes = [panel[7], panel[2], panel[7].lower()]  # case-insensitive, duplicates dropped
+    sub = predict_sample(visium, checkpoint=ckpt, device="cpu", genes=genes)
+    assert list(sub.var_names) == [panel[7], panel[2]]
+    np.testing.assert_allclose(sub.X, full[:, [panel[7], panel[2]]].X, atol=1e-6)
+
+
+def test_unknown_gene_lists_close_matches(ckpt, panel):
+    gene = panel[0]
+    typo = gene[:-1] + ("X" if gene[-1] != "X" else "Y")
+    with pytest.raises(InputError) as exc:
+        resolve_genes([typo], panel, "tiny.pt")
+    msg = str(exc.value)
+    assert "\n" not in msg and typo in msg and gene in msg and "without --genes" in msg
+
+
+def test_probe_from_checkpoint_equals_probe_fitted_from_reference(demo, visium, ckpt, panel):
+    stored = predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu")
+    fitted = predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu", reference="@demo", alpha=1.0)
+    assert stored.uns[Key.PROVENANCE]["params"]["probe_source"] == "checkpoint"
+    assert fitted.uns[Key.PROVENANCE]["params"]["probe_source"] == "reference"
+    np.testing.assert_allclose(stored.X, fitted.X, atol=2e-3)
+    # a probe is a real fit: on its own training spots it beats predicting the mean
+    own = predict_sample(demo, checkpoint=ckpt, mode="probe", device="cpu").X
+    truth = _lognorm(demo, panel)
+    assert ((own - truth) ** 2).mean() < ((truth.mean(0) - truth) ** 2).mean()
+
+
+def test_retrieval_from_a_reference_dataset_equals_the_bank(demo, ckpt):
+    bank = predict_sample(demo, checkpoint=ckpt, device="cpu", k=3)
+    ref = predict_sample(demo, checkpoint=ckpt, device="cpu", k=3, reference="@demo", reference_samples=["C2"])
+    assert ref.uns[Key.PROVENANCE]["params"]["bank_source"] == "reference"
+    np.testing.assert_allclose(ref.X, bank.X, atol=5e-3)
+
+
+def test_zero_shot_stays_on_the_value_grid(visium, ckpt, panel):
+    ad = predict_sample(visium, checkpoint=ckpt, mode="zero-shot", device="cpu", genes=panel[:5])
+    assert ad.shape == (visium.n_spots, 5) and np.isfinite(ad.X).all()
+    from napari_comtip.engine.predict import get_checkpoint
+
+    model = get_checkpoint(ckpt).model
+    grid = model.value_grid(model.gene_index(panel[:5])).numpy()
+    assert (ad.X >= grid[:, 0] - 1e-4).all() and (ad.X <= grid[:, -1] + 1e-4).all()
+    assert ad.uns[Key.PROVENANCE]["params"]["grid"] == model.config.zero_shot.grid
+
+
+def test_missing_bank_or_probe_is_a_clear_error(tmp_path, visium, panel):
+    from napari_comtip.model import build_model, get_preset, save_checkpoint
+
+    cfg = get_preset("tiny")
+    cfg.text.use_name_embedding = False
+    bare = save_checkpoint(tmp_path / "bare.pt", build_model(cfg, panel))
+    with pytest.raises(InputError, match="stores no probe.*--reference"):
+        predict_sample(visium, checkpoint=bare, mode="probe", device="cpu")
+    with pytest.raises(InputError, match="stores no retrieval bank.*--reference"):
+        predict_sample(visium, checkpoint=bare, mode="retrieval", device="cpu")
+    with pytest.raises(CheckpointError, match="not found"):
+        predict_sample(visium, checkpoint=tmp_path / "nope.pt", device="cpu")
+    with pytest.raises(InputError, match="unknown prediction mode"):
+        predict_sample(visium, checkpoint=bare, mode="magic", device="cpu")
+
+
+def test_second_prediction_reuses_the_embeddings(visium, ckpt):
+    model = predict_mod.get_checkpoint(ckpt).model
+    seen = []
+    handle = model.vision.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    try:
+        predict_sample(visium, checkpoint=ckpt, device="cpu", mode="probe")  # features: computed or cached
+        n = len(seen)
+        ad = predict_sample(visium, checkpoint=ckpt, device="cpu", mode="probe")
+    finally:
+        handle.remove()
+    assert len(seen) == n and ad.uns[Key.PROVENANCE]["embeddings_cached"]
+
+
+# --------------------------------------------------------------------------- files
+def test_predict_to_file_writes_h5ad_and_csv(tmp_path, visium, ckpt, panel):
+    out, csv = tmp_path / "pred.h5ad", tmp_path / "pred.csv"
+    ad = predict_to_file(visium, out, checkpoint=ckpt, device="cpu", csv=csv)
+    back = anndata.read_h5ad(out)
+    assert list(back.obs_names) == visium.spot_ids and list(back.var_names) == panel
+    np.testing.assert_array_equal(back.X, ad.X)
+    np.testing.assert_array_equal(back.obsm[Key.SPATIAL], visium.centers_xy())
+    assert back.uns[Key.PROVENANCE]["checkpoint_digest"] == ad.uns[Key.PROVENANCE]["checkpoint_digest"]
+    table = pd.read_csv(csv)
+    assert list(table.columns[:3]) == ["spot_id", "x", "y"] and list(table.columns[3:]) == panel
+    assert table["spot_id"].tolist() == visium.spot_ids
+    np.testing.assert_allclose(table[panel].to_numpy(), ad.X, rtol=1e-6, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.csv", "pred.h5ad"]
+
+
+def test_existing_output_needs_overwrite(tmp_path, visium, ckpt):
+    out = tmp_path / "pred.h5ad"
+    out.write_bytes(b"precious")
+    with pytest.raises(InputError, match="already exists.*--overwrite"):
+        predict_to_file(visium, out, checkpoint=ckpt, device="cpu")
+    assert out.read_bytes() == b"precious"
+    predict_to_file(visium, out, checkpoint=ckpt, device="cpu", overwrite=True)
+    assert anndata.read_h5ad(out).n_obs == visium.n_spots
+
+
+def test_never_writes_over_an_input(tmp_path, visium, ckpt):
+    before = ckpt.read_bytes()
+    with pytest.raises(InputError, match="input"):
+        predict_to_file(visium, ckpt, checkpoint=ckpt, device="cpu", overwrite=True)
+    assert ckpt.read_bytes() == before
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, visium, ckpt, monkeypatch):
+    out = tmp_path / "pred.h5ad"
+
+    def broken_write(self, filename, *a, **k):
+        with open(filename, "wb") as f:
+            f.write(b"\x89HDF partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", broken_write)
+    with pytest.raises(OSError, match="No space left"):
+        predict_to_file(visium, out, checkpoint=ckpt, device="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_predict_and_its_error_path(tmp_path, ckpt, panel, capsys):
+    out = tmp_path / "demo.h5ad"
+    rc = main(["predict", "@demo", "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu",
+               "--genes", f"{panel[0]},{panel[1]}", "--csv", str(tmp_path / "demo.csv")])
+    assert rc == 0 and out.is_file() and (tmp_path / "demo.csv").is_file()
+    assert "wrote 187 spots x 2 genes" in capsys.readouterr().out
+    ad = anndata.read_h5ad(out)
+    assert ad.uns[Key.PROVENANCE]["sample"]["name"] == "C2"
+
+    capsys.readouterr()
+    rc = main(["predict", "@demo", "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err
+
+    rc = main(["predict", "@demo", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.h5ad"),
+               "--genes", "NOT_A_GENE", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not in the gene panel" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cli_unavailable_device(tmp_path, ckpt, capsys):
+    rc = main(["predict", "@demo", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.h5ad"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cuda" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- heavier
+@pytest.mark.slow
+def test_her2st_section_with_its_own_reference(her2st_dir, ckpt, panel):
+    from napari_comtip.io import load_sample
+
+    s = load_sample(her2st_dir, sample="C3")
+    ad = predict_sample(s, checkpoint=ckpt, device="cpu", reference=her2st_dir, reference_samples=["C3"], k=1)
+    assert list(ad.obs_names) == s.spot_ids and ad.shape == (s.n_spots, len(panel))
+    np.testing.assert_allclose(ad.X, _lognorm(s, panel), atol=1e-5)  # every spot finds itself
+    np.testing.assert_array_equal(ad.obsm[Key.SPATIAL], s.centers_xy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_predict_on_cuda_records_the_device(visium, ckpt):
+    ad = predict_sample(visium, checkpoint=ckpt, device="cuda")
+    prov = ad.uns[Key.PROVENANCE]
+    assert prov["device"].startswith("cuda:") and prov["precision"] in ("bf16", "fp16")
+    cpu = predict_sample(visium, checkpoint=ckpt, device="cpu")
+    assert np.corrcoef(ad.X.ravel(), cpu.X.ravel())[0, 1] > 0.95
+    predict_mod.get_checkpoint(ckpt).model.to("cpu")
