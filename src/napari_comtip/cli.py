@@ -114,8 +114,9 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from .engine.predict import predict_to_file
+    from .engine.predict import check_outputs, predict_to_file
 
+    check_outputs(args.out, args.csv, args.overwrite)  # fail before the slow part
     sample = _load_sample_from_args(args, progress=_tqdm_progress("loading"))
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
     result = predict_to_file(

@@ -475,6 +475,19 @@ def _check_out(out: Path, overwrite: bool, protected: Sequence[str], what: str) 
     return out
 
 
+def check_outputs(out: str | os.PathLike, csv: str | os.PathLike | None = None, overwrite: bool = False,
+                  protected: Sequence[str] = ()) -> None:
+    """Raise :class:`InputError` now if ``out``/``csv`` could not be written later (before slow work)."""
+    out = _check_out(Path(out), overwrite, protected, "prediction")
+    if out.suffix.lower() != ".h5ad":
+        raise InputError("the output must be an .h5ad file", path=out,
+                         hint="name it e.g. prediction.h5ad (use --csv for a table)")
+    if csv is not None:
+        csv_path = _check_out(Path(csv), overwrite, protected, "CSV table")
+        if csv_path.resolve() == out.resolve():
+            raise InputError("--csv and --out name the same file", path=csv_path, hint="give the CSV its own name")
+
+
 def prediction_table(adata: "anndata.AnnData") -> pd.DataFrame:
     """Spots x genes with ``spot_id``, ``x``, ``y`` first (what ``--csv`` writes)."""
     xy = np.asarray(adata.obsm[Key.SPATIAL])
@@ -518,12 +531,8 @@ def predict_to_file(
     protected = [str(p) for p in sample.provenance.get("inputs", [])]
     if isinstance(checkpoint, (str, os.PathLike)):
         protected.append(str(checkpoint))
-    out = _check_out(Path(out), overwrite, protected, "prediction")
-    if Path(out).suffix.lower() != ".h5ad":
-        raise InputError("the output must be an .h5ad file", path=out, hint="name it e.g. prediction.h5ad (use --csv for a table)")
-    csv_path = _check_out(Path(csv), overwrite, protected, "CSV table") if csv is not None else None
-    if csv_path is not None and csv_path.resolve() == Path(out).resolve():
-        raise InputError("--csv and --out name the same file", path=csv_path, hint="give the CSV its own name")
+    check_outputs(out, csv, overwrite, protected)
+    csv_path = Path(csv).expanduser() if csv is not None else None
 
     adata = predict_sample(sample, checkpoint=checkpoint, mode=mode, genes=genes, device=device,
                            batch_size=batch_size, reference=reference, reference_samples=reference_samples,
@@ -535,5 +544,5 @@ def predict_to_file(
     return adata
 
 
-__all__ = ["predict_sample", "predict_to_file", "resolve_genes", "get_checkpoint", "resolve_checkpoint_path",
+__all__ = ["predict_sample", "predict_to_file", "check_outputs", "resolve_genes", "get_checkpoint", "resolve_checkpoint_path",
            "prediction_table", "MODES"]
