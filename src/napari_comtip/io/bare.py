@@ -30,12 +30,14 @@ FORMAT = "bare"
 def detect_tissue(thumb: np.ndarray, min_object_px: int = 64) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail (Otsu on saturation; near-black and tiny specks removed)."""
     from scipy import ndimage as ndi
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
     from skimage.morphology import remove_small_objects
 
-    hsv = rgb2hsv(thumb[..., :3])
-    sat, val = hsv[..., 1], hsv[..., 2]
+    rgb = thumb[..., :3]
+    mx = rgb.max(axis=2).astype(np.float32)
+    mn = rgb.min(axis=2).astype(np.float32)
+    val = mx / 255.0  # HSV value and saturation, computed directly (skimage's rgb2hsv is 6x slower)
+    sat = np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0)
     valid = val > 0.15  # scanner borders, pen marks, black padding
     if valid.sum() < 16 or float(np.ptp(sat[valid])) < 0.05:
         return np.zeros(thumb.shape[:2], dtype=bool)

@@ -282,8 +282,8 @@ class MultiscaleImage:
 
 
 # --------------------------------------------------------------------------- pyramid building
-def build_pyramid_levels(rgb: np.ndarray, smallest: int = Default.PYRAMID_SMALLEST,
-                         factor: int = Default.PYRAMID_FACTOR) -> list[np.ndarray]:
+def build_pyramid_levels(rgb: np.ndarray, smallest: int | None = None,
+                         factor: int | None = None) -> list[np.ndarray]:
     """Level 0 plus box-averaged levels (``factor`` per step; odd edges: ceil) down to ``smallest``.
 
     Level ``i`` pixel ``j`` covers level-0 pixels ``[j*f**i, (j+1)*f**i)``, so its downsample is
@@ -291,6 +291,8 @@ def build_pyramid_levels(rgb: np.ndarray, smallest: int = Default.PYRAMID_SMALLE
     """
     from PIL import Image
 
+    smallest = Default.PYRAMID_SMALLEST if smallest is None else int(smallest)
+    factor = Default.PYRAMID_FACTOR if factor is None else int(factor)
     levels = [rgb]
     cur = Image.fromarray(rgb)
     while max(cur.size) // factor >= smallest:
