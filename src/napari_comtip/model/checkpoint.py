@@ -246,16 +246,18 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(
             "checkpoint file not found", path=path, hint="check the path, or train one with `comtip pretrain`"
         )
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise CheckpointError(
+            "not a PyTorch checkpoint file (or it is truncated)", path=path, hint="use a .pt file written by `comtip pretrain`"
+        )
     try:
         blob = torch.load(str(path), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
-            raise CheckpointError(
-                "not a napari-comtip checkpoint (it contains pickled Python objects, which are not loaded for safety)",
-                path=path,
-                hint="use a checkpoint written by `comtip pretrain`",
-            ) from None
-        raise CheckpointError("not a PyTorch checkpoint file (or it is truncated)", path=path, hint="use a .pt file written by `comtip pretrain`") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            "not a napari-comtip checkpoint (it contains pickled Python objects, which are not loaded for safety)",
+            path=path,
+            hint="use a checkpoint written by `comtip pretrain`",
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(
             f"not a PyTorch checkpoint file or it is damaged ({type(exc).__name__})",
