@@ -461,13 +461,17 @@ def _build_cached_pyramid(path: Path, identity: str, folder: Path, progress: Pro
             "downsamples": downs,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completeness
-        if folder.exists():  # a stale/broken entry: replace it
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            # another process finished the same pyramid first: use theirs
+        if folder.exists() and _open_cached_pyramid(folder, identity, str(path)) is not None:
+            # another process (e.g. another DDP rank) finished the same pyramid first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if folder.exists():  # a broken entry (killed before meta.json): replace it
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                # someone renamed theirs into place between our check and our rename: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
