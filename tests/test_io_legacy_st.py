@@ -250,3 +250,16 @@ def test_missing_image_and_multi_sample_needs_a_name(demo_copy):
         load_sample(demo_copy)
     with pytest.raises(InputError, match=r"no H&E image found for section C9"):
         load_sample(demo_copy, sample="C9")
+
+
+def test_truncated_real_her2st_jpeg_with_exif_thumbnail(her2st_dir, tmp_path):
+    """The her2st JPEGs carry an EXIF thumbnail (its own end marker): a cut file is still refused."""
+    from napari_comtip.io.image import decode_image
+
+    src = sample_files(her2st_dir, "C2")["image"]
+    data = src.read_bytes()
+    assert data.find(b"\xff\xd9") < len(data) // 2  # the thumbnail's end-of-image marker
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut\.jpg.*truncated"):
+        decode_image(bad)

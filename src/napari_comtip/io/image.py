@@ -353,7 +353,10 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
             import imagecodecs
 
             data = path.read_bytes()
-            if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            # libjpeg fills a truncated stream with grey and only warns: require the end-of-image
+            # marker after the last start-of-scan (0xFF bytes inside scans are stuffed, so these
+            # two byte pairs are markers; an EXIF thumbnail's EOI comes before the main scan).
+            if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda") or b"\xff\xd9" not in data:
                 raise InputError("the JPEG file is truncated (no end-of-image marker)", path=path, hint=hint)
             try:
                 arr = imagecodecs.jpeg8_decode(data)
