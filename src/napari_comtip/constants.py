@@ -40,7 +40,7 @@ class Default:
     VISIUM_SPOT_UM: Final = 55.0  # Visium spot diameter
     LEGACY_ST_PITCH_UM: Final = 200.0  # legacy ST (her2st) centre-to-centre distance
     LEGACY_ST_SPOT_UM: Final = 100.0  # legacy ST spot diameter
-    PATCH_UM: Final = 175.0  # physical side of a spot patch (= 224 px at her2st's ~0.78 um/px)
+    PATCH_UM: Final = 155.0  # physical side of a spot patch: 224 px at her2st's ~0.69 um/px (the peers' crops), 112 px on @demo
     PAD_VALUE: Final = 255  # patches reaching past the slide edge are padded with white (glass)
     PYRAMID_MIN_SIDE: Final = 4096  # single-level images larger than this get a cached pyramid
     PYRAMID_TILE: Final = 512  # chunk side of cached pyramid levels
