@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_comtip.model import build_model, clip_loss, embed_gene_names, get_preset
+from napari_comtip.model import build_model, clip_loss, embed_gene_names, get_preset, sample_gene_subsets
 
 GENES = ["KRT8", "KRT18", "CD74", "HLA-DRA", "COL1A1", "ERBB2", "PIP", "MGP"]
 
@@ -36,7 +36,9 @@ def _batch(model, b=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     patches = torch.randint(0, 256, (b, 32, 32, 3), dtype=torch.uint8, generator=g)
     expr = torch.rand(b, len(GENES), generator=g) * 3
-    return model.preprocess(patches), *model.sample_text(expr, g)
+    # spots of 2..8 genes, padded to one tensor (every spot has a PAAT negative)
+    cfg = model.config.replace(**{"text.subset_sizes": "spot", "text.min_genes": 2, "text.p_single": 0.0})
+    return model.preprocess(patches), *sample_gene_subsets(expr, cfg, g)
 
 
 # ----------------------------------------------------------------------------- preprocessing

@@ -98,7 +98,9 @@ def test_padding_content_is_ignored_and_order_does_not_matter(names):
 def test_all_spots_in_one_pass_match_one_by_one(names):
     enc = _encoder(names)
     expr = torch.rand(5, len(GENES)) * 3
-    gi, v, m = sample_gene_subsets(expr, get_preset("micro"), torch.Generator().manual_seed(0))
+    cfg = get_preset("micro").replace(**{"text.subset_sizes": "spot"})
+    gi, v, m = sample_gene_subsets(expr, cfg, torch.Generator().manual_seed(0))
+    assert not m.all()  # padded: spots of different sizes in one tensor
     batch = enc(gi, v, m)
     for i in range(5):
         k = int(m[i].sum())
@@ -158,8 +160,17 @@ def test_values_mode_is_an_mlp_of_the_expression_vector(names):
 
 # ----------------------------------------------------------------------------- sampling, PAAT
 def test_sample_gene_subsets_sizes_and_values():
-    cfg = get_preset("micro").replace(**{"text.min_genes": 1, "text.max_genes": 6, "text.p_single": 0.3})
+    batch_cfg = get_preset("micro").replace(**{"text.min_genes": 1, "text.max_genes": 6})
+    assert batch_cfg.text.subset_sizes == "batch"
     expr = torch.rand(400, 8)
+    seen = set()
+    for seed in range(20):
+        gi, v, m = sample_gene_subsets(expr, batch_cfg, torch.Generator().manual_seed(seed))
+        assert m.all() and torch.equal(v, expr.gather(1, gi))  # one size per batch: no padding
+        seen.add(gi.shape[1])
+    assert 1 in seen and len(seen) >= 3 and max(seen) <= 6
+
+    cfg = batch_cfg.replace(**{"text.p_single": 0.3, "text.subset_sizes": "spot"})
     gi, v, m = sample_gene_subsets(expr, cfg, torch.Generator().manual_seed(0))
     sizes = m.sum(1)
     assert sizes.min() == 1 and sizes.max() <= 6 and gi.shape[1] == int(sizes.max())

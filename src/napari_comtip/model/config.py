@@ -28,6 +28,7 @@ TOKEN_COMBINATIONS = ("sum", "concat")
 POOLS_VISION = ("cls", "mean")
 POOLS_TEXT = ("attention", "mean")
 MFM_LOSSES = ("mse", "cosine")
+SUBSET_SIZES = ("batch", "spot")
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TextConfig:
     min_genes: int = 1  # training gene subsets: size drawn log-uniformly in [min_genes, max_genes]
     max_genes: int = 64
     p_single: float = 0.1  # extra probability that a training subset is one gene (zero-shot sentences)
+    subset_sizes: str = "batch"  # "batch": one size per batch (no padding, ~4x cheaper); "spot": one per spot
     values_mlp_layers: int = 2  # "values" mode: depth of the expression MLP
 
 
@@ -163,6 +165,7 @@ class ComtipConfig:
         _choice("text.pool", t.pool, POOLS_TEXT)
         _choice("vision.pool", v.pool, POOLS_VISION)
         _choice("mask.loss", self.mask.loss, MFM_LOSSES)
+        _choice("text.subset_sizes", t.subset_sizes, SUBSET_SIZES)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}", hint="use e.g. 0.5")
         if t.width % t.heads:

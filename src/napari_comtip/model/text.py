@@ -342,6 +342,8 @@ def sample_gene_subsets(
     * ``names+values``: a random gene subset per spot, its size drawn log-uniformly in
       [min_genes, max_genes] (and, with probability ``p_single``, exactly one gene) so that the
       single-gene sentences used by zero-shot prediction are in the training distribution.
+      ``subset_sizes="batch"`` draws one size for the whole batch (no padding: the set
+      transformer's cost follows the mean size, not the batch maximum); ``"spot"`` one per spot.
     * ``names``: the top_k expressed genes (OmiCLIP).
     * ``values``: the whole expression vector (BLEEP).
 
@@ -362,11 +364,13 @@ def sample_gene_subsets(
         mask[:, 0] = True
         return idx, vals, mask
     lo, hi = min(t.min_genes, g), min(t.max_genes, g)
-    u = torch.rand(b, device=dev, generator=generator)
+    n_draws = 1 if t.subset_sizes == "batch" else b
+    u = torch.rand(n_draws, device=dev, generator=generator)
     sizes = torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
     if t.p_single > 0:
-        single = torch.rand(b, device=dev, generator=generator) < t.p_single
+        single = torch.rand(n_draws, device=dev, generator=generator) < t.p_single
         sizes = torch.where(single, torch.ones_like(sizes), sizes)
+    sizes = sizes.expand(b)
     length = int(sizes.max())
     keys = torch.rand(b, g, device=dev, generator=generator)
     idx = keys.topk(length, dim=1).indices
