@@ -1,0 +1,153 @@
+"""Benchmark 1: encoder efficiency of the prediction pipeline.
+
+Measures, in one run and interleaved (so that a busy machine slows both alike):
+
+* ``pipeline``: spots/s of ``engine.inference.embed_sample`` on a real H&E sample (patch reading
+  from the slide, preprocessing, encoder, write-back; cache off), i.e. everything ``comtip
+  predict`` does per spot;
+* ``bare``: spots/s of a bare ``model.encode_image(x)`` loop on pre-loaded, pre-processed
+  tensors of the same size and batch size;
+* ``matmul``: the FLOP rate this machine reaches on a plain square matrix multiply;
+* the encoder's FLOPs per spot (``torch.utils.flop_counter.FlopCounterMode``), hence its FLOP rate.
+
+Target on a CPU: pipeline >= 80% of the bare forward.
+
+    python bench/inference.py --quick
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import _common
+
+
+def main(argv=None) -> int:
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--sample", default="@demo", help="sample whose slide is read (default: the bundled demo section)")
+    p.add_argument("--section", default=None, help="sample name inside --sample (e.g. C2 for her2st)")
+    p.add_argument("--spots", type=int, default=None, help="spots per measurement (default 768 quick, 4096 full)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3 quick, 5 full)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the engine's per-device default")
+    args = p.parse_args(argv)
+    threads = _common.setup_threads(args)
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from napari_comtip.constants import Key
+    from napari_comtip.engine.device import resolve_device
+    from napari_comtip.engine.inference import default_batch_size, embed_sample, precision_for
+    from napari_comtip.io import load_sample
+    from napari_comtip.io.patches import patch_geometry, read_patch
+    from napari_comtip.io.record import SpatialSample
+
+    dev = resolve_device(args.device)
+    n = args.spots or (768 if args.quick else 4096)
+    repeats = args.repeats or (3 if args.quick else 5)
+    model, label = _common.build_model(args)
+    model.to(dev)
+    base = load_sample(args.sample, sample=args.section)
+    rng = np.random.default_rng(0)
+    H, W = base.height, base.width
+    rc = rng.uniform([0, 0], [H, W], size=(n, 2))
+    spots = pd.DataFrame({Key.ROW: rc[:, 0], Key.COL: rc[:, 1], Key.DIAMETER: base.spot_diameter_px()},
+                         index=[f"s{i}" for i in range(n)])
+    sample = SpatialSample(name=f"{base.name}-bench", image=base.image, mpp=base.mpp, mpp_source=base.mpp_source,
+                           spots=spots)
+    bs = args.batch_size or default_batch_size(dev)
+    S = model.img_size
+    side = patch_geometry(sample.mpp, model.config.patch_um, S)
+    prec = precision_for(dev)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=dtype) if dtype is not None else torch.autocast(dev.type, enabled=False)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    # ------------------------------------------------------------------ bare forward on pre-loaded tensors
+    patches = np.stack([read_patch(sample.image, c, side, S) for c in rc[:bs]])
+    with torch.inference_mode(), autocast():
+        x = model.preprocess(torch.from_numpy(patches).to(dev))
+        x = x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
+        model.encode_image(x)  # warm-up
+    n_iter = max(1, n // bs)
+
+    def bare() -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode(), autocast():
+            for _ in range(n_iter):
+                model.encode_image(x)
+        sync()
+        return n_iter * bs / (time.perf_counter() - t)
+
+    def pipeline() -> tuple[float, dict]:
+        emb = embed_sample(sample, model, device=dev, batch_size=bs, cache=False)
+        return n / emb.timings["total"], emb.timings
+
+    # ------------------------------------------------------------------ FLOPs
+    with torch.inference_mode(), autocast():
+        fc = FlopCounterMode(display=False)
+        with fc:
+            model.encode_image(x[:1])
+        flops_per_spot = float(fc.get_total_flops())
+
+    m = 2048 if dev.type == "cpu" else 8192
+    a = torch.randn(m, m, device=dev, dtype=dtype or torch.float32)
+    b = torch.randn(m, m, device=dev, dtype=dtype or torch.float32)
+
+    def matmul() -> float:
+        torch.mm(a, b)
+        sync()
+        k, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 1.0 or k < 3:
+            torch.mm(a, b)
+            k += 1
+        sync()
+        return 2 * m**3 * k / (time.perf_counter() - t) / 1e9
+
+    pipeline()  # warm-up (threads, allocator, file handles)
+    bare_r, pipe_r, mm_r, timings = [], [], [], []
+    for _ in range(repeats):
+        bare_r.append(bare())
+        r, tm = pipeline()
+        pipe_r.append(r)
+        timings.append(tm)
+        mm_r.append(matmul())
+    bare_s, pipe_s, mm = statistics.median(bare_r), statistics.median(pipe_r), statistics.median(mm_r)
+    ratio = pipe_s / bare_s
+    tm = timings[len(timings) // 2]
+    enc_gflops = flops_per_spot * bare_s / 1e9
+
+    print(f"model    {label}: {model.config.vision.name} at {S} px, {flops_per_spot / 1e9:.3f} GFLOP/spot")
+    print(f"sample   {base.name} slide ({W} x {H} px, {base.image.kind}), {n} spots, patch {side:.0f} px full res")
+    print(f"device   {dev} ({prec}), {threads} torch threads, batch {bs}, {repeats} interleaved repeats (median)")
+    rows = [
+        ["pipeline (embed_sample)", pipe_s, flops_per_spot * pipe_s / 1e9, ratio],
+        ["bare encode_image loop", bare_s, enc_gflops, 1.0],
+        [f"matmul {m}x{m}", "", mm, ""],
+    ]
+    print(_common.table(["what", "spots/s", "GFLOP/s", "x bare"], rows))
+    share = {k: tm.get(k, 0.0) / max(tm["total"], 1e-9) for k in ("read", "wait", "compute")}
+    print(f"pipeline time: compute {share['compute']:.0%}, waiting for patches {share['wait']:.0%}; "
+          f"reading (on reader threads) {tm['read']:.2f} s of {tm['total']:.2f} s")
+    print(f"pipeline / bare = {ratio:.2f} (target >= 0.80): {'met' if ratio >= 0.8 else 'MISSED'}; "
+          f"encoder reaches {enc_gflops / mm:.0%} of the matmul rate")
+    _common.emit({"benchmark": "inference", "pipeline_spots_per_s": pipe_s, "bare_spots_per_s": bare_s,
+                  "ratio": ratio, "matmul_gflops": mm, "encoder_gflops_per_s": enc_gflops,
+                  "pipeline_gflops_per_s": flops_per_spot * pipe_s / 1e9, "gflop_per_spot": flops_per_spot / 1e9,
+                  "spots": n, "batch_size": bs, "device": str(dev), "precision": prec,
+                  "runs": {"pipeline": pipe_r, "bare": bare_r, "matmul": mm_r}, "target_met": ratio >= 0.8,
+                  "model": label, "machine": _common.machine()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Benchmark 2: slide reading vs encoding.
+
+Reads spot patches through ``io.patches.read_patch`` (the function the engine uses) from a
+generated pyramidal, tiled, JPEG-compressed OME-TIFF of at least 50,000 x 50,000 px (opened lazily
+through tiffslide, as a user's slide is), and compares the reading rate with the encoder's rate
+measured in the same run (a bare forward loop of the model on pre-loaded tensors).
+
+Target: reading at least 5x faster than encoding, with the reader threads the engine uses.
+
+    python bench/slide_reading.py --quick
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import _common
+
+
+def main(argv=None) -> int:
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--side", type=int, default=51200, help="slide side in pixels (default 51200)")
+    p.add_argument("--tile", type=int, default=256, help="TIFF tile side (default 256, as in most SVS files)")
+    p.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the generated slide")
+    p.add_argument("--n", type=int, default=None, help="patches per measurement")
+    args = p.parse_args(argv)
+    threads = _common.setup_threads(args)
+
+    import numpy as np
+    import torch
+
+    from napari_comtip.engine.inference import default_read_workers
+    from napari_comtip.io.image import open_image
+    from napari_comtip.io.patches import patch_geometry, read_patch
+
+    n = args.n or (1500 if args.quick else 6000)
+    slide = _common.make_big_slide(side=args.side, tile=args.tile, mpp=args.mpp)
+    image, mpp = open_image(slide)
+    mpp = mpp or args.mpp
+    model, label = _common.build_model(args)
+    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    S = model.img_size
+    side = patch_geometry(mpp, model.config.patch_um, S)
+    level = image.best_level(side / S)
+    H, W = image.shape[:2]
+    rng = np.random.default_rng(0)
+    margin = side
+    random_rc = rng.uniform([margin, margin], [H - margin, W - margin], size=(n, 2))
+    # a Visium-like grid (100 um pitch) in raster order, as the engine reads a real sample
+    pitch = 100.0 / mpp
+    g = int(np.ceil(np.sqrt(n)))
+    r0, c0 = rng.uniform(margin, min(H, W) / 2, size=2)
+    gr, gc = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+    grid_rc = np.stack([r0 + gr.ravel() * pitch * np.sqrt(3) / 2, c0 + gc.ravel() * pitch + (gr.ravel() % 2) * pitch / 2],
+                       axis=1)[:n]
+
+    def read_all(centres, workers: int) -> float:
+        t = time.perf_counter()
+        if workers <= 1:
+            for c in centres:
+                read_patch(image, c, side, S)
+        else:
+            chunks = np.array_split(centres, workers * 8)
+            with ThreadPoolExecutor(workers) as ex:
+                list(ex.map(lambda cs: [read_patch(image, c, side, S) for c in cs], chunks))
+        return len(centres) / (time.perf_counter() - t)
+
+    # encoder: bare forward on pre-loaded tensors of the same size (same run)
+    model.to(dev)
+    bs = 32 if dev.type == "cpu" else 256
+    patches = np.stack([read_patch(image, c, side, S) for c in random_rc[:bs]])
+    with torch.inference_mode():
+        x = model.preprocess(torch.from_numpy(patches).to(dev))
+        model.encode_image(x)  # warm-up
+        n_enc = max(bs * 4, n // 4 // bs * bs)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n_enc // bs):
+            model.encode_image(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        enc_rate = n_enc / (time.perf_counter() - t)
+
+    engine_workers = default_read_workers(dev)
+    read_patch(image, random_rc[0], side, S)  # open file handles
+    rates = {
+        "random_1thread": read_all(random_rc, 1),
+        f"random_{max(2, engine_workers)}threads": read_all(random_rc, max(2, engine_workers)),
+        "grid_1thread": read_all(grid_rc, 1),
+    }
+    engine_rate = rates["random_1thread"] if engine_workers <= 1 else rates[f"random_{max(2, engine_workers)}threads"]
+
+    print(f"slide    {slide.name}: {W} x {H} px, {image.n_levels} levels, tiles {args.tile}, JPEG; mpp {mpp:g}")
+    print(f"patch    {model.config.patch_um:g} um = {side:.0f} px full res -> level {level} "
+          f"(downsample {image.downsamples[level]:g}) -> {S} px; {n} patches per row")
+    print(f"model    {label}, {dev}, {threads} torch threads; engine reader threads here: {engine_workers}")
+    rows = [[k.replace("_", ", "), v, v / enc_rate] for k, v in rates.items()]
+    rows.append(["encoder (bare forward)", enc_rate, 1.0])
+    print(_common.table(["what", "patches/s", "x encoder"], rows))
+    ratio = engine_rate / enc_rate
+    print(f"reading with the engine's {engine_workers} reader thread(s) is {ratio:.1f}x the encoder's rate "
+          f"(target >= 5x): {'met' if ratio >= 5 else 'MISSED'}")
+    _common.emit({"benchmark": "slide_reading", "slide_px": [W, H], "levels": image.n_levels, "tile": args.tile,
+                  "patches": n, "read_patches_per_s": rates, "engine_reader_threads": engine_workers,
+                  "engine_read_patches_per_s": engine_rate, "encoder_spots_per_s": enc_rate, "ratio": ratio,
+                  "target_met": ratio >= 5, "machine": _common.machine()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Benchmark 4: training throughput of ``comtip pretrain`` vs a bare forward+backward loop.
+
+Both use the same model (the ``training/configs/tiny.yaml`` recipe of the bundled checkpoint, or
+``--config``), the same batch size and the same optimizer (AdamW), in one run:
+
+* ``pretrain``: ``engine.training.pretrain`` (the function ``comtip pretrain`` runs) on the demo
+  section's spots (or ``--data``/``--section``), timed from its own ``metrics.csv``
+  (``elapsed_s``), after two warm-up steps; data loading and patch cutting happen before the
+  timed steps, once. Run twice: like for like with the bare loop (no vision-only MFM batch),
+  and with the recipe as configured (full only);
+* ``bare``: ``loss = model(images, gene_idx, values, mask)["loss"]; loss.backward(); opt.step()``
+  on pre-loaded tensors (no augmentation, no sentence sampling, no logging).
+
+Reported: samples/s (spots per second) of each, and their ratio.
+
+    python bench/training.py --quick
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+
+
+def main(argv=None) -> int:
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(_common.REPO / "training" / "configs" / "tiny.yaml"))
+    p.add_argument("--data", default="@demo", help="training data (default: the bundled demo section)")
+    p.add_argument("--section", action="append", default=None, help="sample(s) inside --data")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 8 quick, 30)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
+    args = p.parse_args(argv)
+    threads = _common.setup_threads(args)
+
+    import numpy as np
+    import torch
+
+    from napari_comtip.engine.data import build_training_set
+    from napari_comtip.engine.device import resolve_device
+    from napari_comtip.engine.training import load_run_config, pretrain, read_metrics
+    from napari_comtip.io import load_sample
+    from napari_comtip.model import build_model
+
+    dev = resolve_device(args.device)
+    steps = args.steps or (8 if args.quick else 30)
+    warm = 2
+    sets = ["training.checkpoint_every=100000", f"training.threads={threads}"]
+    if args.batch_size:
+        sets.append(f"training.batch_size={args.batch_size}")
+    if args.quick:
+        sets += ["training.bank=false", "training.probe=false"]  # the timed steps do not need them
+    cfg = load_run_config(args.config, sets)
+    samples = [load_sample(args.data, sample=s) for s in (args.section or [None])]
+    t = time.perf_counter()
+    ts = build_training_set(samples, cfg.data, patch_um=cfg.model.patch_um, img_size=cfg.model.vision.img_size,
+                            seed=cfg.training.seed)
+    prep_s = time.perf_counter() - t
+    B = min(cfg.training.batch_size, ts.n_spots)
+
+    def run_pretrain(unlabelled: bool) -> tuple[float, float, list]:
+        c = load_run_config(args.config, sets + [f"data.unlabelled={'true' if unlabelled else 'false'}"])
+        with tempfile.TemporaryDirectory(prefix="comtip-bench-train-") as tmp:
+            t0 = time.perf_counter()
+            pretrain(c, samples, Path(tmp) / "run", max_steps=warm + steps, device=str(dev), training_set=ts)
+            wall = time.perf_counter() - t0
+            rows = read_metrics(Path(tmp) / "run" / "metrics.csv")
+        el = [r["elapsed_s"] for r in rows]
+        rate = B * steps / (el[warm + steps - 1] - el[warm - 1])
+        return rate, wall, rows
+
+    # ------------------------------------------------------------------ bare loop, same model
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg.model, ts.panel).to(dev).train()
+    opt = torch.optim.AdamW([p_ for p_ in model.parameters() if p_.requires_grad], lr=cfg.training.lr,
+                            weight_decay=cfg.training.weight_decay)
+    x = model.preprocess(torch.from_numpy(np.asarray(ts.patches[:B])).to(dev))
+    gi, v, m = model.sample_text(torch.from_numpy(np.asarray(ts.expr[:B])))
+    gi, v, m = gi.to(dev), v.to(dev), m.to(dev)
+    use_bf16 = dev.type == "cuda"
+
+    def bare() -> float:
+        def one():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(x, gi, v, m)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(warm):
+            one()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return B * steps / (time.perf_counter() - t0)
+
+    bare_r = [bare()]
+    pre_rate, pre_wall, rows = run_pretrain(unlabelled=False)
+    bare_r.append(bare())
+    recipe = None
+    if not args.quick and cfg.data.unlabelled:
+        recipe = run_pretrain(unlabelled=True)
+    bare_s = statistics.median(bare_r)
+    ratio = pre_rate / bare_s
+    print(f"model    {cfg.model.vision.name} at {cfg.model.vision.img_size} px (config {Path(args.config).name}), "
+          f"{sum(p_.numel() for p_ in model.parameters() if p_.requires_grad) / 1e6:.2f} M trainable parameters")
+    print(f"data     {', '.join(s.name for s in samples)}: {ts.n_spots} spots, panel {len(ts.panel)} genes "
+          f"(patches cut once in {prep_s:.1f} s)")
+    print(f"device   {dev}, {threads} torch threads, batch {B}, {steps} timed steps after {warm} warm-up steps")
+    table_rows = [["pretrain (like for like: spots only)", pre_rate, ratio],
+                  ["bare forward+backward+AdamW", bare_s, 1.0]]
+    if recipe is not None:
+        table_rows.insert(1, ["pretrain (recipe: + vision-only MFM batch)", recipe[0], recipe[0] / bare_s])
+    print(_common.table(["what", "samples/s", "x bare"], table_rows))
+    print(f"pretrain wall time for {warm + steps} steps incl. setup and final model: {pre_wall:.1f} s; "
+          f"pretrain / bare = {ratio:.2f}")
+    out = {"benchmark": "training", "pretrain_samples_per_s": pre_rate, "bare_samples_per_s": bare_s, "ratio": ratio,
+           "batch_size": B, "steps": steps, "device": str(dev), "pretrain_wall_s": pre_wall,
+           "bare_runs": bare_r, "machine": _common.machine()}
+    if recipe is not None:
+        out["pretrain_recipe_samples_per_s"] = recipe[0]
+    _common.emit(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
