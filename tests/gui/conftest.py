@@ -1,13 +1,17 @@
 """Fixtures of the napari GUI tests: a small real her2st dataset and a real tiny checkpoint.
 
+* ``demo``: the bundled her2st section C2 (``@demo``), the slide the widget tests predict; it
+  has measured expression, so the measured layer and Pearson r are exercised.
 * ``small_her2st``: sections C2 and C3 of the real her2st data with their real counts and spot
   tables, the H&E images downsampled 4x (spot coordinates scaled with them), written to a temp
-  folder in the her2st layout, so loading takes a second instead of building a pyramid of a
-  9k x 10k JPEG.
-* ``tiny_checkpoint``: the ``tiny`` preset built for a 64-gene panel (untrained weights: the GUI
-  plumbing does not need a good model), saved with ``save_checkpoint`` together with a real
+  folder in the her2st layout (a multi-section dataset for the reader tests, and C3 as the
+  reference of the checkpoint's bank), so loading takes a second instead of building a pyramid
+  of a 9k x 10k JPEG.
+* ``tiny_checkpoint``: the ``tiny`` preset (without the pretrained gene-name embedding, so no text
+  model is loaded) built for a 64-gene panel (untrained weights: the GUI plumbing does not need a
+  good model), saved with ``save_checkpoint`` together with a real
   retrieval bank and ridge probe made from 96 spots of section C3 (embedded with the same model), so every
-  predictor runs. Section C2 is the slide predicted in the tests, and it has measured expression.
+  predictor runs. 
 
 GUI tests need a real X server (pytest-xvfb starts Xvfb); artefacts (screenshots) go to
 ``$COMTIP_TEST_ARTEFACTS`` or ``<repo>/test-artefacts/gui``.
@@ -65,24 +69,28 @@ def small_her2st(her2st_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_c2(small_her2st):
-    from napari_comtip.io import load_sample
+def demo():
+    """The bundled her2st section C2 (``@demo``): the slide the widget tests predict."""
+    from napari_comtip.io import DEMO_ALIAS, bundled_sample_path, load_sample
 
-    return load_sample(small_her2st, sample="C2")
+    if not bundled_sample_path().is_dir():
+        pytest.skip("the bundled sample is not in this checkout")
+    return load_sample(DEMO_ALIAS)
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(small_her2st, small_c2, tmp_path_factory) -> Path:
+def tiny_checkpoint(small_her2st, demo, tmp_path_factory) -> Path:
     import torch
 
     from napari_comtip.engine.inference import embed_sample
     from napari_comtip.engine.predictors import fit_probe
     from napari_comtip.io import load_sample
     from napari_comtip.model.checkpoint import save_checkpoint
+    from napari_comtip.model.config import get_preset
     from napari_comtip.model.factory import build_model
 
     ref = load_sample(small_her2st, sample="C3")
-    shared = [g for g in ref.expression.var_names if g in set(small_c2.expression.var_names)]
+    shared = [g for g in ref.expression.var_names if g in set(demo.expression.var_names)]
     lognorm = ref.expression[:, shared].layers[Key.LOGNORM]
     lognorm = lognorm.toarray() if hasattr(lognorm, "toarray") else np.asarray(lognorm)
     top = np.argsort(-lognorm.mean(axis=0))[: N_GENES - 2]
@@ -92,7 +100,9 @@ def tiny_checkpoint(small_her2st, small_c2, tmp_path_factory) -> Path:
             panel.append(g)
     panel = panel[:N_GENES]
     torch.manual_seed(0)
-    model = build_model("tiny", panel).eval()
+    config = get_preset("tiny")
+    config.text.use_name_embedding = False  # no text model to load: the GUI plumbing does not need it
+    model = build_model(config, panel).eval()
     ref = dataclasses.replace(ref, spots=ref.spots.iloc[:BANK_SPOTS])  # a small bank keeps the fixture fast
     emb = embed_sample(ref, model, device="cpu", features=True, cache=False)
     expr = ref.expression[ref.spot_ids, panel].layers[Key.LOGNORM]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -31,24 +33,26 @@ def _open(viewer, sample):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
 
 
-def _run(qtbot, widget, timeout=60_000):
+def _run(qtbot, widget, timeout=180_000):
+    """Press Run and wait until the worker has finished and the widget has taken its result.
+
+    (Waiting on ``worker.returned`` could miss a signal emitted before the wait began.)
+    """
     worker = widget.run()
     assert worker is not None
-    with qtbot.waitSignal(worker.returned, timeout=timeout):
-        pass
     qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
 
 
-def test_predict_switch_genes_and_predictors(make_napari_viewer, qtbot, small_c2, tiny_checkpoint, monkeypatch,
+def test_predict_switch_genes_and_predictors(make_napari_viewer, qtbot, demo, tiny_checkpoint, monkeypatch,
                                              artefact_dir):
     from napari_comtip._widgets.predict import PredictWidget
 
     calls = _count_encoder(monkeypatch)
     viewer = make_napari_viewer(show=True)
-    _open(viewer, small_c2)
+    _open(viewer, demo)
     widget = PredictWidget(viewer)
     viewer.window.add_dock_widget(widget)
-    assert widget.slide_box.currentText() == "C2 tissue"
+    assert widget.slide_box.currentText() == f"{demo.name} tissue"
     widget.set_checkpoint(tiny_checkpoint)
     widget.mode_box.setCurrentText("zero-shot")
     _run(qtbot, widget)
@@ -57,7 +61,7 @@ def test_predict_switch_genes_and_predictors(make_napari_viewer, qtbot, small_c2
     assert widget.session.encoder_runs == 1
     n_after_first = calls["n"]
     pts = widget.display.layer(L.ROLE_PREDICTED)
-    assert pts is not None and len(pts.data) == small_c2.n_spots
+    assert pts is not None and len(pts.data) == demo.n_spots
     heat = widget.display.layer(L.ROLE_HEAT_PREDICTED)
     assert heat is not None and heat.colorbar.visible
 
@@ -92,3 +96,99 @@ def test_predict_switch_genes_and_predictors(make_napari_viewer, qtbot, small_c2
     widget.show_gene("ERBB2")
     viewer.reset_view()
     viewer.screenshot(str(artefact_dir / "predict-c2-erbb2.png"), canvas_only=True)
+
+
+def _dock(make_napari_viewer, demo, show=False):
+    from napari_comtip._widgets.predict import PredictWidget
+
+    viewer = make_napari_viewer(show=show)
+    _open(viewer, demo)
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    return viewer, widget
+
+
+def test_cancel_stops_the_encoder_early(make_napari_viewer, qtbot, demo, tiny_checkpoint, monkeypatch, notifications):
+    """Cancel on a grid that is not cached: the engine stops at the next batch, the GUI recovers."""
+    calls = _count_encoder(monkeypatch)
+    viewer, widget = _dock(make_napari_viewer, demo)
+    # the user's own spots (shifted by 7 px): new coordinates, so no cached embeddings exist
+    viewer.add_points(demo.centers_rc() + 7.0, size=demo.spot_diameter_px(), name="my spots")
+    widget.spots_box.setCurrentText("my spots")
+    widget.set_checkpoint(tiny_checkpoint)
+    widget.mode_box.setCurrentText("zero-shot")
+    widget.batch_spin.setValue(4)
+    assert widget.run() is not None
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    assert widget.prediction is None
+    assert widget.status_label.text() == "cancelled"
+    assert calls["n"] < demo.n_spots // 4  # stopped long before the last of 47 batches
+    assert any("cancel" in msg for _, msg in notifications)
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_error_paths_become_notifications(make_napari_viewer, qtbot, demo, tiny_checkpoint, tmp_path, notifications):
+    from napari_comtip._widgets.predict import PredictWidget
+
+    # no slide open
+    empty = PredictWidget(make_napari_viewer())
+    assert empty.run() is None
+    assert "no slide is open" in notifications[-1][1]
+
+    viewer, widget = _dock(make_napari_viewer, demo)
+    # a file that is not a checkpoint
+    bad = tmp_path / "not-a-checkpoint.pt"
+    bad.write_bytes(b"this is not a torch file")
+    widget.set_checkpoint(bad)
+    _run(qtbot, widget)
+    assert widget.prediction is None
+    assert notifications and notifications[-1][0] == "error"
+    assert "not-a-checkpoint.pt" in notifications[-1][1] and "Traceback" not in notifications[-1][1]
+    # a checkpoint path that does not exist
+    widget.set_checkpoint(tmp_path / "missing.pt")
+    _run(qtbot, widget)
+    assert "missing.pt" in notifications[-1][1] and "not found" in notifications[-1][1]
+    # the retrieval predictor needs a bank: a good checkpoint and an unknown gene
+    widget.set_checkpoint(tiny_checkpoint)
+    widget.mode_box.setCurrentText("zero-shot")
+    _run(qtbot, widget)
+    assert widget.prediction is not None
+    before = len(notifications)
+    assert widget.show_gene("NOT_A_GENE") is None
+    assert len(notifications) == before + 1 and "NOT_A_GENE" in notifications[-1][1]
+    assert widget.show_gene("erbb2").gene == "ERBB2"  # symbols match case-insensitively
+
+
+def test_export_h5ad_and_csv_roundtrip(make_napari_viewer, qtbot, demo, tiny_checkpoint, tmp_path, notifications):
+    import anndata
+    import pandas as pd
+
+    viewer, widget = _dock(make_napari_viewer, demo)
+    widget.set_checkpoint(tiny_checkpoint)
+    widget.mode_box.setCurrentText("retrieval")
+    _run(qtbot, widget)
+    pred = widget.prediction
+    out = widget.export_h5ad(tmp_path / "c2-predicted.h5ad")
+    back = anndata.read_h5ad(out)
+    assert back.shape == pred.adata.shape
+    assert np.allclose(back.X, pred.adata.X)
+    assert np.allclose(back.obsm[Key.SPATIAL], demo.centers_xy())
+    prov = back.uns[Key.PROVENANCE]
+    assert prov["predictor"] == "retrieval" and prov["checkpoint"].endswith("tiny-test.pt")
+    assert "torch" in prov["versions"] and prov["device"]
+    # the same file again without confirmation: refused, the file is kept
+    mtime = out.stat().st_mtime_ns
+    assert widget.export_h5ad(out) is None
+    assert "already exists" in notifications[-1][1] and out.stat().st_mtime_ns == mtime
+    # never over an input of the prediction, even when asked to overwrite; never renamed beside it
+    counts = [p for p in demo.provenance["inputs"] if str(p).endswith(".tsv.gz")][0]
+    listing = sorted(p.name for p in Path(counts).parent.iterdir())
+    assert widget.export_csv(counts, overwrite=True) is None
+    assert "refusing to write over an input" in notifications[-1][1]
+    assert widget.export_h5ad(tmp_path / "c2.txt") is None and "must be a .h5ad" in notifications[-1][1]
+    assert sorted(p.name for p in Path(counts).parent.iterdir()) == listing
+    table = pd.read_csv(widget.export_csv(tmp_path / "c2-predicted.csv"))
+    assert list(table.columns[:3]) == ["spot_id", "x", "y"]
+    assert table.shape == (demo.n_spots, 3 + pred.adata.n_vars)
+    assert np.allclose(table["ERBB2"], pred.adata[:, "ERBB2"].X.ravel(), atol=1e-5)

@@ -197,7 +197,7 @@ class RasterIndex:
     """Which spot paints each cell of the heatmap grid (-1: none). Built once per spot grid, so
     painting another gene is one fancy-indexing operation."""
 
-    index: np.ndarray  # (H, W) int64
+    index: np.ndarray  # (H, W) int32
     step: float
     translate: tuple[float, float]
 
@@ -231,20 +231,29 @@ def raster_index(centers_rc: np.ndarray, diameter_px: float) -> RasterIndex:
     centers_rc = np.asarray(centers_rc, dtype=np.float64)
     step, radius = raster_geometry(centers_rc, diameter_px)
     if len(centers_rc) == 0:
-        return RasterIndex(np.full((1, 1), -1, np.int64), step, (0.0, 0.0))
+        return RasterIndex(np.full((1, 1), -1, np.int32), step, (0.0, 0.0))
     lo = centers_rc.min(axis=0) - radius
     hi = centers_rc.max(axis=0) + radius
     span = hi - lo
     step = max(step, float(span.max()) / (Default.HEATMAP_MAX_SIDE - 1))
     n = np.maximum(np.floor(span / step).astype(int) + 1, 1)
-    rr = lo[0] + step * np.arange(n[0])
-    cc = lo[1] + step * np.arange(n[1])
-    grid = np.stack(np.meshgrid(rr, cc, indexing="ij"), axis=-1).reshape(-1, 2)
+    # candidate cells: the squares around each spot that can lie within the fill radius
+    k = int(np.ceil(radius / step))
+    ci = np.rint((centers_rc - lo) / step).astype(np.int64)
+    cand = np.zeros((n[0], n[1]), bool)
+    for dr in range(-k, k + 1):
+        rr = np.clip(ci[:, 0] + dr, 0, n[0] - 1)
+        for dc in range(-k, k + 1):
+            cand[rr, np.clip(ci[:, 1] + dc, 0, n[1] - 1)] = True
+    cells = np.flatnonzero(cand)
+    pts = np.stack([lo[0] + step * (cells // n[1]), lo[1] + step * (cells % n[1])], axis=1)
     from scipy.spatial import cKDTree
 
-    dist, idx = cKDTree(centers_rc).query(grid, k=1, distance_upper_bound=radius)
-    idx = np.where(np.isfinite(dist), idx, -1).astype(np.int64)
-    return RasterIndex(idx.reshape(n[0], n[1]), float(step), (float(lo[0]), float(lo[1])))
+    dist, nearest = cKDTree(centers_rc).query(pts, k=1, distance_upper_bound=radius)
+    index = np.full(n[0] * n[1], -1, np.int32)
+    hit = np.isfinite(dist)
+    index[cells[hit]] = nearest[hit]
+    return RasterIndex(index.reshape(n[0], n[1]), float(step), (float(lo[0]), float(lo[1])))
 
 
 def rasterize(centers_rc: np.ndarray, values: np.ndarray, diameter_px: float) -> Raster:

@@ -43,6 +43,11 @@ if TYPE_CHECKING:  # pragma: no cover
 _OWN_SPOTS = "(spots of the slide)"
 
 
+@dataclasses.dataclass
+class _Failure:
+    error: ComtipError
+
+
 class _Relay(QObject):
     """Carries ``progress(done, total, message)`` from the worker thread to the GUI thread."""
 
@@ -261,8 +266,8 @@ class PredictWidget(QWidget):
                                             progress=lambda d, t=None, m=None: relay.progress.emit(
                                                 int(d), -1 if t is None else int(t), m or ""),
                                             cancel=lambda: self._cancel_requested)
-            except ComtipError as exc:  # shown as a notification, not a traceback
-                return exc
+            except ComtipError as exc:  # shown as a notification, not a traceback; wrapped because
+                return _Failure(exc)    # a worker that *returns* an exception re-raises it
 
         self.worker = create_worker(job, _start_thread=False, _connect={"errored": self._on_crash})
         self.worker.returned.connect(self._on_returned)
@@ -288,6 +293,8 @@ class PredictWidget(QWidget):
             self.status_label.setText(message)
 
     def _on_returned(self, result) -> None:
+        if isinstance(result, _Failure):
+            result = result.error
         if isinstance(result, Cancelled):
             self.status_label.setText("cancelled")
             _notify_info(str(result))
@@ -376,26 +383,44 @@ class PredictWidget(QWidget):
         inputs += list(self.prediction.sample.provenance.get("inputs") or [])
         return [str(p) for p in inputs if p]
 
-    def _target(self, path, title: str, filt: str) -> tuple[Path, bool] | None:
+    def _target(self, path, title: str, filt: str, suffix: str) -> tuple[Path, bool] | None:
+        """(output path, whether the user already confirmed replacing it), or None after an error.
+
+        An input of the prediction is refused first; a name without a suffix gets ``suffix``; a
+        name with another suffix is refused (never silently renamed next to someone's data).
+        """
         if self.prediction is None:
             self._error("no prediction to export: press Run first")
             return None
-        if path is not None:
-            return Path(path), False
-        chosen, _ = QFileDialog.getSaveFileName(self, title, f"{self.prediction.sample.name}-predicted", filt)
-        # the dialog already asked before replacing an existing file
-        return (Path(chosen), True) if chosen else None
+        confirmed = False
+        if path is None:
+            chosen, _ = QFileDialog.getSaveFileName(self, title, f"{self.prediction.sample.name}-predicted{suffix}",
+                                                    filt)
+            if not chosen:
+                return None
+            path, confirmed = chosen, True  # the dialog asked before replacing an existing file
+        out = Path(path).expanduser()
+        inputs = {Path(p).expanduser().resolve() for p in self._input_paths()}
+        if out.resolve() in inputs:
+            self._error(str(InputError("refusing to write over an input of this prediction", path=out,
+                                       hint="choose another file name")))
+            return None
+        if not out.suffix:
+            out = out.with_name(out.name + suffix)
+        elif out.suffix.lower() != suffix:
+            self._error(str(InputError(f"the export must be a {suffix} file", path=out,
+                                       hint=f"name it e.g. {self.prediction.sample.name}-predicted{suffix}")))
+            return None
+        return out, confirmed
 
     def export_h5ad(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
         """Write the prediction as ``.h5ad`` (same layout as ``comtip predict``)."""
-        target = self._target(path, "Export predictions", "AnnData (*.h5ad)")
+        target = self._target(path, "Export predictions", "AnnData (*.h5ad)", ".h5ad")
         if target is None:
             return None
         from ..io.writers import write_h5ad_atomic
 
         out, confirmed = target
-        if out.suffix != ".h5ad":
-            out = out.with_suffix(".h5ad")
         try:
             written = write_h5ad_atomic(self.prediction.adata, out, overwrite=overwrite or confirmed,
                                         protect=self._input_paths())
@@ -406,16 +431,14 @@ class PredictWidget(QWidget):
         return Path(written)
 
     def export_csv(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
-        """Write the prediction as a CSV table (spots x genes, with x/y centres)."""
-        target = self._target(path, "Export predictions as CSV", "CSV table (*.csv)")
+        """Write the prediction as a CSV table (``spot_id, x, y`` then one column per gene)."""
+        target = self._target(path, "Export predictions as CSV", "CSV table (*.csv)", ".csv")
         if target is None:
             return None
         from ..engine.predict import prediction_table
         from ..io.writers import write_csv_atomic
 
         out, confirmed = target
-        if out.suffix != ".csv":
-            out = out.with_suffix(".csv")
         try:
             written = write_csv_atomic(prediction_table(self.prediction.adata), out, index=False,
                                        overwrite=overwrite or confirmed, protect=self._input_paths())
