@@ -61,7 +61,7 @@ class Default:
     HEATMAP_COLORMAP: Final = "inferno"  # colormap of predicted/measured expression
     HEATMAP_PERCENTILES: Final = (1.0, 99.0)  # shared contrast limits of predicted + measured
     HEATMAP_PX_PER_SPOT: Final = 8  # raster heatmap pixels across one spot diameter
-    HEATMAP_MAX_SIDE: Final = 4096  # the raster heatmap never gets larger than this per side
+    HEATMAP_MAX_SIDE: Final = 2048  # the raster heatmap never gets larger than this per side (16 MB index)
     HEATMAP_TILE_PITCHES: Final = 0.71  # raster fills up to this many spot pitches around a spot
     HEATMAP_OPACITY: Final = 0.55  # the raster heatmap lets the tissue show through
     SPOT_OPACITY: Final = 0.75  # spots coloured by value (drawn over the raster heatmap)
