@@ -168,7 +168,8 @@ def test_value_range_is_recorded_in_training_and_spans_the_zero_shot_grid(names)
     x, gi, v, mk = _batch(m)
     m(x, gi, v, mk)
     seen = torch.unique(gi[mk])
-    assert torch.isfinite(m.value_hi[seen]).all()
+    assert all(torch.isfinite(b).all() for b in m.buffers())  # no inf sentinels in the state
+    assert (m.value_count > 0).sum() == len(seen) and int(m.value_count.sum()) == int(mk.sum())
     for g in seen.tolist():
         vals = v[mk & (gi == g)]
         assert m.value_hi[g] == vals.max() and m.value_lo[g] == vals.min()
@@ -177,10 +178,17 @@ def test_value_range_is_recorded_in_training_and_spans_the_zero_shot_grid(names)
     unseen = [g for g in range(len(GENES)) if g not in set(seen.tolist())]
     for g in unseen:
         assert grid[g, 0] == 0 and grid[g, -1] == m.config.zero_shot.default_max
+    m.train()
+    m(x, gi, v * 10, mk)  # a second batch widens the range
+    for g in seen.tolist():
+        vals = v[mk & (gi == g)]
+        assert m.value_hi[g] == 10 * vals.max() and m.value_lo[g] == vals.min()
     m.eval()
     before = m.value_hi.clone()
-    m(x, gi, v * 10, mk)
+    m(x, gi, v * 100, mk)
     assert torch.equal(before, m.value_hi)  # not updated in eval mode
+    m.set_value_range(0.5, 2.0)
+    assert m.value_grid(torch.tensor([0]), 4)[0].tolist() == pytest.approx([0.5, 1.0, 1.5, 2.0])
 
 
 def test_gene_index_lookup(names):

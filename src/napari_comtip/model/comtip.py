@@ -68,9 +68,11 @@ class CoMTIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=config.learn_temperature)
         use_disc = config.w_paat > 0 and config.paat.discriminator and self.text.encodes_values
         self.pair_disc = PairDiscriminator(config.embed_dim) if use_disc else None
-        # training range of each gene's log-normalised value (zero-shot grid); lo > hi = not seen
-        self.register_buffer("value_lo", torch.full((g,), float("inf")))
-        self.register_buffer("value_hi", torch.full((g,), float("-inf")))
+        # training range of each gene's log-normalised value (zero-shot grid); all finite so
+        # that "no inf/NaN in the weights" checks hold; value_count == 0 marks an unseen gene
+        self.register_buffer("value_lo", torch.zeros(g))
+        self.register_buffer("value_hi", torch.zeros(g))
+        self.register_buffer("value_count", torch.zeros(g, dtype=torch.long))
         self.weights_report: dict | None = None
 
     # ------------------------------------------------------------------ properties
@@ -123,7 +125,11 @@ class CoMTIP(nn.Module):
 
     # ------------------------------------------------------------------ images
     def preprocess(self, patches) -> torch.Tensor:
-        """uint8 patches (B, H, W, 3) (tensor or numpy) -> normalised float (B, 3, S, S) on the model's device."""
+        """uint8 patches (B, H, W, 3) (tensor or numpy, 0..255) -> normalised (B, 3, S, S) on the model's device.
+
+        Resized to ``img_size`` (bilinear, antialiased) when H or W differ; normalised with the
+        config's RGB mean/std; returned channels-last in the model's floating dtype.
+        """
         if isinstance(patches, np.ndarray):
             patches = torch.from_numpy(np.ascontiguousarray(patches))
         if patches.ndim == 3:
@@ -135,6 +141,7 @@ class CoMTIP(nn.Module):
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.pixel_mean) / self.pixel_std
+        x = x.to(self.image_proj.weight.dtype)  # a model converted with .half()/.bfloat16()
         return x.contiguous(memory_format=torch.channels_last)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,19 +169,26 @@ class CoMTIP(nn.Module):
     # ------------------------------------------------------------------ value range (zero-shot grid)
     @torch.no_grad()
     def observe_values(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
-        """Widen each gene's recorded [min, max] with the valid tokens of a batch."""
+        """Widen each gene's recorded [min, max] with the valid tokens of a batch (one tensor op)."""
         idx = gene_idx[mask]
-        vals = values[mask].float()
         if idx.numel() == 0:
             return
-        self.value_hi.scatter_reduce_(0, idx, vals, reduce="amax", include_self=True)
-        self.value_lo.scatter_reduce_(0, idx, vals, reduce="amin", include_self=True)
+        vals = values[mask].to(self.value_hi.dtype)
+        g = self.value_hi.shape[0]
+        b_hi = torch.full((g,), float("-inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(0, idx, vals, "amax")
+        b_lo = torch.full((g,), float("inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(0, idx, vals, "amin")
+        n = torch.zeros(g, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+        got, seen = n > 0, self.value_count > 0
+        self.value_hi.copy_(torch.where(got, torch.where(seen, torch.maximum(self.value_hi, b_hi), b_hi), self.value_hi))
+        self.value_lo.copy_(torch.where(got, torch.where(seen, torch.minimum(self.value_lo, b_lo), b_lo), self.value_lo))
+        self.value_count.add_(n)
 
     @torch.no_grad()
     def set_value_range(self, lo, hi) -> None:
         """Set each gene's zero-shot grid range explicitly (e.g. quantiles of the training data)."""
-        self.value_lo.copy_(torch.as_tensor(lo, dtype=torch.float32).expand_as(self.value_lo))
-        self.value_hi.copy_(torch.as_tensor(hi, dtype=torch.float32).expand_as(self.value_hi))
+        self.value_lo.copy_(torch.as_tensor(lo, dtype=self.value_lo.dtype).expand_as(self.value_lo))
+        self.value_hi.copy_(torch.as_tensor(hi, dtype=self.value_hi.dtype).expand_as(self.value_hi))
+        self.value_count.clamp_(min=1)
 
     def value_grid(self, gene_idx: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """Candidate values (G', n) for zero-shot prediction, spanning each gene's training range.
@@ -183,8 +197,8 @@ class CoMTIP(nn.Module):
         """
         n = n or self.config.zero_shot.grid
         gi = gene_idx.to(self.value_lo.device)
-        lo, hi = self.value_lo[gi], self.value_hi[gi]
-        unseen = ~(hi >= lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
+        lo, hi = self.value_lo[gi].float(), self.value_hi[gi].float()
+        unseen = (self.value_count[gi] == 0) | ~(hi >= lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
         lo = torch.where(unseen, torch.zeros_like(lo), lo.clamp_min(0.0))
         hi = torch.where(unseen, torch.full_like(hi, self.config.zero_shot.default_max), hi)
         hi = torch.where(hi - lo < 1e-3, lo + 1e-3, hi)
