@@ -16,7 +16,7 @@ Pieces, each usable alone:
 * :class:`Augment` -- seeded flips, 90 degree rotations, HED stain jitter and
   brightness/contrast/saturation jitter on uint8 patch batches (staining differs strongly
   between patients, peers.md).
-* gene sentences come from :func:`napari_comtip.model.text.sample_gene_subsets` (model config).
+* :func:`expressed_sentences` -- gene sentences weighted towards expressed genes (names+values).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class DataConfig:
     brightness: float = 0.15
     contrast: float = 0.15
     saturation: float = 0.15
+    # gene sentences (names+values mode); lengths / single-gene share come from model.text
+    sentence_sampler: str = "expressed"  # "expressed": weighted towards expressed genes; "uniform": the model's sampler
+    expressed_weight: float = 10.0  # "expressed": sampling weight of an expressed gene (a zero has 1)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -244,13 +247,32 @@ class PatchCache:
         return self.get(sample, sample.centers_rc(), patch_um, out_px, "spots", **kw)
 
 
+def tissue_mask(thumb: np.ndarray) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail, relative to the slide's own background.
+
+    The background (glass) colour is estimated from a 3 % frame around the thumbnail (median
+    grey level, 95th percentile of saturation): slides differ (her2st B4's glass is lavender,
+    C2's white). Tissue = saturation more than 0.04 above the background's and grey level more
+    than 0.08 below it (checked by eye on her2st B4 and C2); near-black pixels are not tissue.
+    """
+    rgb = np.asarray(thumb)[..., :3].astype(np.float32) / 255.0
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0)
+    grey = rgb.mean(-1)
+    h, w = grey.shape
+    b = max(1, int(0.03 * min(h, w)))
+    frame = np.zeros((h, w), bool)
+    frame[:b], frame[-b:], frame[:, :b], frame[:, -b:] = True, True, True, True
+    bg_grey = float(np.median(grey[frame]))
+    bg_sat = float(np.percentile(sat[frame], 95))
+    return (sat > bg_sat + 0.04) & (grey < bg_grey - 0.08) & (mx > 0.1)
+
+
 def tissue_centres(sample, patch_um: float, *, max_n: int = 1500, tissue_frac: float = 0.5,
                    seed: int = 0, thumb_side: int = 1024) -> np.ndarray:
     """Centres (row, col) of unlabelled tissue patches on a grid between and around the spots.
 
-    Tissue = not-white and not-black pixels of a thumbnail (saturation above 0.07 and value
-    below 0.92, a simple H&E tissue rule); a grid of step ``patch side / 2`` offset from the
-    spots; a position is kept when its patch area is at least ``tissue_frac`` tissue and its
+    Tissue: :func:`tissue_mask` of a thumbnail; a grid of step ``patch side / 3``; a position is kept when its patch area is at least ``tissue_frac`` tissue and its
     centre is at least half a patch side from every spot centre. At most ``max_n``, chosen
     with a seeded generator.
     """
@@ -258,12 +280,9 @@ def tissue_centres(sample, patch_um: float, *, max_n: int = 1500, tissue_frac: f
     thumb = np.asarray(img.thumbnail(thumb_side))
     H, W = img.shape[:2]
     sy, sx = H / thumb.shape[0], W / thumb.shape[1]
-    rgb = thumb[..., :3].astype(np.float32) / 255.0
-    mx, mn = rgb.max(-1), rgb.min(-1)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0)
-    tissue = (sat > 0.07) & (mx < 0.92) & (mx > 0.1)
+    tissue = tissue_mask(thumb)
     side = patch_um / sample.mpp  # full-res px
-    step = side / 2
+    step = side / 3
     rows = np.arange(side / 2, H - side / 2, step)
     cols = np.arange(side / 2, W - side / 2, step)
     if len(rows) == 0 or len(cols) == 0:
@@ -344,6 +363,37 @@ class Augment:
         return torch.clamp(xf * 255.0 + 0.5, 0, 255).to(torch.uint8)
 
 
+# --------------------------------------------------------------------------- gene sentences
+def expressed_sentences(expr: torch.Tensor, text_cfg, weight: float, gen: torch.Generator,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training sentences for ``names+values`` mode, weighted towards expressed genes.
+
+    A panel of ~1,200 genes is mostly zeros in any one spot: uniform subsets of 32 genes carry
+    almost no signal for the contrastive loss. Here each spot's genes are drawn without
+    replacement with weight ``weight`` for an expressed gene and 1 for a zero (Gumbel top-k),
+    so sentences hold mostly expressed genes and still some zeros. Lengths are drawn like
+    :func:`napari_comtip.model.text.sample_gene_subsets` (log-uniform in [min_genes, max_genes],
+    one gene with probability ``p_single``), so single-gene zero-shot sentences stay
+    in-distribution.
+    """
+    import math
+
+    b, g = expr.shape
+    lo, hi = min(text_cfg.min_genes, g), min(text_cfg.max_genes, g)
+    u = torch.rand(b, generator=gen)
+    sizes = torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
+    if text_cfg.p_single > 0:
+        single = torch.rand(b, generator=gen) < text_cfg.p_single
+        sizes = torch.where(single, torch.ones_like(sizes), sizes)
+    length = int(sizes.max())
+    w = torch.where(expr > 0, torch.full_like(expr, float(weight)), torch.ones_like(expr))
+    r = torch.rand(b, g, generator=gen).clamp_(1e-12, 1 - 1e-7)
+    keys = torch.log(w) - torch.log(-torch.log(r))
+    idx = keys.topk(length, dim=1).indices
+    mask = torch.arange(length).unsqueeze(0) < sizes.unsqueeze(1)
+    return idx, expr.float().gather(1, idx), mask
+
+
 # --------------------------------------------------------------------------- training set
 @dataclass
 class TrainingSet:
@@ -406,5 +456,5 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
 
 __all__ = [
     "DataConfig", "select_gene_panel", "panel_matrix", "lognorm_matrix", "PatchCache", "read_patches",
-    "tissue_centres", "Augment", "TrainingSet", "build_training_set",
+    "tissue_centres", "tissue_mask", "Augment", "expressed_sentences", "TrainingSet", "build_training_set",
 ]

@@ -43,7 +43,7 @@ import torch
 
 from ..errors import Cancelled, ConfigError, InputError, TrainingError
 from ..model.text import sample_gene_subsets
-from .data import Augment, DataConfig, TrainingSet, build_training_set
+from .data import Augment, DataConfig, TrainingSet, build_training_set, expressed_sentences
 
 #: Columns of ``metrics.csv`` (stable: the pretrain widget parses them). ``img_emb_std`` is the
 #: mean over dimensions of the per-dimension standard deviation of the batch's L2-normalised
@@ -528,9 +528,12 @@ class _BatchSet(torch.utils.data.Dataset):
         patches = np.asarray(self.ts.patches[idx_sorted])[[pos[v] for v in idx]]
         imgs = self.aug(torch.from_numpy(patches), g)
         expr = torch.from_numpy(np.asarray(self.ts.expr[idx]))
-        gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
-        extra = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
         dc = self.cfg.data
+        if self.cfg.model.text.mode == "names+values" and dc.sentence_sampler == "expressed":
+            gene_idx, values, mask = expressed_sentences(expr, self.cfg.model.text, dc.expressed_weight, g)
+        else:
+            gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
+        extra = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
         if self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
             u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
             us = np.sort(u)
