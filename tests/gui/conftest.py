@@ -90,7 +90,8 @@ def tiny_checkpoint(small_her2st, demo, tmp_path_factory) -> Path:
     from napari_comtip.model.factory import build_model
 
     ref = load_sample(small_her2st, sample="C3")
-    shared = [g for g in ref.expression.var_names if g in set(demo.expression.var_names)]
+    measured_on_demo = set(demo.expression.var_names)
+    shared = [g for g in ref.expression.var_names if g in measured_on_demo]
     lognorm = ref.expression[:, shared].layers[Key.LOGNORM]
     lognorm = lognorm.toarray() if hasattr(lognorm, "toarray") else np.asarray(lognorm)
     top = np.argsort(-lognorm.mean(axis=0))[: N_GENES - 2]
