@@ -196,3 +196,17 @@ def test_gene_index_lookup(names):
     assert m.gene_index(["ERBB2", 0]).tolist() == [5, 0]
     with pytest.raises(KeyError, match="NOPE"):
         m.gene_index(["NOPE"])
+
+
+@pytest.mark.slow
+def test_base_preset_runs_a_training_step(names):
+    """The paper's ViT-B/32 at 224 px: one forward/backward at batch 2 (slow on a CPU)."""
+    torch.manual_seed(0)
+    m = build_model("base", GENES, name_embeddings=names).train()
+    assert m.vision.num_patches == 49 and m.vision.width == 768 and m.embed_dim == 512
+    x, gi, v, mk = _batch(m, b=2)
+    x = m.preprocess(torch.randint(0, 256, (2, 300, 300, 3), dtype=torch.uint8))  # resized to 224
+    assert x.shape == (2, 3, 224, 224)
+    out = m(x, gi, v, mk)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and m.vision.vit.patch_embed.proj.weight.grad is not None

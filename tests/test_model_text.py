@@ -206,3 +206,23 @@ def test_paat_negatives_keep_genes_and_values_but_change_the_pairing():
     assert differs[0].all() or differs[0].sum() >= 5  # 4 distinct values: almost always a new pairing
     assert differs[1].sum() >= 1  # two genes: swapping is the only new pairing
     assert not differs[2].any()  # a single gene cannot be re-paired
+
+
+def test_any_local_hugging_face_folder_works(names, tmp_path):
+    """text.model_path: another folder (here: links to the bundled model's files) is its own cache entry."""
+    from napari_comtip.model.text import default_text_model_path
+
+    src = default_text_model_path()
+    dst = tmp_path / "my-text-model"
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    before = set(_cache_dir().glob("*.pt"))
+    emb = embed_gene_names(GENES, dst)
+    assert torch.allclose(emb, names, atol=1e-5)
+    assert len(set(_cache_dir().glob("*.pt")) - before) == 1
+    cfg = get_preset("micro").replace(**{"text.model_path": str(dst)})
+    from napari_comtip.model import build_model
+
+    model = build_model(cfg, GENES)
+    assert torch.allclose(model.text.name_emb, names, atol=1e-5)
