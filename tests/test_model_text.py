@@ -181,6 +181,15 @@ def test_sample_gene_subsets_sizes_and_values():
     gi2, _, _ = sample_gene_subsets(expr, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(gi, gi2)  # reproducible with a generator
 
+    # expressed genes are preferred: 2 of 8 genes expressed, subsets of 2
+    sparse = torch.zeros(2000, 8)
+    sparse[:, :2] = 1.0
+    two = cfg.replace(**{"text.min_genes": 2, "text.max_genes": 2, "text.p_single": 0.0})
+    for weight, lo, hi in ((1.0, 0.15, 0.35), (10.0, 0.6, 0.9)):
+        gi, v, m = sample_gene_subsets(sparse, two.replace(**{"text.expressed_weight": weight}), torch.Generator().manual_seed(0))
+        frac = (v > 0).float().mean()  # uniform: 2/8 of the drawn genes are expressed
+        assert lo < frac < hi, (weight, float(frac))
+
     names_cfg = cfg.replace(**{"text.mode": "names", "text.top_k": 3})
     gi, v, m = sample_gene_subsets(expr, names_cfg)
     assert torch.equal(v, expr.topk(3, 1).values)

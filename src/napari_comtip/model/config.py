@@ -81,6 +81,7 @@ class TextConfig:
     max_genes: int = 64
     p_single: float = 0.1  # extra probability that a training subset is one gene (zero-shot sentences)
     subset_sizes: str = "batch"  # "batch": one size per batch (no padding, ~4x cheaper); "spot": one per spot
+    expressed_weight: float = 10.0  # sampling weight of an expressed gene in a subset (a zero has 1; 1 = uniform)
     values_mlp_layers: int = 2  # "values" mode: depth of the expression MLP
 
 
@@ -170,6 +171,8 @@ class ComtipConfig:
             raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}", hint="use e.g. 0.5")
         if t.width % t.heads:
             raise ConfigError(f"text.width ({t.width}) must be divisible by text.heads ({t.heads})")
+        if not t.expressed_weight > 0:
+            raise ConfigError(f"text.expressed_weight must be > 0, got {t.expressed_weight}")
         if not 1 <= t.min_genes <= t.max_genes:
             raise ConfigError(f"need 1 <= text.min_genes <= text.max_genes, got {t.min_genes}, {t.max_genes}")
         if self.embed_dim < 1 or v.img_size < 8:

@@ -344,6 +344,9 @@ def sample_gene_subsets(
       single-gene sentences used by zero-shot prediction are in the training distribution.
       ``subset_sizes="batch"`` draws one size for the whole batch (no padding: the set
       transformer's cost follows the mean size, not the batch maximum); ``"spot"`` one per spot.
+      Genes are drawn without replacement, an expressed gene ``expressed_weight`` times as
+      likely as a zero (most of a large panel is zero in any one spot: uniform subsets would
+      be nearly all zeros); ``expressed_weight=1`` is uniform.
     * ``names``: the top_k expressed genes (OmiCLIP).
     * ``values``: the whole expression vector (BLEEP).
 
@@ -373,6 +376,11 @@ def sample_gene_subsets(
     sizes = sizes.expand(b)
     length = int(sizes.max())
     keys = torch.rand(b, g, device=dev, generator=generator)
+    if t.expressed_weight != 1.0:
+        # weighted sampling without replacement (Gumbel top-k): an expressed gene is
+        # `expressed_weight` times as likely to be drawn as a zero
+        w = torch.where(expr > 0, float(t.expressed_weight), 1.0).to(keys.dtype)
+        keys = w.log() - (-keys.clamp(1e-12, 1 - 1e-7).log()).log()
     idx = keys.topk(length, dim=1).indices
     mask = torch.arange(length, device=dev).unsqueeze(0) < sizes.unsqueeze(1)
     return idx, expr.float().gather(1, idx), mask
