@@ -650,7 +650,23 @@ def pretrain(config: RunConfig | str | os.PathLike | dict, data_specs: Sequence,
             torch.distributed.destroy_process_group()
 
 
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder that cannot be used as asked (read-only check, before loading data)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other", path=out, hint="choose one")
+    if out.exists() and not out.is_dir():
+        raise InputError("the output path exists and is not a folder", path=out, hint="choose a new --out folder")
+    if resume and not list_checkpoints(out):
+        raise InputError("nothing to resume: no checkpoint in this run folder", path=out,
+                         hint="start a new run without --resume")
+    if not resume and not overwrite and _is_run_folder(out):
+        raise InputError("the output folder already holds a training run", path=out,
+                         hint="pass --resume to continue it, --overwrite to replace it, or choose another --out")
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    check_out_dir(out, resume, overwrite)
     if resume and overwrite:
         raise InputError("--resume and --overwrite contradict each other", path=out, hint="choose one")
     if out.exists() and not out.is_dir():
@@ -935,6 +951,7 @@ def pretrain_from_args(args: argparse.Namespace) -> int:
     if getattr(args, "seed", None) is not None:
         sets.append(f"training.seed={args.seed}")
     cfg = load_run_config(args.config, sets)
+    check_out_dir(Path(args.out), args.resume, args.overwrite)
     specs = resolve_data_specs(args.data, args.sample)
     bar = TqdmCallback() if int(os.environ.get("RANK", "0")) == 0 else None
     try:
