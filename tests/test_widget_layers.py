@@ -92,3 +92,21 @@ def test_gene_values_align_by_spot_id():
                          obs=pd.DataFrame(index=["s1", "s2"]), var=pd.DataFrame(index=["A", "B"]))
     assert list(L.gene_values(ad, "B", ["s2", "s1", "s3"])[:2]) == [4.0, 2.0]
     assert np.isnan(L.gene_values(ad, "B", ["s3"])[0])
+
+
+def test_spots_sit_on_tissue_in_layer_coordinates(demo):
+    """Orientation check at the data level: the pixels under the spot centres (as napari draws
+    them) are tissue, darker than the glass around it; swapping rows and columns would not be."""
+    (img, ikw, _), (pts, _, _) = L.sample_layers(demo)
+    level = np.asarray((img[-1] if ikw["multiscale"] else img))
+    f = level.shape[0] / (demo.height / ikw["scale"][0])  # level px per world px
+
+    def brightness(rc):
+        ij = np.clip(np.rint(rc * f).astype(int), 0, np.array(level.shape[:2]) - 1)
+        return level[ij[:, 0], ij[:, 1]].mean(axis=1)
+
+    rc = np.asarray(pts)
+    glass = np.median(np.concatenate([level[:5].reshape(-1, 3), level[-5:].reshape(-1, 3)]).mean(axis=1))
+    on_spots = brightness(rc)
+    assert np.mean(on_spots < glass - 25) > 0.8
+    assert np.mean(brightness(rc[:, ::-1]) < glass - 25) < np.mean(on_spots < glass - 25)

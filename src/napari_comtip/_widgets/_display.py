@@ -181,7 +181,8 @@ class ExpressionDisplay:
 
     def _caption(self, sample, gene: str, mode: str, limits, measured: bool, r: float) -> None:
         """What the canvas shows, in words (also in every screenshot)."""
-        lines = [f"{sample.name}  {gene}: log-normalised expression, colour scale {limits[0]:.2f} to {limits[1]:.2f}"]
+        lines = [f"{sample.name}  {gene}: log-normalised expression",
+                 f"colour scale {limits[0]:.2f} to {limits[1]:.2f}" + (" (shared)" if measured else "")]
         if measured:
             corr = f", Pearson r = {r:.2f}" if np.isfinite(r) else ""
             lines.append(f"left: predicted ({mode}), right: measured{corr}")
