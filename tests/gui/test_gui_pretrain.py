@@ -66,7 +66,7 @@ def test_cancel_terminates_the_process(make_napari_viewer, qtbot, tmp_path, smal
 
 
 @pytest.mark.slow
-def test_train_cancel_resume_and_use_in_predict(make_napari_viewer, qtbot, tmp_path, small_her2st):
+def test_train_cancel_resume_and_use_in_predict(make_napari_viewer, qtbot, tmp_path, small_her2st, artefact_dir):
     """A real (very short) run: cancel after its first checkpoint, resume, then load it into Predict."""
     cfg = tmp_path / "short.yaml"
     cfg.write_text("preset: tiny\ntraining:\n  epochs: 1\n  batch_size: 16\n  checkpoint_every: 2\n  warmup_steps: 1\n")
@@ -91,5 +91,7 @@ def test_train_cancel_resume_and_use_in_predict(make_napari_viewer, qtbot, tmp_p
     rows = read_metrics_rows(out / "metrics.csv")
     assert rows and int(rows[-1]["step"]) == 6
     assert widget.plot.n_rows == len(rows)
+    widget.resize(520, 900)
+    widget.grab().save(str(artefact_dir / "pretrain-widget.png"))
     predict = widget.use_in_predict()
     assert predict.checkpoint() == str(out / "model.pt")

@@ -89,6 +89,7 @@ class PretrainWidget(QWidget):
         self.command: list[str] = []
         self.output = ""
         self._progress_tail = ""
+        self._cancelling = False
         self.timer = QTimer(self)
         self.timer.setInterval(Default.PRETRAIN_POLL_MS)
         self.timer.timeout.connect(self.poll)
@@ -252,6 +253,7 @@ class PretrainWidget(QWidget):
         self.log.appendPlainText(f"$ {shown}")
         self.output = ""
         self._progress_tail = ""
+        self._cancelling = False
         self.plot.n_rows = -1
         self.process = QProcess(self)
         self.process.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
@@ -272,13 +274,20 @@ class PretrainWidget(QWidget):
         """Stop the run (SIGTERM, then kill after 5 s); its last checkpoint stays for Resume."""
         if self.process is None:
             return
+        self._cancelling = True
         self.status_label.setText("cancelling …")
-        self.process.terminate()
-        QTimer.singleShot(5000, self._kill_if_running)
+        proc = self.process
+        proc.terminate()
+        QTimer.singleShot(5000, lambda: self._kill_if_running(proc))
 
-    def _kill_if_running(self) -> None:
-        if self.process is not None and self.process.state() != QProcess.ProcessState.NotRunning:
-            self.process.kill()
+    @staticmethod
+    def _kill_if_running(proc: QProcess) -> None:
+        """Kill ``proc`` (this very run, never a later one) if SIGTERM did not end it."""
+        try:
+            if proc.state() != QProcess.ProcessState.NotRunning:
+                proc.kill()
+        except RuntimeError:  # the Qt object is gone: nothing left to kill
+            pass
 
     def _read_output(self) -> None:
         if self.process is None:
@@ -304,7 +313,7 @@ class PretrainWidget(QWidget):
             return
         rows = read_metrics_rows(out / METRICS_FILE)
         self.plot.update_rows(rows)
-        if rows and self.process is not None:
+        if rows and self.process is not None and not self._cancelling:
             last = rows[-1]
             self.status_label.setText(
                 f"step {int(last.get('step', 0))}, epoch {int(last.get('epoch', 0))}: loss {last.get('loss', 0):.3f} "
@@ -343,7 +352,7 @@ class PretrainWidget(QWidget):
         if errors:
             self.status_label.setText(f"failed: {errors[-1]}")
             show_error(errors[-1])
-        elif self.status_label.text().startswith("cancelling"):
+        elif self._cancelling:
             self.status_label.setText("cancelled; press Resume to continue from the last checkpoint")
             show_info("Pretraining cancelled")
         else:
