@@ -192,3 +192,28 @@ def test_export_h5ad_and_csv_roundtrip(make_napari_viewer, qtbot, demo, tiny_che
     assert list(table.columns[:3]) == ["spot_id", "x", "y"]
     assert table.shape == (demo.n_spots, 3 + pred.adata.n_vars)
     assert np.allclose(table["ERBB2"], pred.adata[:, "ERBB2"].X.ravel(), atol=1e-5)
+
+
+def test_plain_image_and_points_layers(make_napari_viewer, qtbot, demo, tiny_checkpoint, notifications):
+    """A slide opened by napari's own reader plus spots drawn by hand: the user gives µm/px."""
+    from napari_comtip._widgets.predict import PredictWidget
+
+    viewer = make_napari_viewer()
+    rgb = np.asarray(demo.image.levels[0])
+    viewer.add_image(rgb, rgb=True, name="my slide", translate=(100.0, 50.0))
+    rc = demo.centers_rc()[:20]
+    viewer.add_points(rc + (100.0, 50.0), size=demo.spot_diameter_px(), name="my spots")
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.slide_box.currentText() == "my slide"
+    widget.spots_box.setCurrentText("my spots")
+    assert widget.run() is None and "µm per pixel" in notifications[-1][1]
+    widget.mpp_spin.setValue(demo.mpp)
+    sample = widget.current_sample()
+    assert np.allclose(sample.centers_rc(), rc) and sample.width == demo.width  # translation removed
+    widget.set_checkpoint(tiny_checkpoint)
+    widget.mode_box.setCurrentText("zero-shot")
+    _run(qtbot, widget)
+    assert widget.prediction is not None and widget.prediction.adata.n_obs == 20
+    assert widget.last_view is not None and not widget.last_view.measured
+    assert "not measured" in widget.pcc_label.text()

@@ -141,6 +141,66 @@ def sample_layers(sample: "SpatialSample") -> list[LayerDataTuple]:
     return [image_layer(sample), spots_layer(sample)]
 
 
+# --------------------------------------------------------------------------- layers -> sample
+def points_world_rc(points_layer) -> np.ndarray:
+    """(N, 2) world (row, col) coordinates of a Points layer's points."""
+    data = np.asarray(points_layer.data, dtype=np.float64)[:, -2:]
+    return data * np.asarray(points_layer.scale, dtype=np.float64)[-2:] + np.asarray(points_layer.translate)[-2:]
+
+
+def spots_table(points_layer, origin=(0.0, 0.0), prefix: str | None = None) -> pd.DataFrame:
+    """A spot table from a (user-drawn) Points layer: centres relative to ``origin`` (world px)."""
+    rc = points_world_rc(points_layer) - np.asarray(origin, dtype=np.float64)
+    size = np.asarray(points_layer.size, dtype=np.float64).reshape(len(rc), -1)[:, -1]
+    size = size * float(np.asarray(points_layer.scale)[-1])
+    name = prefix or points_layer.name
+    return pd.DataFrame({Key.ROW: rc[:, 0], Key.COL: rc[:, 1], Key.DIAMETER: size},
+                        index=pd.Index([f"{name}-{i}" for i in range(len(rc))], name="spot"))
+
+
+def _content_identity(level) -> str:
+    import hashlib
+
+    shape = tuple(int(v) for v in level.shape)
+    k = max(1, int(np.ceil(np.sqrt(shape[0] * shape[1] / 4_000_000))))  # hash at most ~4 Mpx
+    h = hashlib.sha256(str(shape).encode())
+    h.update(np.ascontiguousarray(np.asarray(level[::k, ::k])).tobytes())
+    return f"napari-layer:{h.hexdigest()[:16]}"
+
+
+def sample_from_layers(image_layer, points_layer, mpp: float) -> "SpatialSample":
+    """A SpatialSample from a plain RGB Image layer and a Points layer (no reader involved).
+
+    Full-resolution pixels are the image layer's world units minus its translation (level 0 at
+    ``scale``); the spot centres and diameters are taken from the Points layer in the same world.
+    """
+    from ..errors import InputError
+    from ..io.image import MultiscaleImage
+    from ..io.record import SpatialSample
+
+    if not getattr(image_layer, "rgb", False):
+        raise InputError(f"the image layer '{image_layer.name}' is not an RGB image",
+                         hint="choose an H&E slide (RGB) layer")
+    if not (mpp and mpp > 0 and np.isfinite(mpp)):
+        raise InputError(f"the resolution of the image layer '{image_layer.name}' is unknown",
+                         hint="set 'µm per pixel' in the widget (or open the slide with File > Open)")
+    if points_layer is None or len(points_layer.data) == 0:
+        raise InputError(f"no spots chosen for the image layer '{image_layer.name}'",
+                         hint="choose a Points layer with the spot centres (draw one with the Points tool)")
+    levels = list(image_layer.data) if image_layer.multiscale else [image_layer.data]
+    s = float(np.asarray(image_layer.scale)[-1])
+    h0 = levels[0].shape[0]
+    downs = [s * h0 / lv.shape[0] for lv in levels]
+    image = MultiscaleImage(levels, downs, identity=_content_identity(levels[-1]), kind="napari-layer",
+                            source=image_layer.name)
+    origin = np.asarray(image_layer.translate, dtype=np.float64)[-2:]
+    spots = spots_table(points_layer, origin=origin)
+    name = f"{image_layer.name}/{points_layer.name}"
+    return SpatialSample(name=name, image=image, mpp=float(mpp), mpp_source="set in the Predict widget",
+                         spots=spots, format="napari-layers",
+                         provenance={"image": image_layer.name, "inputs": [], "image_identity": image.identity})
+
+
 # --------------------------------------------------------------------------- expression -> colour
 def gene_values(adata: "anndata.AnnData", gene: str, spot_ids, layer: str | None = None) -> np.ndarray:
     """One gene's values for ``spot_ids`` (NaN where a spot has no row), as float64.

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
-    QCheckBox, QComboBox, QCompleter, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+    QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
     QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
@@ -68,14 +67,10 @@ def _notify_info(msg: str) -> None:
 
 def spots_from_points(layer, sample: "SpatialSample") -> "SpatialSample":
     """``sample`` with its spots replaced by a (user-drawn or edited) Points layer's points."""
-    rc = np.asarray(layer.data, dtype=np.float64)[:, -2:] * np.asarray(layer.scale)[-2:] \
-        + np.asarray(layer.translate)[-2:]
-    if len(rc) == 0:
+    if len(layer.data) == 0:
         raise InputError(f"the spots layer '{layer.name}' has no points", hint="add points or choose another layer")
-    size = np.asarray(layer.size, dtype=np.float64).reshape(len(rc), -1)[:, -1] * float(np.asarray(layer.scale)[-1])
-    spots = pd.DataFrame({Key.ROW: rc[:, 0], Key.COL: rc[:, 1], Key.DIAMETER: size},
-                         index=pd.Index([f"{layer.name}-{i}" for i in range(len(rc))], name="spot"))
-    return dataclasses.replace(sample, name=f"{sample.name}/{layer.name}", spots=spots, expression=None)
+    return dataclasses.replace(sample, name=f"{sample.name}/{layer.name}", spots=L.spots_table(layer),
+                               expression=None)
 
 
 class PredictWidget(QWidget):
@@ -111,6 +106,12 @@ class PredictWidget(QWidget):
         self.slide_box.setToolTip("the slide opened with File > Open (or File > Open Sample)")
         self.spots_box = QComboBox()
         self.spots_box.setToolTip("which spots to predict: the slide's own, or a Points layer you drew")
+        self.mpp_spin = QDoubleSpinBox()
+        self.mpp_spin.setDecimals(4)
+        self.mpp_spin.setRange(0.0, 100.0)
+        self.mpp_spin.setSingleStep(0.05)
+        self.mpp_spin.setSpecialValueText("from the slide")
+        self.mpp_spin.setToolTip("microns per pixel, needed only for an image layer not opened by this plugin")
         self.checkpoint_edit = QLineEdit()
         self.checkpoint_edit.setPlaceholderText("bundled checkpoint")
         self.checkpoint_edit.setToolTip("CoMTIP checkpoint (.pt); leave empty for the one bundled with the plugin")
@@ -176,6 +177,7 @@ class PredictWidget(QWidget):
         form = QFormLayout()
         form.addRow("Slide", self.slide_box)
         form.addRow("Spots", self.spots_box)
+        form.addRow("µm per pixel", self.mpp_spin)
         form.addRow("Checkpoint", ck_row)
         form.addRow("Predictor", self.mode_box)
         form.addRow("Device", self.device_box)
@@ -203,6 +205,8 @@ class PredictWidget(QWidget):
             role = lyr.metadata.get(Key.LAYER_ROLE)
             if role == L.ROLE_TISSUE and lyr.metadata.get(Key.LAYER_SAMPLE) is not None:
                 self.slide_box.addItem(lyr.name)
+            elif role is None and lyr._type_string == "image" and getattr(lyr, "rgb", False):
+                self.slide_box.addItem(lyr.name)  # a plain slide layer: needs spots and µm/px
             elif lyr._type_string == "points" and role in (None, L.ROLE_SPOTS):
                 self.spots_box.addItem(lyr.name)
         if slide and self.slide_box.findText(slide) >= 0:
@@ -216,8 +220,12 @@ class PredictWidget(QWidget):
         if not name or name not in self.viewer.layers:
             raise InputError("no slide is open",
                              hint="open a slide with File > Open, or File > Open Sample > napari-comtip")
-        sample = self.viewer.layers[name].metadata[Key.LAYER_SAMPLE]
+        slide = self.viewer.layers[name]
+        sample = slide.metadata.get(Key.LAYER_SAMPLE)
         spots = self.spots_box.currentText()
+        if sample is None:  # a plain image layer
+            pts = self.viewer.layers[spots] if spots in self.viewer.layers else None
+            return L.sample_from_layers(slide, pts, self.mpp_spin.value())
         if spots and spots != _OWN_SPOTS and spots in self.viewer.layers:
             lyr = self.viewer.layers[spots]
             own = lyr.metadata.get(Key.LAYER_SAMPLE)
