@@ -124,6 +124,9 @@ def view_from_args(args: argparse.Namespace) -> int:
         os.close(fd)
         try:
             viewer.screenshot(tmp, canvas_only=bool(getattr(args, "canvas_only", False)))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # a normal file, not mkstemp's private 0600
             os.replace(tmp, shot)
         finally:
             if os.path.exists(tmp):
