@@ -113,7 +113,14 @@ def bench_checkpoint(args) -> Path:
     name = "recipe" if args.model == "auto" else args.model
     out = bench_cache_dir("checkpoints") / f"untrained-{name}-demo-bank.pt"
     if out.is_file():
-        return out
+        from napari_comtip.errors import CheckpointError
+        from napari_comtip.model import load_checkpoint
+
+        try:
+            load_checkpoint(out)
+            return out
+        except CheckpointError:  # written by an older model definition: make it again
+            out.unlink()
     import numpy as np
     import torch
 

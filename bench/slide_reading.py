@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     grid_rc = np.stack([r0 + gr.ravel() * pitch * np.sqrt(3) / 2, c0 + gc.ravel() * pitch + (gr.ravel() % 2) * pitch / 2],
                        axis=1)[:n]
 
-    def read_all(centres, workers: int) -> float:
-        t = time.perf_counter()
+    cpu_ms = {}
+
+    def read_all(centres, workers: int, key: str | None = None) -> float:
+        c, t = time.process_time(), time.perf_counter()
         if workers <= 1:
             for c in centres:
                 read_patch(image, c, side, S)
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
             chunks = np.array_split(centres, workers * 8)
             with ThreadPoolExecutor(workers) as ex:
                 list(ex.map(lambda cs: [read_patch(image, c, side, S) for c in cs], chunks))
+        if key:
+            cpu_ms[key] = (time.process_time() - c) / len(centres) * 1e3
         return len(centres) / (time.perf_counter() - t)
 
     # encoder: bare forward on pre-loaded tensors of the same size (same run)
@@ -76,19 +80,20 @@ def main(argv=None) -> int:
         n_enc = max(bs * 4, n // 4 // bs * bs)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         for _ in range(n_enc // bs):
             model.encode_image(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         enc_rate = n_enc / (time.perf_counter() - t)
+        cpu_ms["encoder"] = (time.process_time() - c) / n_enc * 1e3
 
     engine_workers = default_read_workers(dev)
     read_patch(image, random_rc[0], side, S)  # open file handles
     rates = {
-        "random_1thread": read_all(random_rc, 1),
+        "random_1thread": read_all(random_rc, 1, "random"),
         f"random_{max(2, engine_workers)}threads": read_all(random_rc, max(2, engine_workers)),
-        "grid_1thread": read_all(grid_rc, 1),
+        "grid_1thread": read_all(grid_rc, 1, "grid"),
     }
     engine_rate = rates["random_1thread"] if engine_workers <= 1 else rates[f"random_{max(2, engine_workers)}threads"]
 
@@ -102,7 +107,17 @@ def main(argv=None) -> int:
     ratio = engine_rate / enc_rate
     print(f"reading with the engine's {engine_workers} reader thread(s) is {ratio:.1f}x the encoder's rate "
           f"(target >= 5x): {'met' if ratio >= 5 else 'MISSED'}")
-    _common.emit({"benchmark": "slide_reading", "slide_px": [W, H], "levels": image.n_levels, "tile": args.tile,
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    # on an idle machine a single reader thread runs at 1/cpu_ms patches per ms and the encoder at
+    # threads/cpu_ms: this estimate does not depend on how busy the machine was during the run
+    idle_ratio = (cpu_ms["encoder"] / threads) / cpu_ms["random"] * max(1, engine_workers) if dev.type == "cpu" else None
+    print(f"CPU time: reading {cpu_ms['random']:.2f} ms/patch (random), {cpu_ms['grid']:.2f} ms/patch (grid); "
+          f"encoder {cpu_ms['encoder']:.2f} ms/spot over {threads} threads; load average {load:.1f}"
+          + (f"; idle-machine estimate of the ratio: {idle_ratio:.1f}x" if idle_ratio else ""))
+    _common.emit({"benchmark": "slide_reading", "cpu_ms": cpu_ms, "idle_ratio_estimate": idle_ratio,
+                  "load_average": load, "slide_px": [W, H], "levels": image.n_levels, "tile": args.tile,
                   "patches": n, "read_patches_per_s": rates, "engine_reader_threads": engine_workers,
                   "engine_read_patches_per_s": engine_rate, "encoder_spots_per_s": enc_rate, "ratio": ratio,
                   "target_met": ratio >= 5, "machine": _common.machine()})
