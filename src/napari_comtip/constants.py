@@ -30,6 +30,7 @@ class Key:
     # napari layer metadata (set by the reader / widgets in ``_widgets/``)
     LAYER_SAMPLE: Final = "comtip_sample"  # the SpatialSample a layer was made from
     LAYER_ROLE: Final = "comtip_role"  # tissue | spots | predicted | measured | heatmap-predicted | ...
+    LAYER_SOURCE: Final = "comtip_source"  # slide file of an image opened without its resolution
 
 
 class Default:
