@@ -45,6 +45,7 @@ def test_failed_run_shows_the_cli_error(make_napari_viewer, qtbot, tmp_path, not
     widget.out_edit.setText(str(tmp_path / "run"))
     assert widget.start()
     assert "napari_comtip pretrain --config" in widget.command_edit.text()
+    assert "--epochs" not in widget.command  # epochs come from the preset unless set here
     qtbot.waitUntil(lambda: widget.process is None, timeout=120_000)
     errors = [m for sev, m in notifications if sev == "error"]
     assert errors and "no-such-dataset" in errors[-1] and "Traceback" not in errors[-1]

@@ -80,3 +80,42 @@ def test_bad_content_is_a_one_line_notification(make_napari_viewer, small_her2st
     assert len(viewer.layers) == 0
     errors = [m for sev, m in notifications if sev == "error"]
     assert len(errors) == 1 and "C2.tsv.gz" in errors[0] and "\n" not in errors[0]
+
+
+def test_slide_without_resolution_opens_alone_and_asks_for_it(make_napari_viewer, demo, tmp_path, notifications):
+    """A JPEG records no µm/px: the slide opens alone and the user is told where to give it."""
+    jpg = tmp_path / "slide.jpg"
+    shutil.copyfile(demo.provenance["image"], jpg)
+    viewer = make_napari_viewer()
+    viewer.open(str(jpg), plugin="napari-comtip")
+    assert [ly.name for ly in viewer.layers] == ["slide"]
+    assert viewer.layers["slide"].metadata[Key.LAYER_SOURCE] == str(jpg)
+    assert any("µm per pixel" in m for _, m in notifications)
+    from napari_comtip._widgets.predict import PredictWidget
+
+    widget = PredictWidget(viewer)
+    assert widget.slide_box.currentText() == "slide"
+    assert widget.run() is None and "resolution of slide.jpg is unknown" in notifications[-1][1]
+
+
+@pytest.mark.slow
+def test_slide_without_resolution_predicts_on_a_grid(make_napari_viewer, qtbot, demo, tiny_checkpoint, tmp_path):
+    from napari_comtip._widgets.predict import PredictWidget
+
+    jpg = tmp_path / "slide.jpg"
+    shutil.copyfile(demo.provenance["image"], jpg)
+    viewer = make_napari_viewer()
+    viewer.open(str(jpg), plugin="napari-comtip")
+    widget = PredictWidget(viewer)
+    widget.mpp_spin.setValue(demo.mpp)
+    widget.set_checkpoint(tiny_checkpoint)
+    widget.mode_box.setCurrentText("zero-shot")
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
+    pred = widget.prediction
+    assert pred is not None and pred.sample.format == "bare" and pred.adata.n_obs > 100
+    # the grid lies on the tissue: most of the demo's measured spots have a grid spot within a pitch
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(pred.sample.centers_rc()).query(demo.centers_rc())
+    assert np.mean(d < 100.0 / demo.mpp) > 0.9

@@ -90,6 +90,17 @@ def image_layer(sample: "SpatialSample", *, name: str | None = None, role: str =
     return data, kwargs, "image"
 
 
+def slide_only_layer(image, path, *, name: str) -> LayerDataTuple:
+    """A slide whose resolution is unknown, without spots: a plain RGB layer that remembers its
+    file (``metadata[Key.LAYER_SOURCE]``) so the Predict widget can lay the spot grid over the
+    tissue once the user gives the microns per pixel."""
+    levels = image.as_dask()
+    s = float(image.base_scale)
+    kwargs: dict[str, Any] = {"name": name, "rgb": True, "scale": (s, s), "metadata": {Key.LAYER_SOURCE: str(path)},
+                              "multiscale": len(levels) > 1}
+    return (list(levels) if len(levels) > 1 else levels[0]), kwargs, "image"
+
+
 def spot_features(sample: "SpatialSample") -> pd.DataFrame:
     """The light per-spot table shown in napari (spot id, array position, library size).
 

@@ -13,7 +13,9 @@ What opens here (everything :func:`napari_comtip.io.load_sample` reads):
 * a bare slide (``.svs``, ``.tif``/``.tiff``/``.ome.tif``, ``.ndpi`` and the other formats
   tiffslide reads, and ``.jpg``/``.png`` files at least ``Default.READER_MIN_PLAIN_IMAGE_SIDE``
   pixels on a side; smaller photos are left to napari's own reader) with a spot grid laid over
-  the tissue.
+  the tissue. A file that does not record its microns per pixel (a JPEG, a PNG) opens as the
+  slide alone, with a notification: the Predict widget lays the grid once the user sets
+  "µm per pixel".
 
 Each sample becomes a multiscale RGB image layer plus a Points layer of its spots (see
 ``_layers.py``). A path that is not one of these gets ``None`` (napari tries other readers); a
@@ -107,8 +109,9 @@ def read_targets(targets):
     from napari.utils.notifications import show_error, show_info
 
     from ..errors import ComtipError
-    from ..io import list_samples, load_sample
-    from ._layers import sample_layers
+    from ..io import detect_format, list_samples, load_sample
+    from ..io.image import open_image
+    from ._layers import sample_layers, slide_only_layer
 
     layers = []
     for path, section in targets:
@@ -131,6 +134,13 @@ def read_targets(targets):
                         _p.set_description(f"opening {path.name}: {message}")
                     _p.refresh()
 
+                if section is None and detect_format(path) == "bare":
+                    image, mpp = open_image(path, progress=progress)
+                    if mpp is None:  # a JPEG/PNG: no resolution recorded in the file
+                        layers.append(slide_only_layer(image, path, name=path.name.split(".")[0]))
+                        show_info(f"{path.name}: the file does not record its resolution. Set 'µm per pixel' in "
+                                  f"Plugins > Predict expression and press Run: spots are then laid over the tissue.")
+                        continue
                 sample = load_sample(path, sample=section, progress=progress)
         except ComtipError as exc:
             show_error(str(exc))

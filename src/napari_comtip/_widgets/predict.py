@@ -86,6 +86,7 @@ class PredictWidget(QWidget):
         self.last_view: GeneView | None = None
         self.worker = None
         self.last_error: str | None = None  # the last message shown as an error notification
+        self._bare_samples: dict[tuple[str, float], "SpatialSample"] = {}
         self._cancel_requested = False
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
@@ -216,6 +217,10 @@ class PredictWidget(QWidget):
 
     def current_sample(self) -> "SpatialSample":
         """The sample to predict, from the chosen slide layer (and spots layer)."""
+        return self._sample_provider()()
+
+    def _sample_provider(self):
+        """A zero-argument function returning the sample; user errors are raised here, at once."""
         name = self.slide_box.currentText()
         if not name or name not in self.viewer.layers:
             raise InputError("no slide is open",
@@ -224,17 +229,39 @@ class PredictWidget(QWidget):
         sample = slide.metadata.get(Key.LAYER_SAMPLE)
         spots = self.spots_box.currentText()
         if sample is None:  # a plain image layer
+            source = slide.metadata.get(Key.LAYER_SOURCE)
+            if source and spots == _OWN_SPOTS:
+                return self._bare_sample(source)
             pts = self.viewer.layers[spots] if spots in self.viewer.layers else None
-            return L.sample_from_layers(slide, pts, self.mpp_spin.value())
+            made = L.sample_from_layers(slide, pts, self.mpp_spin.value())
+            return lambda: made
         if spots and spots != _OWN_SPOTS and spots in self.viewer.layers:
             lyr = self.viewer.layers[spots]
             own = lyr.metadata.get(Key.LAYER_SAMPLE)
             if own is None:
-                return spots_from_points(lyr, sample)
+                made = spots_from_points(lyr, sample)
+                return lambda: made
             if own is not sample:
                 raise InputError(f"the spots layer '{spots}' belongs to another slide ({own.name})",
                                  hint=f"choose the spots of {sample.name} or '{_OWN_SPOTS}'")
-        return sample
+        return lambda: sample
+
+    def _bare_sample(self, source: str):
+        """Provider of the slide file with a spot grid over its tissue at the µm/px set here."""
+        mpp = self.mpp_spin.value()
+        if not mpp > 0:
+            raise InputError(f"the resolution of {Path(source).name} is unknown",
+                             hint="set 'µm per pixel' (e.g. 0.5 for a 20x scan), then press Run")
+        key = (source, round(mpp, 6))
+
+        def load():
+            if key not in self._bare_samples:
+                from ..io import load_sample
+
+                self._bare_samples[key] = load_sample(source, mpp=mpp)
+            return self._bare_samples[key]
+
+        return load
 
     # ------------------------------------------------------------------ checkpoint
     def _browse_checkpoint(self) -> None:
@@ -255,7 +282,7 @@ class PredictWidget(QWidget):
         if self.worker is not None:
             return None
         try:
-            sample = self.current_sample()
+            get_sample = self._sample_provider()
         except ComtipError as exc:
             self._error(str(exc))
             return None
@@ -270,6 +297,7 @@ class PredictWidget(QWidget):
 
         def job():
             try:
+                sample = get_sample()  # a bare slide is gridded here, off the GUI thread
                 return self.session.predict(sample, ckpt, mode=mode, device=device, batch_size=batch,
                                             progress=lambda d, t=None, m=None: relay.progress.emit(
                                                 int(d), -1 if t is None else int(t), m or ""),
@@ -283,7 +311,7 @@ class PredictWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.progress_bar.setRange(0, 0)
-        self.status_label.setText(f"predicting {sample.name} ({mode}) …")
+        self.status_label.setText(f"predicting {self.slide_box.currentText()} ({mode}) …")
         self.worker.start()
         return self.worker
 

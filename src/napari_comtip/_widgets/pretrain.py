@@ -100,6 +100,7 @@ class PretrainWidget(QWidget):
         from ..engine.device import available_devices
 
         self.data_list = QListWidget()
+        self.data_list.setMaximumHeight(90)
         self.data_list.setToolTip("datasets to train on: her2st/ST folders, Space Ranger outs/, HEST folders, .h5ad")
         add_dir = QPushButton("Add folder…")
         add_dir.clicked.connect(self._add_folder)
@@ -118,8 +119,9 @@ class PretrainWidget(QWidget):
         self.preset_box.activated.connect(self._preset_chosen)
         self.config_path: str | None = None
         self.epochs_spin = QSpinBox()
-        self.epochs_spin.setRange(1, 10000)
-        self.epochs_spin.setValue(40)
+        self.epochs_spin.setRange(0, 10000)
+        self.epochs_spin.setSpecialValueText("from the preset / file")
+        self.epochs_spin.setValue(0)
         self.max_steps_spin = QSpinBox()
         self.max_steps_spin.setRange(0, 10**7)
         self.max_steps_spin.setSpecialValueText("no limit")
@@ -246,7 +248,8 @@ class PretrainWidget(QWidget):
             return False
         max_steps = self.max_steps_spin.value() or None
         self.command = build_command(config=self._config_for(resume), data=self.data_paths(), out=self.out_dir,
-                                     samples=self.samples(), epochs=self.epochs_spin.value(), max_steps=max_steps,
+                                     samples=self.samples(), epochs=self.epochs_spin.value() or None,
+                                     max_steps=max_steps,
                                      device=self.device_box.currentText(), resume=resume, overwrite=overwrite)
         shown = shlex.join(self.command)
         self.command_edit.setText(shown)
