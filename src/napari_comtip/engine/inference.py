@@ -212,7 +212,10 @@ def _load_entry(path: Path, signature: dict[str, Any], *, features: bool, stream
     except (OSError, ValueError):
         log.warning("embedding cache %s: unreadable signature, recomputing", path)
         return None
-    meta = stored.pop("arrays", {}) if isinstance(stored, dict) else {}
+    if not isinstance(stored, dict):
+        return None
+    meta = stored.pop("arrays", {})
+    computed = stored.pop("computed", {})
     if stored != signature:
         diff = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
         log.warning("embedding cache %s: signature differs in %s, recomputing", path, ", ".join(diff))
@@ -232,6 +235,7 @@ def _load_entry(path: Path, signature: dict[str, Any], *, features: bool, stream
             log.warning("embedding cache %s: %s.npy has shape %s, recomputing", path, name, arr.shape)
             return None
         out[name] = arr if stream else np.array(arr)
+    out["_computed"] = computed if isinstance(computed, dict) else {}
     return out
 
 
@@ -707,8 +711,10 @@ def embed_sample(
             if progress is not None:
                 progress(n, n, "embeddings from cache")
             total = time.perf_counter() - t_start
-            return Embeddings(image=arrays["image"], features=arrays.get("features"), device=str(dev),
-                              batch_size=0, precision=precision, cached=True, cache_path=entry,
+            computed = arrays.get("_computed", {})
+            return Embeddings(image=arrays["image"], features=arrays.get("features"),
+                              device=str(computed.get("device", dev)), batch_size=int(computed.get("batch_size", 0)),
+                              precision=precision, cached=True, cache_path=entry,
                               signature=signature, timings={"total": total, "read": 0.0, "wait": 0.0,
                                                             "compute": 0.0, "spots_per_s": n / max(total, 1e-9)})
 
@@ -787,6 +793,8 @@ def embed_sample(
         if cache and tmp_dir is not None:
             meta = dict(signature)
             meta["arrays"] = arrays_dims
+            meta["computed"] = {"device": str(dev), "batch_size": int(enc.chunk),
+                                "seconds": round(time.perf_counter() - t_start, 3)}
             (tmp_dir / "signature.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             if entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)

@@ -437,10 +437,11 @@ def predict_sample(
         "model_version": int(getattr(model.config, "version", 0)),
         "training": training if training is not None else {},
         "reference": {"samples": ref["samples"], "missing_genes": ref["missing_genes"]} if ref is not None else {},
-        "device": describe_device(resolve_device(emb.device)) if not emb.cached else str(emb.device),
+        "device": (describe_device(resolve_device(emb.device)) if not emb.cached
+                   else f"{emb.device} (embeddings from the cache, computed there)"),
         "device_type": str(emb.device).split(":")[0],
         "precision": emb.precision,
-        "batch_size": int(emb.batch_size or (batch_size or 0)),
+        "batch_size": int(emb.batch_size),
         "embeddings_cached": bool(emb.cached),
         "patch_um": float(model.config.patch_um),
         "img_size": int(model.config.vision.img_size),
