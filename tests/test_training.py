@@ -216,3 +216,34 @@ def test_sample_without_expression_or_shared_genes_is_refused(demo_set, tmp_path
     sample.expression = None
     with pytest.raises(InputError, match="no expression"):
         build_training_set([sample], DataConfig(), patch_um=175.0, img_size=32)
+
+
+@pytest.mark.slow
+def test_end_to_end_pretrain_and_evaluate_on_real_her2st(her2st_dir, tmp_path, capsys):
+    """CLI pretrain on two real her2st sections for a few steps, then CLI evaluate on a third."""
+    import json
+
+    from napari_comtip.cli import main
+
+    cfg = _write(tmp_path, """
+        preset: micro
+        data: {n_hvg: 200, n_mean: 50, unlabelled_per_sample: 64, unlabelled_batch: 8}
+        training: {epochs: 1, batch_size: 32, checkpoint_every: 4, warmup_steps: 2, threads: 1}
+    """)
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", str(cfg), "--data", str(her2st_dir), "--sample", "C3", "--sample", "C4",
+               "--out", str(out), "--max-steps", "6", "--device", "cpu"])
+    assert rc == 0
+    saved = T.load_run_config(out / "config.yaml")
+    assert saved.data.n_hvg == 200 and saved.training.batch_size == 32
+    assert len(T.read_metrics(out / "metrics.csv")) == 6
+    capsys.readouterr()
+    for mode in ("retrieval", "probe", "zero-shot"):
+        rc = main(["evaluate", "--checkpoint", str(out / "model.pt"), "--data", str(her2st_dir), "--sample", "C2",
+                   "--mode", mode, "--device", "cpu", "--json"])
+        assert rc == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        for k in ("pcc_all", "pcc_heg50", "pcc_hvg50", "mse", "mae", "n_spots", "n_genes", "mode"):
+            assert k in res
+        assert res["mode"] == mode and res["n_spots"] == 187 and res["n_genes"] > 200
+        assert -1 <= res["pcc_all"] <= 1 and res["mse"] > 0

@@ -204,8 +204,13 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
         raise ConfigError(msg, path=path) from None
     data = DataConfig()
     _apply_section(data, d.get("data") or {}, "data", path)
+    if data.sentence_sampler not in ("expressed", "uniform"):
+        raise ConfigError(f"data.sentence_sampler must be 'expressed' or 'uniform', got {data.sentence_sampler!r}",
+                          path=path)
     training = TrainingConfig()
     _apply_section(training, d.get("training") or {}, "training", path)
+    if training.amp not in ("auto", "bf16", "off"):
+        raise ConfigError(f"training.amp must be auto, bf16 or off, got {training.amp!r}", path=path)
     return RunConfig(preset=preset, model=model_cfg, data=data, training=training,
                      source=None if path is None else str(path))
 
