@@ -42,7 +42,7 @@ def test_multi_section_folder_opens_the_first_and_names_the_others(make_napari_v
     assert [ly.name for ly in viewer.layers] == ["C2 tissue", "C2 spots"]
     _check_aligned(viewer)
     info = [m for sev, m in notifications if "C3" in m]
-    assert info and "opened section C2" in info[0]
+    assert info and "opened C2" in info[0] and "ST-cnts/<section>.tsv.gz" in info[0]
 
 
 def test_a_file_of_a_section_opens_that_section(make_napari_viewer, small_her2st):

@@ -8,8 +8,9 @@ What opens here (everything :func:`napari_comtip.io.load_sample` reads):
   section's own folder ``ST-imgs/<patient>/<section>``, its H&E image, or its count file
   ``ST-cnts/<section>.tsv.gz``. (Opening every section at once would stack several full slides
   on top of each other and take minutes on a 36-section dataset.)
-* a Space Ranger ``outs/`` folder (or its feature-barcode ``.h5``), a HEST sample folder, an
-  ``.h5ad`` file;
+* a Space Ranger ``outs/`` folder (or its feature-barcode ``.h5``), a HEST folder, an ``.h5ad``
+  file (a HEST folder or ``.h5ad`` with several samples: the first opens, the notification names
+  the others and the ``comtip view ... --sample`` command that opens one);
 * a bare slide (``.svs``, ``.tif``/``.tiff``/``.ome.tif``, ``.ndpi`` and the other formats
   tiffslide reads, and ``.jpg``/``.png`` files at least ``Default.READER_MIN_PLAIN_IMAGE_SIDE``
   pixels on a side; smaller photos are left to napari's own reader) with a spot grid laid over
@@ -116,15 +117,16 @@ def read_targets(targets):
     layers = []
     for path, section in targets:
         try:
-            if section is None and her2st_root(path) == path:
+            fmt = detect_format(path)
+            if section is None and fmt != "bare":
                 names = list_samples(path)
-                if names:
+                if len(names) > 1:  # several samples: open the first, name the others
                     section = names[0]
-                    if len(names) > 1:
-                        others = ", ".join(names[1:])
-                        show_info(f"{path.name}: opened section {section}; this dataset also holds {others}. "
-                                  f"To open another, open its folder ST-imgs/<patient>/<section> or its "
-                                  f"count file ST-cnts/<section>.tsv.gz.")
+                    how = ("open its folder ST-imgs/<patient>/<section> or its count file "
+                           "ST-cnts/<section>.tsv.gz" if her2st_root(path) == path
+                           else f"run: comtip view {path} --sample <name>")
+                    show_info(f"{path.name}: opened {section}; this dataset also holds {', '.join(names[1:])}. "
+                              f"To open another, {how}.")
             with napari_progress(total=0, desc=f"opening {path.name}") as pbar:
                 def progress(done, total=None, message=None, _p=pbar):
                     if total is not None and _p.total != total:
@@ -134,7 +136,7 @@ def read_targets(targets):
                         _p.set_description(f"opening {path.name}: {message}")
                     _p.refresh()
 
-                if section is None and detect_format(path) == "bare":
+                if fmt == "bare":
                     image, mpp = open_image(path, progress=progress)
                     if mpp is None:  # a JPEG/PNG: no resolution recorded in the file
                         layers.append(slide_only_layer(image, path, name=path.name.split(".")[0]))

@@ -157,9 +157,11 @@ class PretrainWidget(QWidget):
         self.command_edit.setReadOnly(True)
         self.command_edit.setToolTip("the exact command this run executes (copy it to run it in a terminal)")
         self.plot = LossPlot()
+        self.plot.setMinimumHeight(220)
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(2000)
+        self.log.setMinimumHeight(80)
 
         form = QFormLayout()
         form.addRow("Data", self.data_list)
