@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from napari_comtip.engine.inference import default_read_workers
+    from napari_comtip.engine.inference import TileCachedImage, default_read_workers
     from napari_comtip.io.image import open_image
     from napari_comtip.io.patches import patch_geometry, read_patch
 
@@ -57,18 +57,18 @@ def main(argv=None) -> int:
 
     cpu_ms = {}
 
-    def read_all(centres, workers: int, key: str | None = None) -> float:
-        c, t = time.process_time(), time.perf_counter()
+    def read_all(img, centres, workers: int, key: str | None = None) -> float:
+        c0, t0 = time.process_time(), time.perf_counter()
         if workers <= 1:
-            for c in centres:
-                read_patch(image, c, side, S)
+            for rc_ in centres:
+                read_patch(img, rc_, side, S)
         else:
             chunks = np.array_split(centres, workers * 8)
             with ThreadPoolExecutor(workers) as ex:
-                list(ex.map(lambda cs: [read_patch(image, c, side, S) for c in cs], chunks))
+                list(ex.map(lambda cs: [read_patch(img, rc_, side, S) for rc_ in cs], chunks))
         if key:
-            cpu_ms[key] = (time.process_time() - c) / len(centres) * 1e3
-        return len(centres) / (time.perf_counter() - t)
+            cpu_ms[key] = (time.process_time() - c0) / len(centres) * 1e3
+        return len(centres) / (time.perf_counter() - t0)
 
     # encoder: bare forward on pre-loaded tensors of the same size (same run)
     model.to(dev)
@@ -80,28 +80,38 @@ def main(argv=None) -> int:
         n_enc = max(bs * 4, n // 4 // bs * bs)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        c, t = time.process_time(), time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(n_enc // bs):
             model.encode_image(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        enc_rate = n_enc / (time.perf_counter() - t)
-        cpu_ms["encoder"] = (time.process_time() - c) / n_enc * 1e3
+        enc_rate = n_enc / (time.perf_counter() - t0)
+        cpu_ms["encoder"] = (time.process_time() - c0) / n_enc * 1e3
 
     engine_workers = default_read_workers(dev)
+    w2 = max(2, engine_workers)
+
+    def view():  # what embed_sample reads through: a fresh tile cache per run
+        return TileCachedImage(image)
+
     read_patch(image, random_rc[0], side, S)  # open file handles
     rates = {
-        "random_1thread": read_all(random_rc, 1, "random"),
-        f"random_{max(2, engine_workers)}threads": read_all(random_rc, max(2, engine_workers)),
-        "grid_1thread": read_all(grid_rc, 1, "grid"),
+        "engine_random_1thread": read_all(view(), random_rc, 1, "random"),
+        f"engine_random_{w2}threads": read_all(view(), random_rc, w2),
+        "engine_grid_1thread": read_all(view(), grid_rc, 1, "grid"),
+        "plain_random_1thread": read_all(image, random_rc[: max(200, n // 4)], 1, "plain"),
     }
-    engine_rate = rates["random_1thread"] if engine_workers <= 1 else rates[f"random_{max(2, engine_workers)}threads"]
+    engine_rate = rates["engine_random_1thread"] if engine_workers <= 1 else rates[f"engine_random_{w2}threads"]
 
     print(f"slide    {slide.name}: {W} x {H} px, {image.n_levels} levels, tiles {args.tile}, JPEG; mpp {mpp:g}")
     print(f"patch    {model.config.patch_um:g} um = {side:.0f} px full res -> level {level} "
           f"(downsample {image.downsamples[level]:g}) -> {S} px; {n} patches per row")
     print(f"model    {label}, {dev}, {threads} torch threads; engine reader threads here: {engine_workers}")
-    rows = [[k.replace("_", ", "), v, v / enc_rate] for k, v in rates.items()]
+    names = {"engine_random_1thread": "engine reader (tile cache), random spots, 1 thread",
+             f"engine_random_{w2}threads": f"engine reader (tile cache), random spots, {w2} threads",
+             "engine_grid_1thread": "engine reader (tile cache), Visium-like grid, 1 thread",
+             "plain_random_1thread": "plain MultiscaleImage (tiffslide zarr), random, 1 thread"}
+    rows = [[names[k], v, v / enc_rate] for k, v in rates.items()]
     rows.append(["encoder (bare forward)", enc_rate, 1.0])
     print(_common.table(["what", "patches/s", "x encoder"], rows))
     ratio = engine_rate / enc_rate
