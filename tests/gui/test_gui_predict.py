@@ -65,6 +65,12 @@ def test_predict_switch_genes_and_predictors(make_napari_viewer, qtbot, demo, ti
     heat = widget.display.layer(L.ROLE_HEAT_PREDICTED)
     assert heat is not None and heat.colorbar.visible
 
+    # type-to-search: part of a symbol, any case, finds it
+    completer = widget.gene_box.completer()
+    completer.setCompletionPrefix("rbb")
+    found = [completer.completionModel().index(i, 0).data() for i in range(completer.completionCount())]
+    assert "ERBB2" in found
+
     # switch gene: colours change, the encoder does not run
     genes = widget.prediction.genes
     a, b = "ERBB2", [g for g in genes if g != "ERBB2"][0]
@@ -217,3 +223,32 @@ def test_plain_image_and_points_layers(make_napari_viewer, qtbot, demo, tiny_che
     assert widget.prediction is not None and widget.prediction.adata.n_obs == 20
     assert widget.last_view is not None and not widget.last_view.measured
     assert "not measured" in widget.pcc_label.text()
+
+
+def test_bundled_checkpoint_end_to_end_through_the_manifest(make_napari_viewer, qtbot, demo, monkeypatch, artefact_dir):
+    """What a pathologist does: Open Sample, Plugins > Predict expression, Run (bundled model), pick genes."""
+    from napari_comtip.model.checkpoint import default_checkpoint_path
+
+    if not default_checkpoint_path(must_exist=False).is_file():
+        pytest.skip("the bundled checkpoint is not in this checkout yet")
+    calls = _count_encoder(monkeypatch)
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("napari-comtip", "demo")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-comtip", "Predict expression")
+    assert widget.checkpoint() is None  # empty field = the bundled checkpoint
+    _run(qtbot, widget, timeout=600_000)
+    pred = widget.prediction
+    assert pred is not None, widget.last_error
+    assert pred.mode == "retrieval" and pred.checkpoint.endswith(default_checkpoint_path(must_exist=False).name)
+    n = calls["n"]
+    genes = [g for g in ("ERBB2", "KRT19", "CD74") if g in pred.genes] or pred.genes[:2]
+    colours = []
+    for g in genes:
+        view = widget.show_gene(g)
+        assert view.measured and np.isfinite(view.pearson_r)
+        colours.append(np.array(widget.display.layer(L.ROLE_PREDICTED).face_color, copy=True))
+    assert calls["n"] == n
+    if len(colours) > 1:
+        assert not np.allclose(colours[0], colours[1])
+    viewer.reset_view()
+    viewer.screenshot(str(artefact_dir / f"bundled-{genes[-1]}.png"), canvas_only=True)
