@@ -218,6 +218,7 @@ def _add_view(sub) -> None:
     p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default="retrieval")
     p.add_argument("--device", default="auto")
     p.add_argument("--screenshot", default=None, help="predict, render, save this PNG and exit")
+    p.add_argument("--batch-size", type=int, default=None, help="encoder batch size (default: per device)")
     p.add_argument("--canvas-only", action="store_true", help="screenshot only the canvas, not the whole window")
     p.add_argument("--size", default="1400x900", help="window size WIDTHxHEIGHT in pixels (default 1400x900)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --screenshot file")

@@ -107,6 +107,8 @@ def view_from_args(args: argparse.Namespace) -> int:
         resolve_device(args.device)  # raises the one-line error for a device that does not exist
         widget.device_box.addItem(args.device)
     widget.device_box.setCurrentText(args.device)
+    if getattr(args, "batch_size", None):
+        widget.batch_spin.setValue(int(args.batch_size))
 
     if shot is None:
         if args.gene:
