@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from napari.layers import Image, Points
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
@@ -206,9 +207,9 @@ class PredictWidget(QWidget):
             role = lyr.metadata.get(Key.LAYER_ROLE)
             if role == L.ROLE_TISSUE and lyr.metadata.get(Key.LAYER_SAMPLE) is not None:
                 self.slide_box.addItem(lyr.name)
-            elif role is None and lyr._type_string == "image" and getattr(lyr, "rgb", False):
+            elif role is None and isinstance(lyr, Image) and lyr.rgb:
                 self.slide_box.addItem(lyr.name)  # a plain slide layer: needs spots and µm/px
-            elif lyr._type_string == "points" and role in (None, L.ROLE_SPOTS):
+            elif isinstance(lyr, Points) and role in (None, L.ROLE_SPOTS):
                 self.spots_box.addItem(lyr.name)
         if slide and self.slide_box.findText(slide) >= 0:
             self.slide_box.setCurrentText(slide)
