@@ -141,7 +141,8 @@ def read_targets(targets):
                     if mpp is None:  # a JPEG/PNG: no resolution recorded in the file
                         layers.append(slide_only_layer(image, path, name=path.name.split(".")[0]))
                         show_info(f"{path.name}: the file does not record its resolution. Set 'µm per pixel' in "
-                                  f"Plugins > Predict expression and press Run: spots are then laid over the tissue.")
+                                  f"Plugins > CoMTIP spatial expression > Predict expression and press Run: spots are "
+                                  f"then laid over the tissue.")
                         continue
                 sample = load_sample(path, sample=section, progress=progress)
         except ComtipError as exc:

@@ -1,4 +1,4 @@
-"""npe2 sample data: File > Open Sample > napari-comtip > the bundled HER2+ breast tumour section.
+"""npe2 sample data: File > Open Sample > the bundled HER2+ breast tumour section.
 
 The section (her2st C2, Andersson et al., Nat. Commun. 12, 6012, 2021) ships with the package,
 downsampled so the package stays small, with its spots and measured expression; ``load_sample``

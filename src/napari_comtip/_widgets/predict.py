@@ -225,7 +225,7 @@ class PredictWidget(QWidget):
         name = self.slide_box.currentText()
         if not name or name not in self.viewer.layers:
             raise InputError("no slide is open",
-                             hint="open a slide with File > Open, or File > Open Sample > napari-comtip")
+                             hint="open a slide with File > Open, or the sample section with File > Open Sample")
         slide = self.viewer.layers[name]
         sample = slide.metadata.get(Key.LAYER_SAMPLE)
         spots = self.spots_box.currentText()
