@@ -153,6 +153,13 @@ def run_model_fold(arm: str, cfg, fold_dir: Path, train_ts, test_sample, *, max_
                         training_set=train_ts)
         train_s = time.time() - t0
     out: dict[str, Any] = {"modes": {}, "train_seconds": train_s, "checkpoint": str(ckpt)}
+    if train_s is None and (fold_dir / "run" / "metrics.csv").exists():
+        from .training import read_metrics
+
+        rows = read_metrics(fold_dir / "run" / "metrics.csv")
+        out["train_seconds"] = rows[-1]["elapsed_s"] if rows else None
+    if cfg.model.text.mode == "names":  # no values in the text branch: zero-shot is undefined
+        modes = [m for m in modes if m != "zero-shot"]
     for mode in modes:
         t1 = time.time()
         pred = predict_sample(test_sample, checkpoint=str(ckpt), mode=mode, device=device)
