@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +57,25 @@ def _check_target(out: Path, overwrite: bool, protected: set[Path]) -> Path:
     return out
 
 
-def _atomic(out: Path, write_fn, suffix: str) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_replace(out: str | os.PathLike, write_fn: Callable[[str], Any], suffix: str = "") -> Path:
+    """Write ``out`` atomically: ``write_fn(tmp)`` fills a temp file beside it, then ``os.replace``.
+
+    A failure (or Ctrl-C) leaves neither ``out`` changed nor the temp file behind. The result gets
+    the normal permissions of a new file (umask), not ``mkstemp``'s private 0600. This is the one
+    place the project writes a file atomically; every writer goes through it.
+    """
+    out = Path(out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{suffix}", dir=out.parent)
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     except BaseException:
         try:
@@ -70,6 +84,9 @@ def _atomic(out: Path, write_fn, suffix: str) -> Path:
             pass
         raise
     return out
+
+
+_atomic = atomic_replace
 
 
 def write_h5ad_atomic(adata: "anndata.AnnData", out: str | os.PathLike, overwrite: bool = False,
