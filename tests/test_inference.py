@@ -319,7 +319,7 @@ def test_tile_cache_gives_the_pixels_of_a_tiled_tiff(tmp_path, max_bytes):
     image, mpp = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
     assert image.kind == "tiffslide" and image.n_levels == 2 and mpp == pytest.approx(0.5)
     view = inference.TileCachedImage(image, max_bytes=max_bytes)
-    assert [type(s).__name__ for s in view._sources] == ["_TiffTiles", "_TiffTiles"]  # no zarr per read
+    assert [type(view.source(i)).__name__ for i in range(2)] == ["_TiffTiles", "_TiffTiles"]  # no zarr per read
     for lvl, r, c, h, w in _random_windows(image, rng):
         np.testing.assert_array_equal(view.read_level_window(lvl, r, c, h, w, pad_value=7),
                                       image.read_level_window(lvl, r, c, h, w, pad_value=7))
@@ -343,12 +343,12 @@ def test_tile_cache_on_chunked_zarr_levels(tmp_path):
         levels.append(z)
     image = MultiscaleImage(levels, [1.0, 2.0], identity="zarr-test")
     view = inference.TileCachedImage(image)
-    assert [type(s).__name__ for s in view._sources] == ["_ArrayChunks", "_ArrayChunks"]
+    assert [type(view.source(i)).__name__ for i in range(2)] == ["_ArrayChunks", "_ArrayChunks"]
     for lvl, r, c, h, w in _random_windows(image, rng):
         np.testing.assert_array_equal(view.read_level_window(lvl, r, c, h, w),
                                       image.read_level_window(lvl, r, c, h, w))
     # in-memory levels are sliced directly
-    assert inference.TileCachedImage(MultiscaleImage([base], [1.0]))._sources == [None]
+    assert inference.TileCachedImage(MultiscaleImage([base], [1.0])).source(0) is None
 
 
 def test_embedding_a_tiff_slide_equals_direct_reading(tmp_path, tiny_model):

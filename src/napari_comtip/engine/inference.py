@@ -424,8 +424,8 @@ class TileCachedImage:
         self._bytes = 0
         self.hits = 0
         self.misses = 0
-        tiff = self._tiff_pages()
-        self._sources = [self._source(i, tiff) for i in range(len(image.levels))]
+        self._tiff: list | None | bool = False  # tifffile pages per level, looked up on first use
+        self._sources: list = [False] * len(image.levels)  # False = not set up yet; None = slice directly
 
     # ------------------------------------------------------------------ sources
     def _tiff_pages(self) -> list | None:
@@ -448,6 +448,18 @@ class TileCachedImage:
             return pages if len(pages) == len(self.image.levels) else None
         except Exception:  # noqa: BLE001 - anything unexpected: use the generic path
             return None
+
+    def source(self, i: int):
+        """The tile source of level ``i`` (set up on first use: only the levels read cost anything)."""
+        src = self._sources[i]
+        if src is False:
+            with self._lock:
+                if self._sources[i] is False:
+                    if self._tiff is False:
+                        self._tiff = self._tiff_pages()
+                    self._sources[i] = self._source(i, self._tiff)
+                src = self._sources[i]
+        return src
 
     def _source(self, i: int, tiff: list | None):
         if tiff is not None and tiff[i] is not None:
@@ -478,8 +490,9 @@ class TileCachedImage:
 
     def close(self) -> None:
         for src in self._sources:
-            if src is not None:
+            if src:
                 src.close()
+        self._sources = [False] * len(self._sources)
         self._cache.clear()
 
     def __del__(self):  # pragma: no cover - best effort
@@ -492,7 +505,7 @@ class TileCachedImage:
 
     def read_level_window(self, level: int, row0: int, col0: int, height: int, width: int,
                           pad_value: int = Default.PAD_VALUE) -> np.ndarray:
-        src = self._sources[level]
+        src = self.source(level)
         if src is None:
             return self.image.read_level_window(level, row0, col0, height, width, pad_value=pad_value)
         row0, col0, height, width = int(row0), int(col0), int(height), int(width)
