@@ -276,3 +276,28 @@ def test_predict_on_cuda_records_the_device(visium, ckpt):
     cpu = predict_sample(visium, checkpoint=ckpt, device="cpu")
     assert np.corrcoef(ad.X.ravel(), cpu.X.ravel())[0, 1] > 0.95
     predict_mod.get_checkpoint(ckpt).model.to("cpu")
+
+
+# --------------------------------------------------------------------------- the bundled checkpoint
+def _bundled_or_skip():
+    from napari_comtip.model import default_checkpoint_path
+
+    path = default_checkpoint_path(must_exist=False)
+    if not path.is_file():
+        pytest.skip("no bundled checkpoint in this checkout")
+    return path
+
+
+def test_bundled_checkpoint_predicts_the_demo_section(demo, tmp_path, capsys):
+    bundled = _bundled_or_skip()
+    from napari_comtip.engine.evaluation import evaluate_predictions
+
+    ad = predict_sample(demo, device="cpu")  # checkpoint=None: the bundled one
+    prov = ad.uns[Key.PROVENANCE]
+    assert prov["checkpoint"] == str(bundled) and prov["training"]  # its training provenance travels along
+    assert list(ad.obs_names) == demo.spot_ids and ad.n_vars == len(predict_mod.get_checkpoint(None).gene_panel)
+    # the demo is (a downsampled crop of) one of its training sections: retrieval must track the
+    # measured expression of the most variable genes (about 0.3 when measured; chance is 0)
+    assert evaluate_predictions(ad, demo.expression)["pcc_hvg50"] > 0.1
+    rc = main(["predict", "@demo", "--out", str(tmp_path / "d.h5ad"), "--genes", "ERBB2", "--device", "cpu"])
+    assert rc == 0 and "wrote 187 spots x 1 genes" in capsys.readouterr().out
