@@ -20,15 +20,23 @@ EXPECTED = {"B4": (284, 1), "C2": (187, 0), "C3": (182, 2), "C4": (187, 3)}
 
 
 @pytest.fixture(scope="session")
-def b4_loads(her2st_dir):
-    """B4 loaded twice: the first load decodes the JPEG and builds the pyramid, the second reopens it."""
-    t0 = time.perf_counter()
-    with pytest.warns(UserWarning, match="1 selected spot"):
-        first = load_sample(her2st_dir, sample="B4")
-    t1 = time.perf_counter()
-    with pytest.warns(UserWarning):
-        second = load_sample(her2st_dir, sample="B4")
-    t2 = time.perf_counter()
+def b4_loads(her2st_dir, tmp_path_factory):
+    """B4 loaded twice: the first load decodes the JPEG and builds the pyramid, the second reopens it.
+
+    Uses a cache folder of its own: another test may already have cached B4 in the session's cache.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NAPARI_COMTIP_CACHE", str(tmp_path_factory.mktemp("b4-own-cache")))
+    try:
+        t0 = time.perf_counter()
+        with pytest.warns(UserWarning, match="1 selected spot"):
+            first = load_sample(her2st_dir, sample="B4")
+        t1 = time.perf_counter()
+        with pytest.warns(UserWarning):
+            second = load_sample(her2st_dir, sample="B4")
+        t2 = time.perf_counter()
+    finally:
+        mp.undo()
     return first, second, t1 - t0, t2 - t1
 
 

@@ -256,13 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warnings() -> None:
-    """Show our warnings (e.g. spots dropped) as one ``warning: ...`` line, without source lines."""
+    """Format our warnings (e.g. spots dropped) as one ``warning: ...`` line, without source lines.
+
+    Only the format changes (not ``showwarning``), so callers that record warnings still see them.
+    """
     import warnings
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=file or sys.stderr)
+    def fmt(message, category, filename, lineno, line=None):
+        return f"warning: {message}\n"
 
-    warnings.showwarning = show
+    warnings.formatwarning = fmt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
