@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import ComtipError, InputError
@@ -122,17 +121,10 @@ def view_from_args(args: argparse.Namespace) -> int:
 
         for _ in range(5):  # let the canvas draw the new layers
             QApplication.processEvents()
-        fd, tmp = tempfile.mkstemp(prefix=f".{shot.stem}.", suffix=".png", dir=shot.parent)
-        os.close(fd)
-        try:
-            viewer.screenshot(tmp, canvas_only=bool(getattr(args, "canvas_only", False)))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # a normal file, not mkstemp's private 0600
-            os.replace(tmp, shot)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from ..io.writers import atomic_replace
+
+        canvas_only = bool(getattr(args, "canvas_only", False))
+        atomic_replace(shot, lambda tmp: viewer.screenshot(tmp, canvas_only=canvas_only), suffix=".png")
     finally:
         viewer.close()
     view = widget.last_view

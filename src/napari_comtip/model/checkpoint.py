@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..io.writers import atomic_replace
 from .comtip import CoMTIP
 from .config import MODEL_VERSION, ComtipConfig
 
@@ -211,13 +212,7 @@ def save_checkpoint(
         "extras": _primitive(extras, "extras"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_replace(path, lambda tmp: torch.save(blob, tmp))
     return path
 
 
