@@ -38,7 +38,8 @@ step() {  # step NAME SECONDS COMMAND...
   fi
 }
 
-step gpu-tests        100 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+mapfile -t gpu_tests < <(grep -rl "mark.gpu" tests --include='*.py' | sort)
+step gpu-tests        100 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
 step bench-inference   60 "$PY" bench/inference.py --device cuda --spots 16384 --repeats 3
 step bench-inference-base 60 "$PY" bench/inference.py --device cuda --model base --spots 8192 --repeats 3
 step bench-scaling    150 "$PY" bench/scaling.py --device cuda --sizes 1000,10000,100000
