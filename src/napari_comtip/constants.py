@@ -74,8 +74,8 @@ class Default:
     BATCH_SIZE_CUDA: Final = 256  # encoder batch on a GPU (halved automatically on out-of-memory)
     BATCH_SIZE_MPS: Final = 64
     PREFETCH_BATCHES: Final = 3  # patch batches read ahead of the encoder
-    EMBED_STREAM_BYTES: Final = 64 * 2**20  # embeddings larger than this stream to the on-disk cache
-    TILE_CACHE_BYTES: Final = 128 * 2**20  # decoded slide tiles kept while reading spot patches
+    EMBED_STREAM_BYTES: Final = 16 * 2**20  # embeddings larger than this stream to the on-disk cache (32k spots at 128-d)
+    TILE_CACHE_BYTES: Final = 64 * 2**20  # decoded slide tiles kept while reading spot patches
     EMBED_CHUNK_SPOTS: Final = 8192  # spots per chunk when predicting from streamed embeddings
 
 
