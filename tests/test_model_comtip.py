@@ -10,15 +10,7 @@ import torch
 
 from napari_comtip.model import build_model, clip_loss, embed_gene_names, get_preset, sample_gene_subsets
 
-GENES = ["KRT8", "KRT18", "CD74", "HLA-DRA", "COL1A1", "ERBB2", "PIP", "MGP"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from _model_common import GENES, one_thread  # noqa: F401  (one_thread is autouse)
 
 
 @pytest.fixture(scope="module")

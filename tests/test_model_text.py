@@ -11,15 +11,7 @@ from napari_comtip.errors import ConfigError
 from napari_comtip.model import embed_gene_names, get_preset, permute_values, sample_gene_subsets
 from napari_comtip.model.text import GeneTextEncoder, _cache_dir
 
-GENES = ["KRT8", "KRT18", "CD74", "HLA-DRA", "COL1A1", "ERBB2", "PIP", "MGP"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from _model_common import GENES, one_thread  # noqa: F401  (one_thread is autouse)
 
 
 @pytest.fixture(scope="module")
