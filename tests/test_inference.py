@@ -99,7 +99,9 @@ def test_batch_size_and_workers_do_not_change_results(tiny_model):
     s = _sample(11, seed=1)
     a = embed_sample(s, tiny_model, device="cpu", batch_size=3, cache=False, read_workers=1, prefetch=1)
     b = embed_sample(s, tiny_model, device="cpu", batch_size=64, cache=False, read_workers=3, prefetch=4)
+    c = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, read_workers=0)  # in line
     np.testing.assert_allclose(a.image, b.image, atol=2e-5)
+    np.testing.assert_allclose(c.image, b.image, atol=2e-5)
 
 
 def test_training_mode_is_restored(tiny_model):
@@ -219,11 +221,16 @@ def test_progress_and_cancel_between_batches(tiny_model):
     def cancel():
         return len(seen) >= 2
 
-    with pytest.raises(Cancelled, match="cancelled after 8 of 20"):
-        embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=True,
-                     progress=lambda d, t, m: seen.append(d), cancel=cancel)
-    assert seen == [4, 8]
-    assert _entries() == before  # no entry and no temporary folder left behind
+    for workers in (0, 2):  # in line, and with reader threads (which must stop too)
+        seen.clear()
+        with pytest.raises(Cancelled, match="cancelled after 8 of 20"):
+            embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=True, read_workers=workers,
+                         progress=lambda d, t, m: seen.append(d), cancel=cancel)
+        assert seen == [4, 8]
+        assert _entries() == before  # no entry and no temporary folder left behind
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("comtip-read")]
 
 
 # --------------------------------------------------------------------------- out of memory

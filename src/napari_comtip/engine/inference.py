@@ -10,7 +10,8 @@ or data movement (measured in ``docs/performance.md``, benchmarks in ``bench/``)
   picks the pyramid level that matches the encoder's input size, so no full-resolution pixels
   are decoded needlessly) by a thread pool, ``Default.PREFETCH_BATCHES`` batches ahead of the
   encoder, into a ring of reusable buffers (page-locked on CUDA, so host-to-device copies are
-  ``non_blocking``);
+  ``non_blocking``); on a CPU with two cores or fewer, batches are read in line instead
+  (:func:`default_read_workers`);
 * **compute**: ``torch.inference_mode``, bf16 autocast on CUDA (fp16 where bf16 is missing),
   channels-last input on CUDA (measured: no gain on the CPU for a ViT, so not used there);
   uint8 patches travel to the device and are normalised there (4x less traffic than float);
@@ -157,10 +158,16 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def default_read_workers(device: torch.device) -> int:
-    """Reader threads: on the CPU they share the cores with the encoder, so few; on a GPU, more."""
+    """Reader threads ahead of the encoder; 0 = read each batch in the encoder's thread.
+
+    On the CPU the readers share the cores with torch's threads. With two cores or fewer a
+    reader thread running beside them costs more than it hides (measured in
+    docs/performance.md: reading in line was about 10% faster), so batches are read in line;
+    with more cores, one reader per four cores. On a GPU the CPU is free to read: up to 8.
+    """
     n = os.cpu_count() or 1
     if device.type == "cpu":
-        return max(1, min(4, n // 2))
+        return 0 if n <= 2 else max(1, min(4, n // 4))
     return max(2, min(8, n - 1))
 
 
@@ -573,7 +580,9 @@ class _PatchReader:
         self.free: deque[torch.Tensor] = deque(
             torch.empty((self.batch, self.out_px, self.out_px, 3), dtype=torch.uint8, pin_memory=pin)
             for _ in range(n_buf))
-        self.pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="comtip-read")
+        self.workers = max(0, int(workers))
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="comtip-read") \
+            if self.workers else None
         self.read_s = 0.0
         self._stop = False
 
@@ -592,6 +601,17 @@ class _PatchReader:
         nxt = 0
         try:
             while True:
+                if self.pool is None:
+                    # no reader threads: read each batch in the caller's thread when it is needed,
+                    # so that reading never competes with the encoder's threads for the same cores
+                    if nxt >= n:
+                        return
+                    stop = min(n, nxt + self.batch)
+                    buf = self.free.popleft()
+                    self.read_s += self._read_into(buf, nxt, stop)
+                    start, nxt = nxt, stop
+                    yield start, stop, buf
+                    continue
                 while self.free and nxt < n and len(inflight) < self.prefetch:
                     stop = min(n, nxt + self.batch)
                     buf = self.free.popleft()
@@ -606,7 +626,8 @@ class _PatchReader:
             self._stop = True
             for *_, fut in inflight:
                 fut.cancel()
-            self.pool.shutdown(wait=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
     def release(self, buf: torch.Tensor) -> None:
         self.free.append(buf)
