@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     rows.append(["encoder (bare forward)", enc_rate, 1.0])
     print(_common.table(["what", "patches/s", "x encoder"], rows))
     ratio = engine_rate / enc_rate
-    print(f"reading as the engine does ({engine_workers or "in line, 1"} thread) is {ratio:.1f}x the encoder's rate "
+    print(f"reading as the engine does ({engine_workers or 'in line, 1'} thread) is {ratio:.1f}x the encoder's rate "
           f"(target >= 5x): {'met' if ratio >= 5 else 'MISSED'}")
     import os
 
