@@ -9,7 +9,9 @@ Both use the same model (the ``training/configs/tiny.yaml`` recipe of the bundle
   timed steps, once. Run twice: like for like with the bare loop (no vision-only MFM batch),
   and with the recipe as configured (full only);
 * ``bare``: ``loss = model(images, gene_idx, values, mask)["loss"]; loss.backward(); opt.step()``
-  on pre-loaded tensors (no augmentation, no sentence sampling, no logging).
+  on pre-loaded tensors: exactly the batches pretrain draws at those steps (augmented images and
+  gene sentences, whose length sets the text encoder's work), built before timing; no data
+  work, no logging, no gradient clipping, no scheduler.
 
 Reported: samples/s (spots per second) of each, and their ratio.
 
@@ -77,13 +79,35 @@ def main(argv=None) -> int:
     model = build_model(cfg.model, ts.panel).to(dev).train()
     opt = torch.optim.AdamW([p_ for p_ in model.parameters() if p_.requires_grad], lr=cfg.training.lr,
                             weight_decay=cfg.training.weight_decay)
-    x = model.preprocess(torch.from_numpy(np.asarray(ts.patches[:B])).to(dev))
-    gi, v, m = model.sample_text(torch.from_numpy(np.asarray(ts.expr[:B])))
-    gi, v, m = gi.to(dev), v.to(dev), m.to(dev)
+    # The bare loop runs on exactly the batches pretrain draws at the timed steps (augmented images
+    # and gene sentences, whose length sets the text encoder's work), made before timing; if the
+    # trainer's batch builder is not importable, same-distribution sentences on fixed images.
+    like = load_run_config(args.config, sets + ["data.unlabelled=false"])
+    spe = max(1, ts.n_spots // B)
+    batches = []
+    try:
+        from napari_comtip.engine.data import Augment
+        from napari_comtip.engine.training import _BatchSet, _Dist
+
+        like.training.batch_size = B
+        for k in range(warm + steps):
+            imgs, gi, v, m, _ = _BatchSet(ts, like, k // spe, spe, _Dist(), Augment(like.data))[k % spe]
+            batches.append((model.preprocess(imgs.to(dev)), gi.to(dev), v.to(dev), m.to(dev)))
+        source = "the trainer's own batches"
+    except (ImportError, TypeError, AttributeError):
+        x = model.preprocess(torch.from_numpy(np.asarray(ts.patches[:B])).to(dev))
+        expr = torch.from_numpy(np.asarray(ts.expr[:B]))
+        for k in range(warm + steps):
+            g = torch.Generator().manual_seed(1000 + k)
+            batches.append((x, *(t.to(dev) for t in model.sample_text(expr, generator=g))))
+        source = "fixed images, sampled sentences"
     use_bf16 = dev.type == "cuda"
 
     def bare() -> float:
+        it = iter(batches)
+
         def one():
+            x, gi, v, m = next(it)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(x, gi, v, m)["loss"]
             opt.zero_grad(set_to_none=True)
@@ -113,7 +137,8 @@ def main(argv=None) -> int:
           f"{sum(p_.numel() for p_ in model.parameters() if p_.requires_grad) / 1e6:.2f} M trainable parameters")
     print(f"data     {', '.join(s.name for s in samples)}: {ts.n_spots} spots, panel {len(ts.panel)} genes "
           f"(patches cut once in {prep_s:.1f} s)")
-    print(f"device   {dev}, {threads} torch threads, batch {B}, {steps} timed steps after {warm} warm-up steps")
+    print(f"device   {dev}, {threads} torch threads, batch {B}, {steps} timed steps after {warm} warm-up steps; "
+          f"bare loop on {source}")
     table_rows = [["pretrain (like for like: spots only)", pre_rate, ratio],
                   ["bare forward+backward+AdamW", bare_s, 1.0]]
     if recipe is not None:
