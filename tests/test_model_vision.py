@@ -8,15 +8,8 @@ import torch
 from napari_comtip.errors import ConfigError
 from napari_comtip.model import get_preset
 from napari_comtip.model.vision import MaskedViT, create_vit, load_vision_weights, mfm_distance
+from _model_common import one_thread  # noqa: F401  (autouse: one torch thread)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Micro models run fastest on one thread on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -10,16 +10,9 @@ from scipy.stats import spearmanr
 from napari_comtip.engine.predictors import Probe, fit_probe, probe_predict, retrieval, zero_shot
 from napari_comtip.errors import ConfigError, InputError
 from napari_comtip.model import build_model, get_preset
+from _model_common import one_thread  # noqa: F401  (autouse: one torch thread)
 
 GENES = ["KRT8", "ERBB2", "CD74", "PIP", "MGP", "COL1A1"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------- retrieval

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,15 +183,15 @@ def _patch_key(identity: str, centres_rc: np.ndarray, patch_um: float, out_px: i
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    from ..io.writers import atomic_replace
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: np.save would append ".npy" to a name
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
             np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_replace(path, write, ".npy")
 
 
 def read_patches(sample, centres_rc: np.ndarray, patch_um: float, out_px: int, *,

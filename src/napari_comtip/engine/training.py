@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,28 +298,17 @@ class TqdmCallback(Callback):
 
 # --------------------------------------------------------------------------- helpers
 def _atomic_write_text(path: Path, text: str) -> None:
+    from ..io.writers import atomic_replace
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_replace(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
+    from ..io.writers import atomic_replace
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _step_seed(seed: int, step: int, rank: int, salt: int) -> int:
