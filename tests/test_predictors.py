@@ -160,3 +160,30 @@ def test_zero_shot_options_and_errors():
     names_only = build_model(get_preset("micro").replace(**{"text.mode": "names"}), GENES, torch.randn(len(GENES), 384))
     with pytest.raises(ConfigError, match="text.mode='names'"):
         zero_shot(names_only, emb)
+
+
+def test_probe_alpha_by_leave_one_out_matches_brute_force():
+    """The closed-form leave-one-out error equals refitting without each spot, and the automatic
+    alpha is a heavy penalty for pure noise and a light one for a clean linear relation."""
+    from napari_comtip.engine.predictors import loo_ridge_alpha
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 5))
+    y = x @ rng.standard_normal((5, 3)) + 0.1 * rng.standard_normal((40, 3))
+    xs = (x - x.mean(0)) / x.std(0)
+    yc = y - y.mean(0)
+    alpha, scores = loo_ridge_alpha(xs, yc, alphas=(0.1, 10.0))
+    for a in (0.1, 10.0):  # brute force: refit without spot i (same standardisation and centring)
+        errs = []
+        for i in range(40):
+            keep = np.arange(40) != i
+            w = np.linalg.solve(xs[keep].T @ xs[keep] + a * np.eye(5), xs[keep].T @ yc[keep])
+            errs.append((yc[i] - xs[i] @ w) ** 2)
+        assert scores[a] == pytest.approx(float(np.mean(errs)), rel=1e-6)
+    assert alpha == 0.1
+    p = fit_probe(x, y, alpha=None)
+    assert p.alpha == 0.1 and p.alpha_scores and set(p.to_dict()) >= {"alpha_rule", "alpha_scores"}
+    assert p.to_dict()["alpha_rule"] == "leave-one-out"
+    noise = fit_probe(x, rng.standard_normal((40, 3)), alpha=None)
+    assert noise.alpha == 10000.0
+    assert fit_probe(x, y, alpha=3.0).to_dict()["alpha_rule"] == "given"

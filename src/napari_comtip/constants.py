@@ -57,7 +57,8 @@ class Default:
     CACHE_APP_NAME: Final = "napari-comtip"
     ZERO_SHOT_GRID: Final = 33  # candidate values v for zero-shot prediction
     RETRIEVAL_K: Final = 50  # BLEEP's k
-    PROBE_ALPHA: Final = 1.0  # ridge penalty of the probe predictor
+    PROBE_ALPHA: Final = None  # ridge penalty of the probe; None = chosen from PROBE_ALPHAS by leave-one-out
+    PROBE_ALPHAS: Final = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # the grid (the same for the ridge floor)
     # napari display (``_widgets/``)
     HEATMAP_COLORMAP: Final = "inferno"  # colormap of predicted/measured expression
     HEATMAP_PERCENTILES: Final = (1.0, 99.0)  # shared contrast limits of predicted + measured

@@ -10,15 +10,18 @@ This reproduces the floor of ``/work/shared/reference/peers.md`` (measured there
 * gradients: Sobel magnitude of the grey image, mean / std / 90th percentile, at full and at
   half resolution (6).
 
-Features are standardised on the training spots; the ridge penalty is chosen by efficient
-leave-one-out (generalised cross-validation) on the training spots only, from a fixed grid.
+Features are standardised on the training spots; the ridge penalty is chosen by exact
+leave-one-out on the training spots only, from a fixed grid (the learned probe's rule).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+from ..constants import Default
+from .predictors import loo_ridge_alpha
+
+ALPHAS = Default.PROBE_ALPHAS  # the probe's grid: the two differ only in their features
 
 
 def _rgb_to_hsv(x: np.ndarray) -> np.ndarray:
@@ -72,7 +75,8 @@ def colour_texture_features(patches: np.ndarray, batch: int = 128) -> np.ndarray
 
 
 class RidgeFloor:
-    """Standardise features, ridge regression to every gene, alpha by leave-one-out GCV."""
+    """Standardise features, ridge regression to every gene, alpha by exact leave-one-out
+    (:func:`engine.predictors.loo_ridge_alpha`, the learned probe's rule)."""
 
     def __init__(self, alphas=ALPHAS):
         self.alphas = tuple(alphas)
@@ -87,18 +91,9 @@ class RidgeFloor:
         Z = (X - self.mu_) / self.sd_
         self.ymu_ = Y.mean(0)
         Yc = Y - self.ymu_
+        self.alpha_, self.scores_ = loo_ridge_alpha(Z, Yc, self.alphas)
         U, s, Vt = np.linalg.svd(Z, full_matrices=False)
         UtY = U.T @ Yc
-        best = None
-        for a in self.alphas:
-            d = s * s / (s * s + a)
-            H_diag = (U * U) @ d  # diagonal of the hat matrix
-            fitted = U @ (d[:, None] * UtY)
-            loo = (Yc - fitted) / np.maximum(1 - H_diag, 1e-6)[:, None]
-            err = float(np.mean(loo * loo))
-            if best is None or err < best[0]:
-                best = (err, a)
-        self.alpha_ = float(best[1])
         d = s / (s * s + self.alpha_)
         self.coef_ = Vt.T @ (d[:, None] * UtY)
         return self

@@ -288,7 +288,7 @@ def predict_sample(
     embeddings: "Embeddings | None" = None,
     *,
     k: int = Default.RETRIEVAL_K,
-    alpha: float = Default.PROBE_ALPHA,
+    alpha: float | None = Default.PROBE_ALPHA,
 ) -> "anndata.AnnData":
     """Predict log-normalised expression for every spot of ``sample`` (see the module docstring).
 
@@ -298,7 +298,8 @@ def predict_sample(
     the probe from (default: what the checkpoint stores). ``embeddings``: precomputed
     :class:`~napari_comtip.engine.inference.Embeddings` of this sample with this checkpoint (the
     widget's cache; with ``probe`` they must include features). ``k``: neighbours for retrieval;
-    ``alpha``: ridge penalty when a probe is fitted here.
+    ``alpha``: ridge penalty when a probe is fitted here (None: chosen by leave-one-out on the
+    reference spots, see :func:`~napari_comtip.engine.predictors.loo_ridge_alpha`).
     """
     import anndata
 
@@ -377,7 +378,7 @@ def predict_sample(
     elif mode == "probe":
         if ref is not None:
             probe = predictors.fit_probe(ref["features"], ref["expr"], alpha=alpha, genes=panel)
-            params = {"alpha": float(alpha), "probe_source": "reference", "probe_spots": int(len(ref["expr"]))}
+            params = {"alpha": float(probe.alpha), "probe_source": "reference", "probe_spots": int(len(ref["expr"]))}
         else:
             a = probe.get("alpha") if isinstance(probe, dict) else getattr(probe, "alpha", None)
             params = {"alpha": float(a) if a is not None else "", "probe_source": "checkpoint"}

@@ -183,6 +183,7 @@ class Probe:
     std: np.ndarray  # (F,)
     alpha: float
     genes: list[str] | None = None
+    alpha_scores: dict[float, float] | None = None  # LOO error per candidate alpha (when chosen automatically)
 
     def to_dict(self) -> dict:
         """Tensors and primitives (can be stored in a checkpoint's ``probe`` entry)."""
@@ -193,6 +194,8 @@ class Probe:
             "std": torch.from_numpy(self.std),
             "alpha": float(self.alpha),
             "genes": None if self.genes is None else list(self.genes),
+            "alpha_rule": "leave-one-out" if self.alpha_scores else "given",
+            "alpha_scores": {str(k): float(v) for k, v in (self.alpha_scores or {}).items()},
         }
 
     @classmethod
@@ -203,8 +206,33 @@ class Probe:
         return cls(arr(d["weight"]), arr(d["bias"]), arr(d["mean"]), arr(d["std"]), float(d["alpha"]), d.get("genes"))
 
 
-def fit_probe(features, expr, alpha: float = Default.PROBE_ALPHA, genes: Sequence[str] | None = None) -> Probe:
+def loo_ridge_alpha(xs: np.ndarray, yc: np.ndarray, alphas: Sequence[float] = Default.PROBE_ALPHAS,
+                   ) -> tuple[float, dict[float, float]]:
+    """The ridge penalty with the smallest exact leave-one-out error on the reference spots.
+
+    ``xs``: standardised features (N, F); ``yc``: centred targets (N, G). One SVD gives every
+    alpha's hat-matrix diagonal, hence the leave-one-out residuals in closed form (Allen's PRESS),
+    averaged over spots and genes. The probe and the colour-texture floor
+    (:class:`engine.baselines.RidgeFloor`) choose their penalty with this one rule, so the two
+    differ only in their features. Returns ``(alpha, {alpha: LOO mean squared error})``.
+    """
+    u, s, _ = np.linalg.svd(np.asarray(xs, np.float64), full_matrices=False)
+    uty = u.T @ np.asarray(yc, np.float64)
+    scores: dict[float, float] = {}
+    for a in alphas:
+        d = s * s / (s * s + float(a))
+        h = (u * u) @ d  # diagonal of the hat matrix
+        loo = (yc - u @ (d[:, None] * uty)) / np.maximum(1.0 - h, 1e-6)[:, None]
+        scores[float(a)] = float(np.mean(loo * loo))
+    best = min(scores, key=lambda k: scores[k])
+    return best, scores
+
+
+def fit_probe(features, expr, alpha: float | None = Default.PROBE_ALPHA, genes: Sequence[str] | None = None) -> Probe:
     """Closed-form ridge regression (float64) of ``expr`` (N, G) on standardised ``features`` (N, F).
+
+    ``alpha=None``: the penalty is chosen from ``Default.PROBE_ALPHAS`` by exact leave-one-out on
+    these spots (:func:`loo_ridge_alpha`; the per-alpha errors are kept in ``Probe.alpha_scores``).
 
     The primal solve (F x F) is used when N >= F, the dual (N x N) otherwise; both give the same
     solution. The intercept is not penalised (targets are centred).
@@ -217,7 +245,7 @@ def fit_probe(features, expr, alpha: float = Default.PROBE_ALPHA, genes: Sequenc
         raise InputError(f"probe needs at least 2 reference spots, got {x.shape[0]}")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise InputError("probe features or expression contain NaN or infinite values")
-    if alpha < 0:
+    if alpha is not None and alpha < 0:
         raise ConfigError(f"probe alpha must be >= 0, got {alpha}")
     mean = x.mean(0)
     std = x.std(0)
@@ -225,6 +253,9 @@ def fit_probe(features, expr, alpha: float = Default.PROBE_ALPHA, genes: Sequenc
     xs = (x - mean) / std
     y_mean = y.mean(0)
     yc = y - y_mean
+    scores = None
+    if alpha is None:
+        alpha, scores = loo_ridge_alpha(xs, yc)
     n, f = xs.shape
     if n >= f:
         a = xs.T @ xs + alpha * np.eye(f)
@@ -239,6 +270,7 @@ def fit_probe(features, expr, alpha: float = Default.PROBE_ALPHA, genes: Sequenc
         std=std.astype(np.float32),
         alpha=float(alpha),
         genes=None if genes is None else [str(g) for g in genes],
+        alpha_scores=scores,
     )
 
 
@@ -259,4 +291,4 @@ def probe_predict(probe: Probe | dict, features) -> np.ndarray:
     return (((x - probe.mean) / probe.std) @ probe.weight + probe.bias).astype(np.float32)
 
 
-__all__ = ["PREDICTORS", "Probe", "fit_probe", "probe_predict", "retrieval", "zero_shot", "zero_shot_sentence_embeddings"]
+__all__ = ["PREDICTORS", "Probe", "fit_probe", "loo_ridge_alpha", "probe_predict", "retrieval", "zero_shot", "zero_shot_sentence_embeddings"]

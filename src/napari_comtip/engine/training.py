@@ -80,7 +80,7 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the model (CUDA)
     bank: bool = True  # store the retrieval bank in model.pt
     probe: bool = True  # fit and store the ridge probe in model.pt
-    probe_alpha: float = 0.0  # ridge penalty of the stored probe; 0 = choose by leave-one-section-out
+    probe_alpha: float = 0.0  # ridge penalty of the stored probe; 0 = choose by leave-one-out on the training spots
     emb_std_every: int = 1  # compute img_emb_std every N steps (it costs no extra forward pass)
     fp16_final: bool = True  # store model.pt weights in fp16
 
@@ -552,35 +552,6 @@ def embed_patches(model, patches: np.ndarray, device: torch.device, batch_size: 
     return e, f
 
 
-PROBE_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
-
-
-def choose_probe_alpha(features: np.ndarray, expr: np.ndarray, groups: np.ndarray,
-                       alphas: Sequence[float] = PROBE_ALPHAS) -> tuple[float, dict[float, float]]:
-    """Ridge penalty of the probe, chosen by leave-one-section-out over the *training* sections
-    (mean per-gene PCC on the left-out section; sections differ in staining, so this is the
-    generalisation that matters). With one section: 5 contiguous blocks of spots instead."""
-    from .evaluation import gene_pcc
-    from .predictors import fit_probe, probe_predict
-
-    groups = np.asarray(groups)
-    if len(np.unique(groups)) < 2:
-        groups = np.minimum(np.arange(len(groups)) * 5 // max(1, len(groups)), 4)
-    scores: dict[float, float] = {}
-    for a in alphas:
-        rs = []
-        for g in np.unique(groups):
-            tr, te = groups != g, groups == g
-            if tr.sum() < 2 or te.sum() < 2:
-                continue
-            p = probe_predict(fit_probe(features[tr], expr[tr], alpha=a), features[te])
-            r = gene_pcc(p, expr[te])
-            rs.append(float(np.nanmean(r)) if np.isfinite(r).any() else 0.0)
-        scores[float(a)] = float(np.mean(rs)) if rs else float("nan")
-    best = max(scores, key=lambda k: (scores[k] if np.isfinite(scores[k]) else -np.inf))
-    return best, scores
-
-
 def build_bank_and_probe(model, ts: TrainingSet, device, cfg: RunConfig) -> dict[str, Any]:
     """The retrieval bank and probe stored inside ``model.pt`` (see model/checkpoint.py)."""
     from . import predictors
@@ -597,14 +568,39 @@ def build_bank_and_probe(model, ts: TrainingSet, device, cfg: RunConfig) -> dict
         }
     if cfg.training.probe:
         alpha = cfg.training.probe_alpha
-        scores = None
-        if alpha <= 0:  # automatic
-            alpha, scores = choose_probe_alpha(feats, ts.expr, ts.sample_of)
-        probe = predictors.fit_probe(feats, ts.expr, alpha=alpha, genes=ts.panel).to_dict()
-        probe["alpha_scores"] = {str(k): v for k, v in (scores or {}).items()}
+        # 0 = automatic: exact leave-one-out over the training spots (the floor's rule, see
+        # predictors.loo_ridge_alpha); a leave-one-section-out choice over-regularised (docs/results.md)
+        probe = predictors.fit_probe(feats, ts.expr, alpha=alpha if alpha > 0 else None, genes=ts.panel).to_dict()
         probe["source"] = "training spots (no augmentation)"
         extras["probe"] = probe
     return extras
+
+
+def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str = "auto", alpha: float | None = None,
+                note: dict | None = None) -> dict[str, Any]:
+    """Re-fit the ridge probe stored in ``checkpoint`` on ``samples`` (loaded SpatialSamples with
+    expression), in place and atomically; the encoder, bank and config are not touched.
+
+    For a checkpoint trained before the current probe rule, or to move its probe to other
+    labelled sections. ``alpha=None``: leave-one-out choice (:func:`predictors.loo_ridge_alpha`).
+    Returns the new probe's alpha and per-alpha scores.
+    """
+    from ..model.checkpoint import load_checkpoint, replace_probe
+    from . import predictors
+    from .device import resolve_device
+
+    ck = load_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    cfg = ck.model.config
+    ts = build_training_set(samples, DataConfig(unlabelled=False), patch_um=cfg.patch_um,
+                            img_size=cfg.vision.img_size, panel=ck.gene_panel)
+    ck.model.to(dev)
+    _, feats = embed_patches(ck.model, ts.patches, dev)
+    probe = predictors.fit_probe(feats, ts.expr, alpha=alpha, genes=ts.panel).to_dict()
+    probe["source"] = f"spots of {', '.join(ts.names)} (no augmentation)"
+    replace_probe(checkpoint, probe, dict(note or {}, samples=list(ts.names), n_spots=ts.n_spots,
+                                           alpha=probe["alpha"], alpha_rule=probe["alpha_rule"]))
+    return {"alpha": probe["alpha"], "alpha_scores": probe["alpha_scores"], "n_spots": ts.n_spots}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -961,5 +957,5 @@ def pretrain_from_args(args: argparse.Namespace) -> int:
 __all__ = [
     "TrainingConfig", "RunConfig", "DataSpec", "Callback", "TqdmCallback", "METRIC_COLUMNS",
     "load_run_config", "run_config_from_dict", "parse_overrides", "pretrain", "pretrain_from_args",
-    "read_metrics", "list_checkpoints", "resolve_data_specs", "embed_patches", "build_bank_and_probe",
+    "read_metrics", "list_checkpoints", "resolve_data_specs", "embed_patches", "build_bank_and_probe", "refit_probe",
 ]

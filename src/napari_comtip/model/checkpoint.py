@@ -284,6 +284,25 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return blob
 
 
+def replace_probe(path: str | os.PathLike, probe: dict, note: dict | None = None) -> Path:
+    """Rewrite ``path`` atomically with a new ``probe`` entry; weights, bank and config untouched.
+
+    ``note`` (primitives) is appended to ``provenance["probe_refits"]`` so the file says when and
+    how its probe was re-fitted.
+    """
+    path = Path(path).expanduser()
+    blob = read_checkpoint(path)
+    blob["probe"] = _primitive(probe, "probe")
+    prov = dict(blob.get("provenance") or {})
+    refits = list(prov.get("probe_refits") or [])
+    refits.append(_primitive(dict(note or {}, at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+                             "note"))
+    prov["probe_refits"] = refits
+    blob["provenance"] = prov
+    atomic_replace(path, lambda tmp: torch.save(blob, tmp))
+    return path
+
+
 def load_checkpoint(
     path: str | os.PathLike | None = None,
     map_location: str | torch.device = "cpu",
