@@ -76,7 +76,7 @@ def _lognorm(demo, genes):
 
 # --------------------------------------------------------------------------- the AnnData
 def test_retrieval_on_visium_is_aligned_with_the_source(visium, ckpt, panel):
-    ad = predict_sample(visium, checkpoint=ckpt, device="cpu")
+    ad = predict_sample(visium, checkpoint=ckpt, device="cpu", mode="retrieval")
     assert ad.shape == (visium.n_spots, len(panel))
     assert list(ad.obs_names) == visium.spot_ids
     np.testing.assert_array_equal(ad.obsm[Key.SPATIAL], visium.centers_xy())
@@ -96,7 +96,7 @@ def test_retrieval_on_visium_is_aligned_with_the_source(visium, ckpt, panel):
 
 
 def test_retrieval_k1_on_the_bank_sample_returns_its_own_expression(demo, ckpt, panel):
-    ad = predict_sample(demo, checkpoint=ckpt, device="cpu", k=1)
+    ad = predict_sample(demo, checkpoint=ckpt, device="cpu", mode="retrieval", k=1)
     np.testing.assert_allclose(ad.X, _lognorm(demo, panel), atol=5e-3)  # fp16 bank storage
     assert list(ad.obs_names) == demo.spot_ids
 
@@ -131,8 +131,8 @@ def test_probe_from_checkpoint_equals_probe_fitted_from_reference(demo, visium, 
 
 
 def test_retrieval_from_a_reference_dataset_equals_the_bank(demo, ckpt):
-    bank = predict_sample(demo, checkpoint=ckpt, device="cpu", k=3)
-    ref = predict_sample(demo, checkpoint=ckpt, device="cpu", k=3, reference="@demo", reference_samples=["C2"])
+    bank = predict_sample(demo, checkpoint=ckpt, device="cpu", mode="retrieval", k=3)
+    ref = predict_sample(demo, checkpoint=ckpt, device="cpu", mode="retrieval", k=3, reference="@demo", reference_samples=["C2"])
     assert ref.uns[Key.PROVENANCE]["params"]["bank_source"] == "reference"
     np.testing.assert_allclose(ref.X, bank.X, atol=5e-3)
 
@@ -261,7 +261,7 @@ def test_her2st_section_with_its_own_reference(her2st_dir, ckpt, panel):
     from napari_comtip.io import load_sample
 
     s = load_sample(her2st_dir, sample="C3")
-    ad = predict_sample(s, checkpoint=ckpt, device="cpu", reference=her2st_dir, reference_samples=["C3"], k=1)
+    ad = predict_sample(s, checkpoint=ckpt, device="cpu", mode="retrieval", reference=her2st_dir, reference_samples=["C3"], k=1)
     assert list(ad.obs_names) == s.spot_ids and ad.shape == (s.n_spots, len(panel))
     np.testing.assert_allclose(ad.X, _lognorm(s, panel), atol=1e-5)  # every spot finds itself
     np.testing.assert_array_equal(ad.obsm[Key.SPATIAL], s.centers_xy())

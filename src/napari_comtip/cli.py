@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .constants import Default
 from .errors import ComtipError
 
 
@@ -102,7 +103,8 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict gene expression for every spot of a slide")
     _add_sample_args(p)
     p.add_argument("--checkpoint", default=None, help="CoMTIP checkpoint (.pt); default: the one bundled with the package")
-    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default="retrieval")
+    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
+                   help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--genes", default=None, help="comma-separated gene symbols (default: the whole panel)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=None)
@@ -168,7 +170,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--data", required=True)
     p.add_argument("--sample", default=None)
-    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default="retrieval")
+    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
+                   help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--reference", default=None)
     p.add_argument("--reference-sample", action="append", default=None)
     p.add_argument("--device", default="auto")
@@ -215,7 +218,8 @@ def _add_view(sub) -> None:
     _add_sample_args(p, path_required=False)
     p.add_argument("--gene", default=None, help="gene to show")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default="retrieval")
+    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
+                   help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--device", default="auto")
     p.add_argument("--screenshot", default=None, help="predict, render, save this PNG and exit")
     p.add_argument("--batch-size", type=int, default=None, help="encoder batch size (default: per device)")

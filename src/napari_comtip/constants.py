@@ -57,6 +57,7 @@ class Default:
     CACHE_APP_NAME: Final = "napari-comtip"
     ZERO_SHOT_GRID: Final = 33  # candidate values v for zero-shot prediction
     RETRIEVAL_K: Final = 50  # BLEEP's k
+    PREDICT_MODE: Final = "probe"  # default predictor: the best one on held-out sections (docs/results.md)
     PROBE_ALPHA: Final = None  # ridge penalty of the probe; None = chosen from PROBE_ALPHAS by leave-one-out
     PROBE_ALPHAS: Final = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # the grid (the same for the ridge floor)
     # napari display (``_widgets/``)

@@ -239,7 +239,7 @@ def test_bundled_checkpoint_end_to_end_through_the_manifest(make_napari_viewer, 
     _run(qtbot, widget, timeout=600_000)
     pred = widget.prediction
     assert pred is not None, widget.last_error
-    assert pred.mode == "retrieval" and pred.checkpoint.endswith(default_checkpoint_path(must_exist=False).name)
+    assert pred.mode == "probe" and pred.checkpoint.endswith(default_checkpoint_path(must_exist=False).name)
     n = calls["n"]
     genes = [g for g in ("ERBB2", "KRT19", "CD74") if g in pred.genes] or pred.genes[:2]
     colours = []

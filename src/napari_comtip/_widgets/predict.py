@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
-from ..constants import Key
+from ..constants import Default, Key
 from ..errors import Cancelled, ComtipError, InputError
 from . import _layers as L
 from ._compat import preload_model_stack
@@ -124,7 +124,7 @@ class PredictWidget(QWidget):
         ck_row.addWidget(browse)
         self.mode_box = QComboBox()
         self.mode_box.addItems(list(MODES))
-        self.mode_box.setCurrentText("retrieval")
+        self.mode_box.setCurrentText(Default.PREDICT_MODE)
         self.mode_box.setToolTip("zero-shot: no reference data; retrieval: average of the most similar "
                                  "reference spots; probe: ridge regression on image features")
         self.device_box = QComboBox()

@@ -277,7 +277,7 @@ def _h5ad_safe(obj: Any, depth: int = 0) -> Any:
 def predict_sample(
     sample: "SpatialSample | str | os.PathLike",
     checkpoint: Any = None,
-    mode: str = "retrieval",
+    mode: str = Default.PREDICT_MODE,
     genes: Sequence[str] | str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
@@ -505,7 +505,7 @@ def predict_to_file(
     sample: "SpatialSample | str | os.PathLike",
     out: str | os.PathLike,
     checkpoint: Any = None,
-    mode: str = "retrieval",
+    mode: str = Default.PREDICT_MODE,
     genes: Sequence[str] | str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
