@@ -148,6 +148,30 @@ def test_zero_shot_stays_on_the_value_grid(visium, ckpt, panel):
     assert ad.uns[Key.PROVENANCE]["params"]["grid"] == model.config.zero_shot.grid
 
 
+def test_checkpoint_evaluation_warns_about_an_unreliable_predictor(visium, ckpt, panel, tmp_path, recwarn):
+    """A checkpoint whose stored held-out evaluation says zero-shot is anti-correlated warns when
+    zero-shot is used (not for the probe); update_checkpoint keeps the weights and logs the change."""
+    import shutil
+    import warnings
+
+    import torch
+
+    from napari_comtip.model.checkpoint import read_checkpoint, update_checkpoint
+
+    path = tmp_path / "evaluated.pt"
+    shutil.copy(ckpt, path)
+    update_checkpoint(path, extras={"evaluation": {"protocol": "leave-one-section-out", "predictors": {
+        "zero-shot": {"pcc_hvg50": -0.13}, "probe": {"pcc_hvg50": 0.22}}}}, note={"what": "evaluation added"})
+    before, after = read_checkpoint(ckpt), read_checkpoint(path)
+    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+    assert after["provenance"]["updates"][-1]["what"] == "evaluation added"
+    with pytest.warns(UserWarning, match="zero-shot predictions of evaluated.pt were not positively correlated"):
+        predict_sample(visium, checkpoint=path, mode="zero-shot", device="cpu", genes=panel[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the probe's evaluation is positive: no warning
+        predict_sample(visium, checkpoint=path, mode="probe", device="cpu", genes=panel[:3])
+
+
 def test_missing_bank_or_probe_is_a_clear_error(tmp_path, visium, panel):
     from napari_comtip.model import build_model, get_preset, save_checkpoint
 

@@ -273,6 +273,21 @@ def _h5ad_safe(obj: Any, depth: int = 0) -> Any:
     return str(obj)
 
 
+def _warn_if_unreliable(ck, ck_label: str, mode: str) -> None:
+    """Warn when the checkpoint's own held-out evaluation (``extras["evaluation"]``, written by
+    its maintainers, see docs/model-card.md) says this predictor's output does not track the
+    measured expression (mean per-gene PCC <= 0 on held-out sections)."""
+    import warnings
+
+    ev = ((getattr(ck, "meta", None) or {}).get("extras") or {}).get("evaluation") or {}
+    m = (ev.get("predictors") or {}).get(mode) or {}
+    r = m.get("pcc_hvg50")
+    if isinstance(r, (int, float)) and r <= 0:
+        warnings.warn(f"{mode} predictions of {ck_label} were not positively correlated with measured expression "
+                      f"on held-out sections (HVG-50 PCC {r:.2f}, {ev.get('protocol', 'see its model card')}); "
+                      f"use --mode probe for expression patterns", UserWarning, stacklevel=3)
+
+
 # =========================================================================== predict
 def predict_sample(
     sample: "SpatialSample | str | os.PathLike",
@@ -392,6 +407,7 @@ def predict_sample(
     else:
         params = {"grid": int(model.config.zero_shot.grid),
                   "temperature": model.config.zero_shot.temperature or float(model.temperature())}
+        _warn_if_unreliable(ck, ck_label, mode)
 
     chunk = int(Default.EMBED_CHUNK_SPOTS)
     for a in range(0, n, chunk):

@@ -585,7 +585,7 @@ def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str
     labelled sections. ``alpha=None``: leave-one-out choice (:func:`predictors.loo_ridge_alpha`).
     Returns the new probe's alpha and per-alpha scores.
     """
-    from ..model.checkpoint import load_checkpoint, replace_probe
+    from ..model.checkpoint import load_checkpoint, update_checkpoint
     from . import predictors
     from .device import resolve_device
 
@@ -598,8 +598,8 @@ def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str
     _, feats = embed_patches(ck.model, ts.patches, dev)
     probe = predictors.fit_probe(feats, ts.expr, alpha=alpha, genes=ts.panel).to_dict()
     probe["source"] = f"spots of {', '.join(ts.names)} (no augmentation)"
-    replace_probe(checkpoint, probe, dict(note or {}, samples=list(ts.names), n_spots=ts.n_spots,
-                                           alpha=probe["alpha"], alpha_rule=probe["alpha_rule"]))
+    update_checkpoint(checkpoint, probe=probe, note=dict(note or {}, what="probe re-fitted", samples=list(ts.names),
+                                                         n_spots=ts.n_spots, alpha=probe["alpha"], alpha_rule=probe["alpha_rule"]))
     return {"alpha": probe["alpha"], "alpha_scores": probe["alpha_scores"], "n_spots": ts.n_spots}
 
 

@@ -284,20 +284,25 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return blob
 
 
-def replace_probe(path: str | os.PathLike, probe: dict, note: dict | None = None) -> Path:
-    """Rewrite ``path`` atomically with a new ``probe`` entry; weights, bank and config untouched.
+def update_checkpoint(path: str | os.PathLike, *, probe: dict | None = None, extras: dict | None = None,
+                      note: dict | None = None) -> Path:
+    """Rewrite ``path`` atomically with a new ``probe`` entry and/or merged ``extras`` (primitives,
+    e.g. ``{"evaluation": ...}``); weights, bank and config are untouched.
 
-    ``note`` (primitives) is appended to ``provenance["probe_refits"]`` so the file says when and
-    how its probe was re-fitted.
+    ``note`` (primitives) is appended to ``provenance["updates"]`` so the file says when and how
+    it was changed after training.
     """
     path = Path(path).expanduser()
     blob = read_checkpoint(path)
-    blob["probe"] = _primitive(probe, "probe")
+    if probe is not None:
+        blob["probe"] = _primitive(probe, "probe")
+    if extras:
+        blob["extras"] = dict(blob.get("extras") or {}, **_primitive(extras, "extras"))
     prov = dict(blob.get("provenance") or {})
-    refits = list(prov.get("probe_refits") or [])
-    refits.append(_primitive(dict(note or {}, at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
-                             "note"))
-    prov["probe_refits"] = refits
+    updates = list(prov.get("updates") or [])
+    updates.append(_primitive(dict(note or {}, at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+                              "note"))
+    prov["updates"] = updates
     blob["provenance"] = prov
     atomic_replace(path, lambda tmp: torch.save(blob, tmp))
     return path
