@@ -166,6 +166,25 @@ def test_error_paths_become_notifications(make_napari_viewer, qtbot, demo, tiny_
     assert widget.show_gene("erbb2").gene == "ERBB2"  # symbols match case-insensitively
 
 
+def test_engine_warnings_reach_the_status_line_and_notifications(make_napari_viewer, qtbot, demo, tiny_checkpoint,
+                                                                   tmp_path, notifications):
+    """A checkpoint whose stored held-out evaluation marks zero-shot as unreliable: the widget says so."""
+    import shutil
+
+    from napari_comtip.model.checkpoint import update_checkpoint
+
+    ckpt = tmp_path / "evaluated.pt"
+    shutil.copy(tiny_checkpoint, ckpt)
+    update_checkpoint(ckpt, extras={"evaluation": {"protocol": "test", "predictors": {"zero-shot": {"pcc_hvg50": -0.2}}}})
+    viewer, widget = _dock(make_napari_viewer, demo)
+    widget.set_checkpoint(ckpt)
+    widget.mode_box.setCurrentText("zero-shot")
+    _run(qtbot, widget)
+    assert widget.prediction is not None and widget.prediction.warnings
+    assert "warning: zero-shot predictions of evaluated.pt were not positively correlated" in widget.status_label.text()
+    assert any(sev == "warning" and "not positively correlated" in msg for sev, msg in notifications)
+
+
 def test_export_h5ad_and_csv_roundtrip(make_napari_viewer, qtbot, demo, tiny_checkpoint, tmp_path, notifications):
     import anndata
     import pandas as pd

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..constants import Default
+
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
 
@@ -35,6 +37,7 @@ class Prediction:
     encoder_ran: bool
     seconds: float
     provenance: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the engine warned about (shown in the widget)
 
     @property
     def genes(self) -> list[str]:
@@ -83,9 +86,11 @@ class PredictSession:
         return emb, ran
 
     def predict(self, sample: "SpatialSample", checkpoint: str | os.PathLike | None = None, *,
-                mode: str = "retrieval", device: str = "auto", batch_size: int | None = None,
+                mode: str = Default.PREDICT_MODE, device: str = "auto", batch_size: int | None = None,
                 progress: Callable | None = None, cancel: Callable[[], bool] | None = None) -> Prediction:
         """Predict the whole panel for every spot."""
+        import warnings
+
         from ..constants import Key
         from ..engine.predict import predict_sample
 
@@ -93,12 +98,15 @@ class PredictSession:
         ck = self.checkpoint(checkpoint)
         emb, ran = self.embeddings(sample, ck.model, device=device, batch_size=batch_size,
                                    progress=progress, cancel=cancel)
-        adata = predict_sample(sample, checkpoint=ck, mode=mode, device=device, batch_size=batch_size,
-                               progress=progress, cancel=cancel, embeddings=emb)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            adata = predict_sample(sample, checkpoint=ck, mode=mode, device=device, batch_size=batch_size,
+                                   progress=progress, cancel=cancel, embeddings=emb)
+        notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
         prov = dict(adata.uns.get(Key.PROVENANCE, {}))
         return Prediction(adata=adata, sample=sample, mode=mode, checkpoint=str(prov.get("checkpoint", "")),
                           device=str(prov.get("device", emb.device)), encoder_ran=ran,
-                          seconds=time.perf_counter() - t0, provenance=prov)
+                          seconds=time.perf_counter() - t0, provenance=prov, warnings=notes)
 
 
 __all__ = ["MODES", "Prediction", "PredictSession"]

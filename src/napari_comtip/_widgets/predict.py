@@ -60,6 +60,12 @@ def _notify_error(msg: str) -> None:
     show_error(msg)
 
 
+def _notify_warning(msg: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(msg)
+
+
 def _notify_info(msg: str) -> None:
     from napari.utils.notifications import show_info
 
@@ -360,7 +366,10 @@ class PredictWidget(QWidget):
         reused = "encoder reused" if not prediction.encoder_ran else "encoder ran"
         self.status_label.setText(f"{prediction.sample.name}: {prediction.adata.n_obs} spots x "
                                   f"{prediction.adata.n_vars} genes, {prediction.mode}, ran on {prediction.device}, "
-                                  f"{prediction.seconds:.1f} s ({reused})")
+                                  f"{prediction.seconds:.1f} s ({reused})"
+                                  + "".join(f"\nwarning: {w}" for w in prediction.warnings))
+        for w in prediction.warnings:
+            _notify_warning(w)
         previous = self.gene_box.currentText()
         genes = sorted(prediction.genes, key=str.upper)
         self.gene_box.blockSignals(True)
