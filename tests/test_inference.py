@@ -8,6 +8,8 @@ patch that ``io.patches.read_patch`` cuts for that spot.
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -336,6 +338,46 @@ def test_tile_cache_gives_the_pixels_of_a_tiled_tiff(tmp_path, max_bytes):
     if max_bytes:
         assert view._bytes <= max_bytes
     view.close()
+
+
+def test_tile_cache_slab_slots_are_reused_safely_across_threads(tmp_path):
+    """Cached tiles live in a slab of a few slots that are reused on eviction: reads from several
+    threads at once still give exactly the image's pixels (hits are copied under the lock)."""
+    from napari_comtip.io.image import open_image
+
+    rng = np.random.default_rng(3)
+    image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
+    view = inference.TileCachedImage(image, max_bytes=4 * 256 * 256 * 3)  # 4 slots, many evictions
+    wins = list(_random_windows(image, rng, n=120))
+
+    def check(chunk):
+        for lvl, r, c, h, w in chunk:
+            np.testing.assert_array_equal(view.read_level_window(lvl, r, c, h, w),
+                                          image.read_level_window(lvl, r, c, h, w))
+        return len(chunk)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(check, [wins[i::4] for i in range(4)])) == len(wins)
+    assert view._slab is not None and view._slab.shape[0] == 4
+    assert len(view._cache) <= 4 and view._bytes <= 4 * 256 * 256 * 3
+    assert sorted(view._free + list(view._slot_of.values())) == [0, 1, 2, 3]  # no slot lost or shared
+    view.close()
+
+
+def test_heap_trimmer_calls_malloc_trim_at_most_every_interval(monkeypatch):
+    calls = []
+    t = inference.HeapTrimmer(every_s=0.05)
+    if t._trim is None:
+        pytest.skip("not glibc")
+    monkeypatch.setattr(t, "_trim", lambda pad: calls.append(pad) or 1)
+    for _ in range(3):
+        t.maybe()  # too soon after creation
+    assert calls == []
+    time.sleep(0.06)
+    t.maybe()
+    t.maybe()
+    assert calls == [0] and t.calls == 1
+    assert inference.HeapTrimmer(every_s=0)._trim is None  # 0 switches it off
 
 
 def test_tile_cache_on_chunked_zarr_levels(tmp_path):

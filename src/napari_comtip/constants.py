@@ -78,6 +78,7 @@ class Default:
     PREFETCH_BATCHES: Final = 3  # patch batches read ahead of the encoder
     EMBED_STREAM_BYTES: Final = 16 * 2**20  # embeddings larger than this stream to the on-disk cache (32k spots at 128-d)
     TILE_CACHE_BYTES: Final = 64 * 2**20  # decoded slide tiles kept while reading spot patches
+    HEAP_TRIM_S: Final = 1.0  # while embedding, return freed heap pages to the OS this often (glibc)
     EMBED_CHUNK_SPOTS: Final = 8192  # spots per chunk when predicting from streamed embeddings
 
 

@@ -319,6 +319,51 @@ class _Sink:
 
 
 # =========================================================================== tile-cached reading
+def _glibc():
+    """The C library when it is glibc (None elsewhere: macOS, Windows, musl)."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+class HeapTrimmer:
+    """Give freed heap memory back to the OS at most every ``every_s`` seconds (glibc only).
+
+    Decoding tens of thousands of slide tiles in reader threads fragments glibc's heap: freed
+    memory stayed resident and the process grew with the number of spots (+180 MiB of anonymous
+    memory for 20k spots and +509 MiB peak RSS for 100k in ``bench/scaling.py``, although the
+    tile cache is bounded). With the tile cache in one slab (:class:`TileCachedImage`) and
+    ``malloc_trim(0)`` once a second, the growth stays near the size of the results (measured
+    in docs/performance.md); a fixed mmap threshold did as well but cost 50 % more time, since
+    every activation tensor was then mapped and faulted in.
+    """
+
+    def __init__(self, every_s: float = Default.HEAP_TRIM_S):
+        self.every_s = float(every_s)
+        libc = _glibc() if self.every_s > 0 else None
+        self._trim = libc.malloc_trim if libc is not None else None
+        self._last = time.monotonic()
+        self.calls = 0
+
+    def maybe(self) -> None:
+        if self._trim is None:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._trim(0)
+            self._last = now
+            self.calls += 1
+
+
 def spatial_order(centres_rc: np.ndarray, side_px: float) -> np.ndarray:
     """A read order that visits spots band by band (bands one patch high), left to right.
 
@@ -417,6 +462,11 @@ class TileCachedImage:
     call per read); other chunked levels (the cached zarr pyramids of JPEG slides) fetch all the
     chunks a window misses in one slicing call; in-memory levels are sliced directly. The pixels
     are exactly those of the image's own ``read_level_window`` (tested).
+
+    Cached tiles live in one preallocated slab of equal slots (the decoded tile is copied in and
+    freed at once): tiles held for different times by several reader threads had fragmented the
+    heap, and the process grew with the number of spots (docs/performance.md). Because a slot is
+    reused after eviction, pixels of cached tiles are copied out while the lock is held.
     """
 
     def __init__(self, image, max_bytes: int | None = None):
@@ -428,6 +478,9 @@ class TileCachedImage:
         self.max_bytes = int(Default.TILE_CACHE_BYTES if max_bytes is None else max_bytes)
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._slot_of: dict[tuple[int, int, int], int] = {}  # cache key -> slab slot
+        self._slab: np.ndarray | None = None  # (slots, th, tw, 3) uint8, made on the first insert
+        self._free: list[int] = []
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -523,8 +576,15 @@ class TileCachedImage:
             return out
         th, tw = src.chunk
         wanted = [(ty, tx) for ty in range(r0 // th, (r1 - 1) // th + 1) for tx in range(c0 // tw, (c1 - 1) // tw + 1)]
-        tiles: dict[tuple[int, int], np.ndarray] = {}
         missing = []
+
+        def paste(t: tuple[int, int], arr: np.ndarray) -> None:
+            tr0, tc0 = t[0] * th, t[1] * tw
+            a0, a1 = max(r0, tr0), min(r1, tr0 + arr.shape[0])
+            b0, b1 = max(c0, tc0), min(c1, tc0 + arr.shape[1])
+            if a1 > a0 and b1 > b0:
+                out[a0 - row0:a1 - row0, b0 - col0:b1 - col0] = arr[a0 - tr0:a1 - tr0, b0 - tc0:b1 - tc0]
+
         with self._lock:
             for t in wanted:
                 hit = self._cache.get((level, *t))
@@ -532,28 +592,50 @@ class TileCachedImage:
                     missing.append(t)
                 else:
                     self._cache.move_to_end((level, *t))
-                    tiles[t] = hit
+                    paste(t, hit)  # under the lock: the slot may be reused once it is released
             self.hits += len(wanted) - len(missing)
             self.misses += len(missing)
         if missing:
             fetched = src.fetch(missing)  # decoding happens outside the lock
-            tiles.update(fetched)
+            for t, arr in fetched.items():
+                paste(t, arr)
             with self._lock:
                 for t, arr in fetched.items():
-                    key = (level, *t)
-                    if key not in self._cache:
-                        self._cache[key] = arr
-                        self._bytes += arr.nbytes
-                while self._bytes > self.max_bytes and self._cache:
-                    _, old = self._cache.popitem(last=False)
-                    self._bytes -= old.nbytes
-        for (ty, tx), arr in tiles.items():
-            tr0, tc0 = ty * th, tx * tw
-            a0, a1 = max(r0, tr0), min(r1, tr0 + arr.shape[0])
-            b0, b1 = max(c0, tc0), min(c1, tc0 + arr.shape[1])
-            if a1 > a0 and b1 > b0:
-                out[a0 - row0:a1 - row0, b0 - col0:b1 - col0] = arr[a0 - tr0:a1 - tr0, b0 - tc0:b1 - tc0]
+                    self._insert((level, *t), arr)
         return out
+
+    def _insert(self, key: tuple[int, int, int], arr: np.ndarray) -> None:
+        """Cache a decoded tile (caller holds the lock), evicting least recently used ones."""
+        if key in self._cache:
+            return
+        if self._slab is None and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
+            n = self.max_bytes // max(1, arr.nbytes)
+            if n >= 1:
+                self._slab = np.empty((n, *arr.shape), dtype=np.uint8)
+                self._free = list(range(n - 1, -1, -1))
+        slab = self._slab
+        fits = (slab is not None and arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[2] == 3
+                and arr.shape[0] <= slab.shape[1] and arr.shape[1] <= slab.shape[2])
+        need = slab[0].nbytes if fits else arr.nbytes
+        while self._cache and (self._bytes + need > self.max_bytes or (fits and not self._free)):
+            old_key, old = self._cache.popitem(last=False)
+            slot = self._slot_of.pop(old_key, None)
+            if slot is None:
+                self._bytes -= old.nbytes
+            else:
+                self._free.append(slot)
+                self._bytes -= slab[0].nbytes
+        if fits and self._free:
+            slot = self._free.pop()
+            view = slab[slot, :arr.shape[0], :arr.shape[1]]
+            view[...] = arr
+            self._cache[key] = view
+            self._slot_of[key] = slot
+        elif not fits and need <= self.max_bytes:
+            self._cache[key] = arr
+        else:
+            return
+        self._bytes += need
 
 
 # =========================================================================== patch reading
@@ -795,6 +877,7 @@ def embed_sample(
             pending.clear()
 
         done = 0
+        trimmer = HeapTrimmer()
         t_wait = time.perf_counter()
         batches = iter(reader)
         with torch.inference_mode():
@@ -816,6 +899,7 @@ def embed_sample(
                 if copied is not None:
                     copied.synchronize()  # the host buffer may be refilled once it reached the device
                 reader.release(buf)
+                trimmer.maybe()
                 done = stop
                 compute_s += time.perf_counter() - t_c
                 if progress is not None:
