@@ -165,6 +165,29 @@ def test_resume_after_kill_gives_the_same_weights(demo_set, tmp_path):
     assert ck.gene_panel == demo_set.panel
 
 
+def test_refit_probe_replaces_only_the_probe(demo_set, tmp_path):
+    """refit_probe: a new leave-one-out probe on the given sections, weights and bank untouched,
+    the change logged in the checkpoint; the stored probe is what predict uses."""
+    from napari_comtip.io import load_sample
+    from napari_comtip.model.checkpoint import load_checkpoint
+
+    cfg = T.run_config_from_dict({**MICRO, "training": {**MICRO["training"], "probe_alpha": 5000.0}})
+    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=2, training_set=demo_set, device="cpu")
+    before = _state(path)
+    assert before["probe"]["alpha"] == 5000.0 and before["probe"]["alpha_rule"] == "given"
+    res = T.refit_probe(path, [load_sample("@demo")], device="cpu", note={"why": "test"})
+    after = _state(path)
+    assert after["probe"]["alpha_rule"] == "leave-one-out" and after["probe"]["alpha"] == res["alpha"]
+    assert set(map(float, after["probe"]["alpha_scores"])) == {0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0}
+    assert res["n_spots"] == demo_set.n_spots
+    for k, v in before["state_dict"].items():
+        assert torch.equal(v, after["state_dict"][k]), k
+    assert torch.equal(before["bank"]["emb"], after["bank"]["emb"])
+    upd = after["provenance"]["updates"][-1]
+    assert upd["what"] == "probe re-fitted" and upd["why"] == "test" and upd["samples"] == ["C2"]
+    assert load_checkpoint(path).probe["alpha"] == res["alpha"]
+
+
 def test_nan_loss_stops_with_training_error_and_keeps_last_checkpoint(demo_set, tmp_path):
     cfg = T.run_config_from_dict({**MICRO, "training": {**MICRO["training"], "lr": 1e9, "warmup_steps": 0,
                                                        "checkpoint_every": 1, "grad_clip": 0}})
