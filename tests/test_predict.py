@@ -161,12 +161,15 @@ def test_checkpoint_evaluation_warns_about_an_unreliable_predictor(visium, ckpt,
     path = tmp_path / "evaluated.pt"
     shutil.copy(ckpt, path)
     update_checkpoint(path, extras={"evaluation": {"protocol": "leave-one-section-out", "predictors": {
-        "zero-shot": {"pcc_hvg50": -0.13}, "probe": {"pcc_hvg50": 0.22}}}}, note={"what": "evaluation added"})
+        "zero-shot": {"pcc_hvg50": -0.13}, "probe": {"pcc_hvg50": 0.22}, "retrieval": {"pcc_hvg50": -0.01}}}},
+        note={"what": "evaluation added"})
     before, after = read_checkpoint(ckpt), read_checkpoint(path)
     assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
     assert after["provenance"]["updates"][-1]["what"] == "evaluation added"
     with pytest.warns(UserWarning, match="zero-shot predictions of evaluated.pt were not positively correlated"):
         predict_sample(visium, checkpoint=path, mode="zero-shot", device="cpu", genes=panel[:3])
+    with pytest.warns(UserWarning, match="retrieval predictions of evaluated.pt"):
+        predict_sample(visium, checkpoint=path, mode="retrieval", device="cpu", genes=panel[:3])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the probe's evaluation is positive: no warning
         predict_sample(visium, checkpoint=path, mode="probe", device="cpu", genes=panel[:3])

@@ -407,6 +407,7 @@ def predict_sample(
     else:
         params = {"grid": int(model.config.zero_shot.grid),
                   "temperature": model.config.zero_shot.temperature or float(model.temperature())}
+    if ref is None:  # the checkpoint's own bank / probe / text encoder: its stored evaluation applies
         _warn_if_unreliable(ck, ck_label, mode)
 
     chunk = int(Default.EMBED_CHUNK_SPOTS)
