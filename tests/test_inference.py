@@ -364,6 +364,21 @@ def test_tile_cache_slab_slots_are_reused_safely_across_threads(tmp_path):
     view.close()
 
 
+def test_tile_cache_slots_have_the_full_tile_shape_even_if_an_edge_tile_comes_first(tmp_path):
+    from napari_comtip.io.image import open_image
+
+    rng = np.random.default_rng(4)
+    image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng, side=(1000, 1300)))
+    view = inference.TileCachedImage(image)
+    H, W = image.level_shapes[0][:2]
+    edge = view.read_level_window(0, H - 10, W - 10, 10, 10)  # the bottom-right (partial) tile first
+    np.testing.assert_array_equal(edge, image.read_level_window(0, H - 10, W - 10, 10, 10))
+    assert view._slab is not None and view._slab.shape[1:] == (256, 256, 3)
+    view.read_level_window(0, 0, 0, 10, 10)  # a full interior tile then goes into a slot too
+    assert len(view._slot_of) == 2
+    view.close()
+
+
 def test_heap_trimmer_calls_malloc_trim_at_most_every_interval(monkeypatch):
     calls = []
     t = inference.HeapTrimmer(every_s=0.05)

@@ -601,17 +601,21 @@ class TileCachedImage:
                 paste(t, arr)
             with self._lock:
                 for t, arr in fetched.items():
-                    self._insert((level, *t), arr)
+                    self._insert((level, *t), arr, (th, tw))
         return out
 
-    def _insert(self, key: tuple[int, int, int], arr: np.ndarray) -> None:
-        """Cache a decoded tile (caller holds the lock), evicting least recently used ones."""
+    def _insert(self, key: tuple[int, int, int], arr: np.ndarray, chunk: tuple[int, int]) -> None:
+        """Cache a decoded tile (caller holds the lock), evicting least recently used ones.
+
+        Slots have the source's full tile shape ``chunk`` (edge tiles are smaller and use part of
+        a slot), so the first tile read deciding the slot size cannot be an edge tile."""
         if key in self._cache:
             return
         if self._slab is None and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
-            n = self.max_bytes // max(1, arr.nbytes)
+            slot_shape = (max(int(chunk[0]), arr.shape[0]), max(int(chunk[1]), arr.shape[1]), 3)
+            n = self.max_bytes // max(1, int(np.prod(slot_shape)))
             if n >= 1:
-                self._slab = np.empty((n, *arr.shape), dtype=np.uint8)
+                self._slab = np.empty((n, *slot_shape), dtype=np.uint8)
                 self._free = list(range(n - 1, -1, -1))
         slab = self._slab
         fits = (slab is not None and arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[2] == 3
