@@ -91,8 +91,8 @@ class RidgeFloor:
         Z = (X - self.mu_) / self.sd_
         self.ymu_ = Y.mean(0)
         Yc = Y - self.ymu_
-        self.alpha_, self.scores_ = loo_ridge_alpha(Z, Yc, self.alphas)
         U, s, Vt = np.linalg.svd(Z, full_matrices=False)
+        self.alpha_, self.scores_ = loo_ridge_alpha(Z, Yc, self.alphas, svd=(U, s))
         UtY = U.T @ Yc
         d = s / (s * s + self.alpha_)
         self.coef_ = Vt.T @ (d[:, None] * UtY)

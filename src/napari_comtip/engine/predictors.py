@@ -207,16 +207,17 @@ class Probe:
 
 
 def loo_ridge_alpha(xs: np.ndarray, yc: np.ndarray, alphas: Sequence[float] = Default.PROBE_ALPHAS,
-                   ) -> tuple[float, dict[float, float]]:
+                   *, svd: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, dict[float, float]]:
     """The ridge penalty with the smallest exact leave-one-out error on the reference spots.
 
     ``xs``: standardised features (N, F); ``yc``: centred targets (N, G). One SVD gives every
     alpha's hat-matrix diagonal, hence the leave-one-out residuals in closed form (Allen's PRESS),
     averaged over spots and genes. The probe and the colour-texture floor
     (:class:`engine.baselines.RidgeFloor`) choose their penalty with this one rule, so the two
-    differ only in their features. Returns ``(alpha, {alpha: LOO mean squared error})``.
+    differ only in their features. ``svd``: ``(U, S)`` of ``xs`` when the caller has it already.
+    Returns ``(alpha, {alpha: LOO mean squared error})``.
     """
-    u, s, _ = np.linalg.svd(np.asarray(xs, np.float64), full_matrices=False)
+    u, s = svd if svd is not None else np.linalg.svd(np.asarray(xs, np.float64), full_matrices=False)[:2]
     uty = u.T @ np.asarray(yc, np.float64)
     scores: dict[float, float] = {}
     for a in alphas:
