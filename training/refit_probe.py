@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from napari_comtip.engine.evaluation import evaluate_predictions
-    from napari_comtip.engine.loso import _git_commit, collect_results, write_results_md
+    from napari_comtip.engine.loso import _git_commit, _write_json, collect_results, write_results_md
     from napari_comtip.engine.predict import predict_sample
     from napari_comtip.engine.training import refit_probe
     from napari_comtip.io import list_samples, load_sample
@@ -71,9 +70,7 @@ def main(argv=None) -> int:
         res["modes"]["probe"] = m
         res.setdefault("probe_refits", []).append({"commit": note["commit"], "rule": note["rule"], "alpha": r["alpha"],
                                                    "before": {k: old.get(k) for k in ("pcc_all", "pcc_heg50", "pcc_hvg50")}})
-        tmp = res_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=float))
-        os.replace(tmp, res_path)
+        _write_json(res_path, res)
         print(f"{res['arm']:>22} {res['held_out']}: alpha {r['alpha']:g}; PCC all/HEG-50/HVG-50 "
               f"{old['pcc_all']:.3f}/{old['pcc_heg50']:.3f}/{old['pcc_hvg50']:.3f} -> "
               f"{m['pcc_all']:.3f}/{m['pcc_heg50']:.3f}/{m['pcc_hvg50']:.3f}", flush=True)
