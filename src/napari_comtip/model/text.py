@@ -140,9 +140,10 @@ def embed_gene_names(
             progress(min(start + batch_size, len(texts)), len(texts), "embedding gene names")
     emb = torch.cat(out).contiguous()
     if cache_file is not None:
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"genes": genes, "emb": emb, "text_model": str(path)}, tmp)
-        os.replace(tmp, cache_file)
+        from ..io.writers import atomic_replace
+
+        blob = {"genes": genes, "emb": emb, "text_model": str(path)}
+        atomic_replace(cache_file, lambda tmp: torch.save(blob, tmp))
     return emb
 
 
