@@ -106,6 +106,84 @@ def test_batch_size_and_workers_do_not_change_results(tiny_model):
     np.testing.assert_allclose(c.image, b.image, atol=2e-5)
 
 
+def _encode_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("comtip-encode")]
+
+
+@pytest.mark.parametrize("streams", [2, 3])
+def test_cpu_streams_give_the_results_of_one_stream(tiny_model, streams):
+    """Batches encoded side by side land in their own rows (spatial order, short last batch)."""
+    s = _sample(23, seed=11)
+    threads = torch.get_num_threads()
+    one = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, features=True, cpu_streams=1)
+    many = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, features=True, cpu_streams=streams)
+    assert one.timings["streams"] == 1 and many.timings["streams"] == streams
+    np.testing.assert_allclose(many.image, one.image, atol=2e-5)
+    np.testing.assert_allclose(many.features, one.features, atol=2e-4)
+    np.testing.assert_allclose(many.image[[0, 22]], _direct(tiny_model, s, [0, 22]), atol=2e-5)
+    assert many.timings["read"] > 0 and many.timings["compute"] > 0
+    assert torch.get_num_threads() == threads  # the process-wide setting is restored
+    assert not _encode_threads()
+
+
+def test_cpu_streams_split_the_threads_and_restore_them(tiny_model, monkeypatch):
+    s = _sample(12, seed=12)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        seen = []
+        real = inference._Encoder.run
+
+        def spy(self, batch):
+            seen.append(torch.get_num_threads())
+            return real(self, batch)
+
+        monkeypatch.setattr(inference._Encoder, "run", spy)
+        embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, cpu_streams=2)
+        assert seen and set(seen) == {2}  # 4 threads over 2 streams
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_default_cpu_streams(tiny_model, monkeypatch):
+    from napari_comtip.constants import Default
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert inference.default_cpu_streams(torch.device("cpu")) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert inference.default_cpu_streams(torch.device("cpu")) == 1  # one thread: the single-stream path
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert inference.default_cpu_streams(torch.device("cpu")) == Default.CPU_STREAMS_MAX
+    assert inference.default_cpu_streams(torch.device("cuda")) == 1
+    with pytest.raises(InputError, match="cpu_streams"):
+        embed_sample(_sample(2), tiny_model, device="cpu", cpu_streams=0)
+
+
+def test_a_failing_stream_stops_the_run_cleanly(tiny_model, monkeypatch):
+    """An error while reading in a stream reaches the caller; threads, settings and cache are clean."""
+    s = _sample(20, seed=13, name="streamfail")
+    before_entries = _entries()
+    threads = torch.get_num_threads()
+    calls = {"n": 0}
+    real = inference._PatchReader._read_into
+
+    def flaky(self, buf, start, stop):
+        calls["n"] += 1
+        if start >= 8:
+            raise InputError("the slide became unreadable", hint="test")
+        return real(self, buf, start, stop)
+
+    monkeypatch.setattr(inference._PatchReader, "_read_into", flaky)
+    with pytest.raises(InputError, match="unreadable"):
+        embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=True, cpu_streams=2)
+    assert torch.get_num_threads() == threads
+    assert not _encode_threads()
+    assert _entries() == before_entries
+
+
 def test_training_mode_is_restored(tiny_model):
     s = _sample(4, seed=2)
     tiny_model.train()
@@ -223,16 +301,19 @@ def test_progress_and_cancel_between_batches(tiny_model):
     def cancel():
         return len(seen) >= 2
 
-    for workers in (0, 2):  # in line, and with reader threads (which must stop too)
+    threads = torch.get_num_threads()
+    # in line, with reader threads (which must stop too), and in two encoder streams
+    for workers, streams in ((0, 1), (2, 1), (0, 2)):
         seen.clear()
         with pytest.raises(Cancelled, match="cancelled after 8 of 20"):
             embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=True, read_workers=workers,
-                         progress=lambda d, t, m: seen.append(d), cancel=cancel)
+                         cpu_streams=streams, progress=lambda d, t, m: seen.append(d), cancel=cancel)
         assert seen == [4, 8]
         assert _entries() == before  # no entry and no temporary folder left behind
     import threading
 
-    assert not [t for t in threading.enumerate() if t.name.startswith("comtip-read")]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("comtip-read", "comtip-encode"))]
+    assert torch.get_num_threads() == threads
 
 
 # --------------------------------------------------------------------------- out of memory

@@ -76,6 +76,7 @@ class Default:
     BATCH_SIZE_CUDA: Final = 256  # encoder batch on a GPU (halved automatically on out-of-memory)
     BATCH_SIZE_MPS: Final = 64
     PREFETCH_BATCHES: Final = 3  # patch batches read ahead of the encoder
+    CPU_STREAMS_MAX: Final = 4  # CPU: batches read + encoded side by side, each with threads/streams torch threads
     EMBED_STREAM_BYTES: Final = 16 * 2**20  # embeddings larger than this stream to the on-disk cache (32k spots at 128-d)
     TILE_CACHE_BYTES: Final = 64 * 2**20  # decoded slide tiles kept while reading spot patches
     HEAP_TRIM_S: Final = 1.0  # while embedding, return freed heap pages to the OS this often (glibc)
