@@ -14,7 +14,7 @@ or data movement (measured in ``docs/performance.md``, benchmarks in ``bench/``)
 * **CPU streams**: on the CPU, batches are read and encoded side by side on several threads
   (:func:`default_cpu_streams`), each with ``threads // streams`` torch threads: reading
   overlaps encoding without a reader thread fighting torch's threads for the cores, and no core
-  waits for the others at the end of every operator (measured +20 % on 2 cores);
+  waits for the others at the end of every operator (measured +25-30 % on 2 cores);
 * **compute**: ``torch.inference_mode``, bf16 autocast on CUDA (fp16 where bf16 is missing),
   channels-last input on CUDA (measured: no gain on the CPU for a ViT, so not used there);
   uint8 patches travel to the device and are normalised there (4x less traffic than float);
@@ -183,8 +183,8 @@ def default_cpu_streams(device: torch.device) -> int:
     threads, so a core that finished its share of a batch goes on with the next one instead of
     waiting at the end of every operator for the other cores, and reading overlaps encoding
     without a reader thread competing with torch's threads. Measured on 2 cores
-    (docs/performance.md, section 1): two streams of one thread encode the bundled model's spots
-    20 % faster than one stream of two threads. ``torch.get_num_threads()`` (``--threads``,
+    (docs/performance.md, section 1): the bundled model's pipeline ran at 1,512-1,776 spots/s in
+    two streams of one thread vs 1,168-1,373 in one stream of two threads. ``torch.get_num_threads()`` (``--threads``,
     ``OMP_NUM_THREADS``) bounds the total; at most ``Default.CPU_STREAMS_MAX`` streams.
     """
     if device.type != "cpu":
@@ -761,6 +761,8 @@ class _CpuStreams:
         buf = self.reader.free.popleft()  # never empty: one buffer per task in flight
         try:
             read_s = self.reader._read_into(buf, start, stop)
+            if self.reader._stop:  # the run ended (cancel, error) while this batch was read
+                return start, stop, [], read_s, 0.0
             t0 = time.perf_counter()
             with torch.inference_mode():
                 parts, _ = self.enc.run(buf[: stop - start])
