@@ -509,3 +509,77 @@ def test_embedding_a_tiff_slide_equals_direct_reading(tmp_path, tiny_model):
     emb = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False)
     np.testing.assert_allclose(emb.image, _direct(tiny_model, s, range(9)), atol=2e-5)
     assert emb.timings["tile_misses"] > 0
+
+
+# --------------------------------------------------------------------------- reader processes (GPU path)
+def _tiff_sample(tmp_path, n=30, seed=5):
+    from napari_comtip.io.image import open_image
+
+    rng = np.random.default_rng(seed)
+    image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
+    rc = rng.uniform(-10, 1010, size=(n, 2))
+    spots = pd.DataFrame({Key.ROW: rc[:, 0], Key.COL: rc[:, 1], Key.DIAMETER: 50.0},
+                         index=[f"p{i}" for i in range(n)])
+    return SpatialSample(name="procs", image=image, mpp=0.5, mpp_source="test", spots=spots)
+
+
+def test_reader_processes_give_the_pixels_of_the_thread_reader(tmp_path, tiny_model):
+    """Worker processes reopen the slide and cut the same patches; batches arrive in order."""
+    s = _tiff_sample(tmp_path)
+    assert s.image.reopen_spec()[0] == "tiffslide"
+    threads = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, cpu_streams=1,
+                           read_processes=0, features=True)
+    procs = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, cpu_streams=1,
+                         read_processes=2, features=True)
+    assert procs.timings["read_processes"] == 2 and threads.timings["read_processes"] == 0
+    np.testing.assert_array_equal(procs.image, threads.image)
+    np.testing.assert_array_equal(procs.features, threads.features)
+    assert procs.timings["read"] > 0
+
+
+def test_reader_processes_only_for_file_backed_slides_and_never_by_default_on_cpu(tiny_model):
+    from napari_comtip.constants import Default
+
+    s = _sample(6, seed=21)  # in memory: nothing for a worker to reopen
+    assert s.image.reopen_spec() is None
+    emb = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, cpu_streams=1, read_processes=2)
+    assert emb.timings["read_processes"] == 0  # read by threads instead
+    assert inference.default_read_processes(torch.device("cpu"), 10**7) == 0
+    assert inference.default_read_processes(torch.device("cuda"), Default.READ_PROCESS_MIN_SPOTS - 1) == 0
+    with pytest.raises(InputError, match="read_processes"):
+        embed_sample(s, tiny_model, device="cpu", read_processes=-1)
+
+
+def test_reader_process_errors_reach_the_caller_as_themselves(tmp_path, tiny_model):
+    """A slide replaced on disk after it was opened: the worker's InputError, not a worker traceback."""
+    s = _tiff_sample(tmp_path, n=8)
+    path = tmp_path / "slide.ome.tif"
+    time.sleep(0.01)
+    _write_tiled_tiff(path, np.random.default_rng(99))  # same name, other content and mtime
+    with pytest.raises(InputError, match="changed or disappeared") as info:
+        embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, cpu_streams=1, read_processes=2)
+    assert "Traceback" not in str(info.value)
+
+
+def test_reader_processes_that_cannot_start_fall_back_to_threads(tmp_path, tiny_model, caplog):
+    import functools
+
+    from napari_comtip.engine._process_reader import ProcessPatchReader
+
+    s = _tiff_sample(tmp_path, n=10)
+    side = patch_geometry(s.mpp, tiny_model.config.patch_um, tiny_model.img_size)
+    centres = s.centers_rc()
+    broken = functools.partial(int, "not a number")  # picklable; raises in every worker at start
+    reader = ProcessPatchReader(s.image.reopen_spec(), centres, side, tiny_model.img_size, 4, workers=2, pin=False,
+                                worker_init_fn=broken)
+    got = []
+    with caplog.at_level("WARNING"):
+        for a, b, p in reader:
+            got.append((a, b, p.clone()))
+            reader.release(p)  # the fallback's ring buffer goes back, as the engine does
+    assert reader.fell_back and "ValueError" in reader.fell_back
+    assert "reading with threads" in caplog.text
+    assert [(a, b) for a, b, _ in got] == [(0, 4), (4, 8), (8, 10)]
+    for a, b, p in got:
+        ref = np.stack([read_patch(s.image, centres[i], side, tiny_model.img_size) for i in range(a, b)])
+        np.testing.assert_array_equal(np.asarray(p[: b - a]), ref)

@@ -223,3 +223,31 @@ def test_truncated_png_and_garbage_are_refused(tmp_path):
         open_image(junk)
     with pytest.raises(InputError, match="not found"):
         open_image(tmp_path / "missing.jpg")
+
+
+# --------------------------------------------------------------------------- reopening in another process
+def test_file_backed_images_reopen_from_their_spec(tmp_path, small_min_side):
+    import pickle
+
+    from napari_comtip.io.image import reopen_image
+
+    src = tmp_path / "slide.jpg"
+    Image.fromarray(make_blob_rgb(700, 900)).save(src, quality=95)
+    tiff = make_ome_tiff(tmp_path / "slide.ome.tif", make_blob_rgb(2000, 3000), mpp=0.5, compression="jpeg")
+    for path, kind in ((src, "cached pyramid"), (tiff, "tiffslide")):
+        img, _ = open_image(path)
+        spec = img.reopen_spec()
+        assert spec[0] == kind
+        again = reopen_image(pickle.loads(pickle.dumps(spec)))  # what a reader process receives
+        assert again.identity == img.identity and again.kind == kind
+        assert again.downsamples == img.downsamples and again.level_shapes == img.level_shapes
+        for lvl in (0, len(img.levels) - 1):
+            np.testing.assert_array_equal(again.read_level_window(lvl, 5, 7, 40, 30),
+                                          img.read_level_window(lvl, 5, 7, 40, 30))
+    # in-memory images have no spec (their pixels would have to be copied)
+    assert MultiscaleImage.from_array(make_blob_rgb(64, 64)).reopen_spec() is None
+    # the file changed since: refused with the file's name
+    time.sleep(0.01)
+    make_ome_tiff(tiff, make_blob_rgb(1000, 1000), mpp=0.5, compression="jpeg")
+    with pytest.raises(InputError, match="changed or disappeared"):
+        reopen_image(spec)

@@ -79,6 +79,9 @@ class Default:
     CPU_STREAMS_MAX: Final = 4  # CPU: batches read + encoded side by side, each with threads/streams torch threads
     EMBED_STREAM_BYTES: Final = 16 * 2**20  # embeddings larger than this stream to the on-disk cache (32k spots at 128-d)
     TILE_CACHE_BYTES: Final = 64 * 2**20  # decoded slide tiles kept while reading spot patches
+    TILE_CACHE_MIN_BYTES: Final = 16 * 2**20  # per reader process (the budget above is split between them)
+    READ_PROCESS_MIN_SPOTS: Final = 50_000  # GPU: read with worker processes from this many spots on
+    READ_PROCESSES_MAX: Final = 16  # GPU: at most this many reader processes
     HEAP_TRIM_S: Final = 1.0  # while embedding, return freed heap pages to the OS this often (glibc)
     EMBED_CHUNK_SPOTS: Final = 8192  # spots per chunk when predicting from streamed embeddings
 

@@ -176,6 +176,21 @@ def default_read_workers(device: torch.device) -> int:
     return max(2, min(8, n - 1))
 
 
+def default_read_processes(device: torch.device, n_spots: int) -> int:
+    """Reader processes for the GPU path; 0 = reader threads (:func:`default_read_workers`).
+
+    Cutting patches from a spot grid is mostly Python, so reader threads do not add up (one
+    interpreter lock); processes do (docs/performance.md, section 2). They cost a start-up of a
+    second or two, so they are used on a GPU from ``Default.READ_PROCESS_MIN_SPOTS`` spots on,
+    one per core but two (left to the encoder's thread and the main loop), at most
+    ``Default.READ_PROCESSES_MAX``. Never on the CPU, whose cores the encoder streams use.
+    """
+    n = os.cpu_count() or 1
+    if device.type == "cpu" or n_spots < Default.READ_PROCESS_MIN_SPOTS or n < 4:
+        return 0
+    return max(2, min(int(Default.READ_PROCESSES_MAX), n - 2))
+
+
 def default_cpu_streams(device: torch.device) -> int:
     """Encoder streams on the CPU: batches read and encoded side by side (1 = one stream).
 
@@ -876,6 +891,7 @@ def embed_sample(
     prefetch: int | None = None,
     stream: bool | None = None,
     cpu_streams: int | None = None,
+    read_processes: int | None = None,
 ) -> Embeddings:
     """Image embeddings (and optionally pooled features) of every spot of ``sample``.
 
@@ -887,6 +903,9 @@ def embed_sample(
     results to disk; None = stream when they exceed ``Default.EMBED_STREAM_BYTES``.
     ``cpu_streams``: on the CPU, batches read and encoded side by side (None =
     :func:`default_cpu_streams`; 1 = one stream with reader threads as on a GPU).
+    ``read_processes``: with one stream, read the patches in this many worker processes instead
+    of threads (None = :func:`default_read_processes`; only file-backed slides can be reopened
+    by a worker, others are read by threads).
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -898,6 +917,8 @@ def embed_sample(
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     if cpu_streams is not None and int(cpu_streams) < 1:
         raise InputError(f"cpu_streams must be at least 1, got {cpu_streams}")
+    if read_processes is not None and int(read_processes) < 0:
+        raise InputError(f"read_processes must be 0 or more, got {read_processes}")
     precision = precision_for(dev)
     signature = embedding_signature(sample, model, precision=precision)
     key = _cache_key(signature)
@@ -949,11 +970,23 @@ def embed_sample(
             workers = 0  # each stream reads its own batches
         centres = sample.centers_rc()
         order = spatial_order(centres, side)
-        view = TileCachedImage(sample.image)
-        reader = _PatchReader(view, centres[order], side, img_size, bs, workers=workers,
-                              prefetch=n_streams if n_streams > 1 else
-                              (prefetch if prefetch is not None else Default.PREFETCH_BATCHES),
-                              pin=dev.type == "cuda", cancel=cancel)
+        n_proc = 0 if n_streams > 1 else int(read_processes if read_processes is not None
+                                              else default_read_processes(dev, n))
+        spec = sample.image.reopen_spec() if n_proc > 0 and hasattr(sample.image, "reopen_spec") else None
+        if spec is None:
+            n_proc = 0
+        if n_proc > 0:
+            from ._process_reader import ProcessPatchReader
+
+            reader = ProcessPatchReader(spec, centres[order], side, img_size, bs, workers=n_proc,
+                                        pin=dev.type == "cuda",
+                                        prefetch=prefetch if prefetch is not None else Default.PREFETCH_BATCHES)
+        else:
+            view = TileCachedImage(sample.image)
+            reader = _PatchReader(view, centres[order], side, img_size, bs, workers=workers,
+                                  prefetch=n_streams if n_streams > 1 else
+                                  (prefetch if prefetch is not None else Default.PREFETCH_BATCHES),
+                                  pin=dev.type == "cuda", cancel=cancel)
         wait_s = compute_s = 0.0
         pending: list = []  # device->host copies of the previous batch: (start, host tensors, event)
         cuda = dev.type == "cuda"
@@ -1044,8 +1077,9 @@ def embed_sample(
             precision=precision, cached=False, cache_path=entry if cache else None, signature=signature,
             timings={"total": total, "read": reader.read_s, "wait": wait_s, "compute": compute_s,
                      "spots_per_s": n / max(total, 1e-9), "halvings": float(enc.halvings),
-                     "streams": float(n_streams),
-                     "tile_hits": float(view.hits), "tile_misses": float(view.misses)},
+                     "streams": float(n_streams), "read_processes": float(n_proc),
+                     "tile_hits": float(view.hits) if view is not None else float("nan"),
+                     "tile_misses": float(view.misses) if view is not None else float("nan")},
         )
     finally:
         if batches is not None:
@@ -1060,4 +1094,4 @@ def embed_sample(
 
 
 __all__ = ["Embeddings", "embed_sample", "embedding_signature", "weights_digest", "coords_digest",
-           "default_batch_size", "default_cpu_streams", "precision_for", "embeddings_cache_root", "CACHE_FORMAT"]
+           "default_batch_size", "default_cpu_streams", "default_read_processes", "precision_for", "embeddings_cache_root", "CACHE_FORMAT"]

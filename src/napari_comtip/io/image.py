@@ -218,6 +218,20 @@ class MultiscaleImage:
                 best = i
         return best
 
+    # ------------------------------------------------------------------ reopening elsewhere
+    def reopen_spec(self) -> tuple | None:
+        """A small picklable recipe to open this same image in another process, or None.
+
+        Only file-backed images have one (a slide read through tiffslide, a cached zarr pyramid):
+        another process reopens the file instead of receiving the pixels. In-memory images
+        (small by construction) and napari layers have none. See :func:`reopen_image`.
+        """
+        if self.kind == "tiffslide" and self.source:
+            return ("tiffslide", str(self.source), self.identity)
+        if self.kind == "cached pyramid" and self.info.get("cache"):
+            return ("cached pyramid", str(self.info["cache"]), self.identity, str(self.source or ""))
+        return None
+
     # ------------------------------------------------------------------ reading
     def read_level_window(self, level: int, row0: int, col0: int, height: int, width: int,
                           pad_value: int = Default.PAD_VALUE) -> np.ndarray:
@@ -566,6 +580,28 @@ def open_image(path: str | os.PathLike, progress: ProgressFn | None = None) -> t
     return img, mpp
 
 
+def reopen_image(spec: tuple) -> MultiscaleImage:
+    """Open the image described by :meth:`MultiscaleImage.reopen_spec` (e.g. in a reader process).
+
+    Raises :class:`InputError` when the file is gone or is no longer the file that was opened
+    (its identity, which covers size and modification time, changed).
+    """
+    kind = spec[0]
+    if kind == "tiffslide":
+        _, source, identity = spec
+        opened = _open_tiffslide(Path(source))
+        img = opened[0] if opened else None
+    elif kind == "cached pyramid":
+        _, folder, identity, source = spec
+        img = _open_cached_pyramid(Path(folder), identity, source)
+    else:
+        raise ValueError(f"unknown image spec {spec!r}")
+    if img is None or img.identity != identity:
+        raise InputError("the slide changed or disappeared while it was being read", path=spec[1],
+                         hint="run again on the current file")
+    return img
+
+
 def _probe(img: MultiscaleImage, path: Path) -> None:
     """Read one small tile of every level so that a damaged slide fails here, with a clear message."""
     for i, lv in enumerate(img.levels):
@@ -580,6 +616,7 @@ def _probe(img: MultiscaleImage, path: Path) -> None:
 __all__ = [
     "MultiscaleImage",
     "open_image",
+    "reopen_image",
     "decode_image",
     "image_size",
     "build_pyramid_levels",
