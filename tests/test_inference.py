@@ -583,3 +583,16 @@ def test_reader_processes_that_cannot_start_fall_back_to_threads(tmp_path, tiny_
     for a, b, p in got:
         ref = np.stack([read_patch(s.image, centres[i], side, tiny_model.img_size) for i in range(a, b)])
         np.testing.assert_array_equal(np.asarray(p[: b - a]), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_with_reader_processes_and_pinned_batches(tmp_path, tiny_model):
+    """The GPU path as a Visium HD-sized run takes it: worker processes, pinned batches, bf16."""
+    s = _tiff_sample(tmp_path, n=300, seed=6)
+    cpu = embed_sample(s, tiny_model, device="cpu", batch_size=64, cache=False, cpu_streams=1, read_processes=0)
+    gpu = embed_sample(s, tiny_model, device="cuda", batch_size=64, cache=False, read_processes=2)
+    tiny_model.to("cpu")
+    assert gpu.timings["read_processes"] == 2 and gpu.device.startswith("cuda")
+    cos = (cpu.image * gpu.image).sum(axis=1)
+    assert cos.min() > 0.98, cos.min()
