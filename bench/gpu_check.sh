@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short run on a rented CUDA machine: the GPU-marked tests, then benchmarks 1 (encoder
-# efficiency), 3 (scaling) and 4 (training throughput) on the GPU; prints every table and, at the
+# efficiency), 2 (slide reading: reader threads vs the reader processes the GPU path uses from
+# 50k spots), 3 (scaling) and 4 (training throughput) on the GPU; prints every table and, at the
 # end, the JSON line of each. Budget: under 8 minutes in total (each step has its own timeout).
 #
 #   bash bench/gpu_check.sh            # uses ./.venv/bin/python if present, else python3
@@ -52,10 +53,11 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 mapfile -t gpu_tests < <(grep -rl "mark.gpu" tests --include='*.py' | sort)
-step gpu-tests        100 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
+step gpu-tests         90 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
 step bench-inference   60 "$PY" bench/inference.py --device "$DEVICE" --spots "$INF_SPOTS" --repeats "$INF_REPEATS"
 step bench-inference-base 60 "$PY" bench/inference.py --device "$DEVICE" --model base --spots "$INF_BASE_SPOTS" --repeats "$INF_REPEATS"
-step bench-scaling    150 "$PY" bench/scaling.py --device "$DEVICE" --sizes "$SCALING_SIZES"
+step bench-slide-reading 60 "$PY" bench/slide_reading.py --device "$DEVICE" --quick
+step bench-scaling    120 "$PY" bench/scaling.py --device "$DEVICE" --sizes "$SCALING_SIZES"
 step bench-training    80 "$PY" bench/training.py --device "$DEVICE" --steps "$TRAIN_STEPS"
 
 echo

@@ -34,7 +34,12 @@ def main(argv=None) -> int:
     import torch
 
     from napari_comtip.engine._process_reader import ProcessPatchReader
-    from napari_comtip.engine.inference import TileCachedImage, default_read_processes, default_read_workers
+    from napari_comtip.engine.inference import (
+        TileCachedImage,
+        _PatchReader,
+        default_read_processes,
+        default_read_workers,
+    )
     from napari_comtip.io.image import open_image
     from napari_comtip.io.patches import patch_geometry, read_patch
 
@@ -101,20 +106,38 @@ def main(argv=None) -> int:
     n_proc = max(2, default_read_processes(torch.device("cuda"), 10**9))
     startup = {}
 
-    def read_processes(centres, key: str) -> float:
-        """Patches/s of the GPU path's reader processes, from the first batch on (start-up apart)."""
-        reader = ProcessPatchReader(image.reopen_spec(), centres, side, S, 64, workers=n_proc, pin=False)
+    def grid_of(m: int):
+        gg = int(np.ceil(np.sqrt(m)))
+        rr, cc = np.meshgrid(np.arange(gg), np.arange(gg), indexing="ij")
+        return np.stack([r0 + rr.ravel() * pitch * np.sqrt(3) / 2,
+                         c0 + cc.ravel() * pitch + (rr.ravel() % 2) * pitch / 2], axis=1)[:m]
+
+    gpu_batch = 256  # Default.BATCH_SIZE_CUDA: the batches the GPU path's readers cut
+    n_gpu_grid = max(n, 12 * gpu_batch * n_proc // 2)
+
+    def read_gpu_path(workers: int, key: str) -> float:
+        """Patches/s of the GPU path's reader on a grid, once every worker has delivered a batch.
+
+        ``workers`` > 0: reader processes (from Default.READ_PROCESS_MIN_SPOTS spots on a GPU);
+        0: the thread reader with 2 threads (below that). Start-up is reported apart.
+        """
+        centres = grid_of(n_gpu_grid)
+        if workers:
+            reader = ProcessPatchReader(image.reopen_spec(), centres, side, S, gpu_batch, workers=workers, pin=False)
+        else:
+            reader = _PatchReader(TileCachedImage(image), centres, side, S, gpu_batch, workers=2, prefetch=3, pin=False)
         t0 = time.perf_counter()
-        first = last = None
-        count = 0
-        for start, stop, _ in reader:
-            if first is None:
+        first = None
+        count = k = 0
+        for start, stop, buf in reader:
+            k += 1
+            if k == max(1, workers):  # every worker has started and delivered
                 first = time.perf_counter()
                 startup[key] = first - t0
-            else:
+            elif first is not None:
                 count += stop - start
-            last = time.perf_counter()
-        return count / max(last - first, 1e-9)
+            reader.release(buf)
+        return count / max(time.perf_counter() - first, 1e-9)
 
     read_patch(image, random_rc[0], side, S)  # open file handles
     rates = {
@@ -122,7 +145,8 @@ def main(argv=None) -> int:
         f"engine_random_{w2}threads": read_all(view(), random_rc, w2),
         "engine_grid_1thread": read_all(view(), grid_rc, 1, "grid"),
         f"engine_grid_{w2}threads": read_all(view(), grid_rc, w2),
-        f"engine_grid_{n_proc}processes": read_processes(grid_rc, "grid"),
+        f"gpu_path_grid_{n_proc}processes": read_gpu_path(n_proc, "processes"),
+        "gpu_path_grid_2threads": read_gpu_path(0, "threads"),
         "plain_random_1thread": read_all(image, random_rc[: max(200, n // 4)], 1, "plain"),
     }
     # the engine reads a sample's spots in spatial order (engine.inference.spatial_order): on a real
@@ -140,7 +164,8 @@ def main(argv=None) -> int:
              f"engine_random_{w2}threads": f"engine reader (tile cache), random spots, {w2} threads",
              "engine_grid_1thread": "engine reader (tile cache), Visium-like grid, 1 thread",
              f"engine_grid_{w2}threads": f"engine reader (tile cache), Visium-like grid, {w2} threads",
-             f"engine_grid_{n_proc}processes": f"GPU path's reader, Visium-like grid, {n_proc} processes",
+             f"gpu_path_grid_{n_proc}processes": f"GPU path, {n_gpu_grid:,}-spot grid, batch {gpu_batch}, {n_proc} processes",
+             "gpu_path_grid_2threads": f"GPU path, {n_gpu_grid:,}-spot grid, batch {gpu_batch}, 2 threads",
              "plain_random_1thread": "plain MultiscaleImage (tiffslide zarr), random, 1 thread"}
     rows = [[names[k], v, v / enc_rate] for k, v in rates.items()]
     rows.append(["encoder (bare forward)", enc_rate, 1.0])
@@ -159,9 +184,9 @@ def main(argv=None) -> int:
     print(f"CPU time: reading {cpu_ms['random']:.2f} ms/patch (random), {cpu_ms['grid']:.2f} ms/patch (grid); "
           f"encoder {cpu_ms['encoder']:.2f} ms/spot over {threads} threads; load average {load:.1f}"
           + (f"; idle-machine estimate of the grid ratio: {idle_ratio:.1f}x" if idle_ratio else ""))
-    print(f"reader processes: {startup.get('grid', float('nan')):.2f} s from start to the first batch "
-          f"(start-up, not in the rate)")
-    _common.emit({"benchmark": "slide_reading", "cpu_ms": cpu_ms, "process_startup_s": startup.get("grid"), "idle_ratio_estimate": idle_ratio,
+    print(f"GPU path rows: rates once every reader delivered a batch; before that {startup.get('processes', 0):.2f} s "
+          f"({n_proc} processes) and {startup.get('threads', 0):.2f} s (threads) of start-up")
+    _common.emit({"benchmark": "slide_reading", "cpu_ms": cpu_ms, "process_startup_s": startup.get("processes"), "idle_ratio_estimate": idle_ratio,
                   "load_average": load, "slide_px": [W, H], "levels": image.n_levels, "tile": args.tile,
                   "patches": n, "read_patches_per_s": rates, "engine_reader_threads": engine_workers,
                   "engine_read_patches_per_s": engine_rate, "encoder_spots_per_s": enc_rate, "ratio": ratio,

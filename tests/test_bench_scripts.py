@@ -33,7 +33,8 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
         name, sep, payload = line.partition(": ")
         if sep and name.startswith("bench-") and payload.startswith("{"):
             results[name] = json.loads(payload)
-    assert set(results) == {"bench-inference", "bench-inference-base", "bench-scaling", "bench-training"}, out[-3000:]
+    assert set(results) == {"bench-inference", "bench-inference-base", "bench-slide-reading", "bench-scaling",
+                            "bench-training"}, out[-3000:]
     assert results["bench-inference"]["device"] == "cpu" and results["bench-inference"]["pipeline_spots_per_s"] > 0
     assert results["bench-scaling"]["sizes"] == [200, 400, 800]
     assert results["bench-training"]["pretrain_samples_per_s"] > 0

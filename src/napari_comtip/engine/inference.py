@@ -10,7 +10,9 @@ or data movement (measured in ``docs/performance.md``, benchmarks in ``bench/``)
   picks the pyramid level that matches the encoder's input size, so no full-resolution pixels
   are decoded needlessly) by a thread pool, ``Default.PREFETCH_BATCHES`` batches ahead of the
   encoder, into a ring of reusable buffers (page-locked on CUDA, so host-to-device copies are
-  ``non_blocking``);
+  ``non_blocking``); on a GPU from ``Default.READ_PROCESS_MIN_SPOTS`` spots on, by worker
+  processes instead (:func:`default_read_processes`, ``_process_reader.py``), because reader
+  threads share one interpreter lock;
 * **CPU streams**: on the CPU, batches are read and encoded side by side on several threads
   (:func:`default_cpu_streams`), each with ``threads // streams`` torch threads: reading
   overlaps encoding without a reader thread fighting torch's threads for the cores, and no core
