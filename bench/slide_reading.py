@@ -58,11 +58,16 @@ def main(argv=None) -> int:
     random_rc = rng.uniform([margin, margin], [H - margin, W - margin], size=(n, 2))
     # a Visium-like grid (100 um pitch) in raster order, as the engine reads a real sample
     pitch = 100.0 / mpp
-    g = int(np.ceil(np.sqrt(n)))
     r0, c0 = rng.uniform(margin, min(H, W) / 2, size=2)
-    gr, gc = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
-    grid_rc = np.stack([r0 + gr.ravel() * pitch * np.sqrt(3) / 2, c0 + gc.ravel() * pitch + (gr.ravel() % 2) * pitch / 2],
-                       axis=1)[:n]
+
+    def grid_of(m: int):
+        """``m`` spots of a hexagonal Visium-like grid from (r0, c0), row by row."""
+        gg = int(np.ceil(np.sqrt(m)))
+        rr, cc = np.meshgrid(np.arange(gg), np.arange(gg), indexing="ij")
+        return np.stack([r0 + rr.ravel() * pitch * np.sqrt(3) / 2,
+                         c0 + cc.ravel() * pitch + (rr.ravel() % 2) * pitch / 2], axis=1)[:m]
+
+    grid_rc = grid_of(n)
 
     cpu_ms = {}
 
@@ -105,12 +110,6 @@ def main(argv=None) -> int:
 
     n_proc = max(2, default_read_processes(torch.device("cuda"), 10**9))
     startup = {}
-
-    def grid_of(m: int):
-        gg = int(np.ceil(np.sqrt(m)))
-        rr, cc = np.meshgrid(np.arange(gg), np.arange(gg), indexing="ij")
-        return np.stack([r0 + rr.ravel() * pitch * np.sqrt(3) / 2,
-                         c0 + cc.ravel() * pitch + (rr.ravel() % 2) * pitch / 2], axis=1)[:m]
 
     gpu_batch = 256  # Default.BATCH_SIZE_CUDA: the batches the GPU path's readers cut
     n_gpu_grid = max(n, 12 * gpu_batch * n_proc // 2)
