@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import _common
 
@@ -81,8 +82,6 @@ def main(argv=None) -> int:
 
     from napari_comtip.constants import Key
     from napari_comtip.engine.device import resolve_device
-    from concurrent.futures import ThreadPoolExecutor
-
     from napari_comtip.engine.inference import default_batch_size, default_cpu_streams, embed_sample, precision_for
     from napari_comtip.io import load_sample
     from napari_comtip.io.patches import patch_geometry, read_patch
