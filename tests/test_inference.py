@@ -596,3 +596,15 @@ def test_cuda_with_reader_processes_and_pinned_batches(tmp_path, tiny_model):
     assert gpu.timings["read_processes"] == 2 and gpu.device.startswith("cuda")
     cos = (cpu.image * gpu.image).sum(axis=1)
     assert cos.min() > 0.98, cos.min()
+
+
+def test_cancel_stops_the_reader_processes(tmp_path, tiny_model):
+    import multiprocessing
+
+    s = _tiff_sample(tmp_path, n=40, seed=7)
+    seen = []
+    with pytest.raises(Cancelled, match="cancelled after 8 of 40"):
+        embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, cpu_streams=1, read_processes=2,
+                     progress=lambda d, t, m: seen.append(d), cancel=lambda: len(seen) >= 2)
+    assert seen == [4, 8]
+    assert not multiprocessing.active_children()  # the workers were shut down, not left to the collector
