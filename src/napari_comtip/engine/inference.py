@@ -162,6 +162,14 @@ def default_batch_size(device: torch.device) -> int:
     return {"cuda": Default.BATCH_SIZE_CUDA, "mps": Default.BATCH_SIZE_MPS}.get(device.type, Default.BATCH_SIZE_CPU)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or a batch job's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_read_workers(device: torch.device) -> int:
     """Reader threads ahead of the encoder; 0 = read each batch in the encoder's thread.
 
@@ -172,7 +180,7 @@ def default_read_workers(device: torch.device) -> int:
     docs/performance.md: reading in line was about 10% faster), so batches are read in line;
     with more cores, one reader per four cores. On a GPU the CPU is free to read: up to 8.
     """
-    n = os.cpu_count() or 1
+    n = usable_cores()
     if device.type == "cpu":
         return 0 if n <= 2 else max(1, min(4, n // 4))
     return max(2, min(8, n - 1))
@@ -187,7 +195,7 @@ def default_read_processes(device: torch.device, n_spots: int) -> int:
     one per core but two (left to the encoder's thread and the main loop), at most
     ``Default.READ_PROCESSES_MAX``. Never on the CPU, whose cores the encoder streams use.
     """
-    n = os.cpu_count() or 1
+    n = usable_cores()
     if device.type == "cpu" or n_spots < Default.READ_PROCESS_MIN_SPOTS or n < 4:
         return 0
     return max(2, min(int(Default.READ_PROCESSES_MAX), n - 2))
