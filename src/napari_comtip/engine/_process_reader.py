@@ -148,9 +148,7 @@ class ProcessPatchReader:
         except Exception as exc:  # noqa: BLE001 - workers that cannot start: read with threads instead
             self.fell_back = f"{type(exc).__name__}: {exc}".strip()
             log.warning("reader processes could not start (%s); reading with threads", self.fell_back.splitlines()[0])
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if callable(shutdown):
-                shutdown()
+            _shutdown(it)
             yield from self._threads()
             return
         try:
@@ -165,14 +163,19 @@ class ProcessPatchReader:
                 start = int(item["start"])
                 yield start, start + int(patches.shape[0]), patches
         finally:
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if callable(shutdown):  # now, not when the iterator is collected
-                shutdown()
+            _shutdown(it)
 
     def release(self, buf) -> None:
         reader = getattr(self, "_thread_reader", None)
         if reader is not None:  # the fallback's ring buffers go back to it
             reader.release(buf)
+
+
+def _shutdown(it) -> None:
+    """Stop a DataLoader iterator's workers now, not when the iterator is collected."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
 
 
 def _chain(first, it):

@@ -175,10 +175,10 @@ def default_read_workers(device: torch.device) -> int:
 
     Used on a GPU, and on a CPU with a single encoder stream (with several,
     :func:`default_cpu_streams`, each stream reads its own batches). On the CPU the readers share
-    the cores with torch's threads. With two cores or fewer a
-    reader thread running beside them costs more than it hides (measured in
-    docs/performance.md: reading in line was about 10% faster), so batches are read in line;
-    with more cores, one reader per four cores. On a GPU the CPU is free to read: up to 8.
+    the cores with torch's threads. With two cores or fewer a reader thread running beside them
+    costs more than it hides (measured in docs/performance.md: reading in line was about 10%
+    faster), so batches are read in line; with more cores, one reader per four cores. On a GPU
+    the CPU is free to read: up to 8.
     """
     n = usable_cores()
     if device.type == "cpu":
@@ -209,8 +209,9 @@ def default_cpu_streams(device: torch.device) -> int:
     waiting at the end of every operator for the other cores, and reading overlaps encoding
     without a reader thread competing with torch's threads. Measured on 2 cores
     (docs/performance.md, section 1): the bundled model's pipeline ran at 1,512-1,776 spots/s in
-    two streams of one thread vs 1,168-1,373 in one stream of two threads. ``torch.get_num_threads()`` (``--threads``,
-    ``OMP_NUM_THREADS``) bounds the total; at most ``Default.CPU_STREAMS_MAX`` streams.
+    two streams of one thread vs 1,168-1,373 in one stream of two threads.
+    ``torch.get_num_threads()`` (``OMP_NUM_THREADS``, ``torch.set_num_threads``) bounds the
+    total; at most ``Default.CPU_STREAMS_MAX`` streams.
     """
     if device.type != "cpu":
         return 1
@@ -989,7 +990,7 @@ def embed_sample(
             from ._process_reader import ProcessPatchReader
 
             reader = ProcessPatchReader(spec, centres[order], side, img_size, bs, workers=n_proc,
-                                        pin=dev.type == "cuda",
+                                        pin=dev.type == "cuda", fallback_threads=workers,
                                         prefetch=prefetch if prefetch is not None else Default.PREFETCH_BATCHES)
         else:
             view = TileCachedImage(sample.image)
@@ -1001,17 +1002,21 @@ def embed_sample(
         pending: list = []  # device->host copies of the previous batch: (start, host tensors, event)
         cuda = dev.type == "cuda"
 
+        def write(start: int, emb_h: np.ndarray, feat_h: np.ndarray | None) -> None:
+            """Rows ``start...`` of the spatial order go back to their own spots."""
+            rows = order[start:start + len(emb_h)]
+            for name, arr in (("image", emb_h), ("features", feat_h)):
+                if arr is None:
+                    continue
+                if not sink.has(name):
+                    sink.allocate(name, int(arr.shape[1]))
+                sink.write(name, rows, arr)
+
         def drain() -> None:
             for start, emb_h, feat_h, event in pending:
                 if event is not None:
                     event.synchronize()
-                rows = order[start:start + len(emb_h)]
-                for name, arr in (("image", emb_h), ("features", feat_h)):
-                    if arr is None:
-                        continue
-                    if not sink.has(name):
-                        sink.allocate(name, int(arr.shape[1]))
-                    sink.write(name, rows, arr.numpy())
+                write(start, emb_h.numpy(), None if feat_h is None else feat_h.numpy())
             pending.clear()
 
         done = 0
@@ -1025,9 +1030,7 @@ def embed_sample(
                 if cancel is not None and cancel():
                     raise Cancelled(f"embedding of '{sample.name}' cancelled after {done} of {n} spots")
                 for off, emb_h, feat_h in parts:
-                    pending.append((start + off, torch.from_numpy(emb_h),
-                                    None if feat_h is None else torch.from_numpy(feat_h), None))
-                drain()
+                    write(start + off, emb_h, feat_h)
                 trimmer.maybe()
                 done = stop
                 if progress is not None:
@@ -1104,4 +1107,5 @@ def embed_sample(
 
 
 __all__ = ["Embeddings", "embed_sample", "embedding_signature", "weights_digest", "coords_digest",
-           "default_batch_size", "default_cpu_streams", "default_read_processes", "precision_for", "embeddings_cache_root", "CACHE_FORMAT"]
+           "default_batch_size", "default_cpu_streams", "default_read_processes", "usable_cores", "precision_for",
+           "embeddings_cache_root", "CACHE_FORMAT"]
