@@ -43,19 +43,21 @@ def _model_resolution_sample(sample, model):
     import numpy as np
     from PIL import Image
 
+    from napari_comtip.constants import Key
     from napari_comtip.io.image import MultiscaleImage
     from napari_comtip.io.patches import patch_geometry
     from napari_comtip.io.record import SpatialSample
 
     S = model.img_size
-    f = patch_geometry(sample.mpp, model.config.patch_um, S) / S  # slide pixels per input pixel
-    h, w = int(sample.height // f), int(sample.width // f)
-    full = sample.image.read_level_window(0, 0, 0, sample.height, sample.width)
-    small = np.asarray(Image.fromarray(full).resize((w, h), Image.Resampling.BILINEAR, box=(0, 0, w * f, h * f),
-                                                   reducing_gap=None))
+    f = patch_geometry(sample.mpp, model.config.patch_um, S) / S  # full-resolution pixels per input pixel
+    d0 = sample.image.downsamples[0]  # level 0 may be coarser than full resolution (e.g. Visium hires)
+    H0, W0 = sample.image.level_shapes[0][:2]
+    f0 = f / d0  # level-0 pixels per input pixel
+    h, w = int(H0 // f0), int(W0 // f0)
+    level0 = sample.image.read_level_window(0, 0, 0, H0, W0)
+    small = np.asarray(Image.fromarray(level0).resize((w, h), Image.Resampling.BILINEAR, box=(0, 0, w * f0, h * f0),
+                                                     reducing_gap=None))
     spots = sample.spots.copy()
-    from napari_comtip.constants import Key
-
     # a centre at k + 0.5 puts the S-pixel box on whole pixels (S even; odd S: on k)
     off = 0.5 if S % 2 == 0 else 0.0
     spots[Key.ROW] = np.floor(spots[Key.ROW] / f) + off
