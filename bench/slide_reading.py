@@ -118,13 +118,15 @@ def main(argv=None) -> int:
         """Patches/s of the GPU path's reader on a grid, once every worker has delivered a batch.
 
         ``workers`` > 0: reader processes (from Default.READ_PROCESS_MIN_SPOTS spots on a GPU);
-        0: the thread reader with 2 threads (below that). Start-up is reported apart.
+        0: the thread reader with the GPU path's own thread count (below that, ``w2`` here).
+        Start-up is reported apart.
         """
         centres = grid_of(n_gpu_grid)
         if workers:
             reader = ProcessPatchReader(image.reopen_spec(), centres, side, S, gpu_batch, workers=workers, pin=False)
         else:
-            reader = _PatchReader(TileCachedImage(image), centres, side, S, gpu_batch, workers=2, prefetch=3, pin=False)
+            reader = _PatchReader(TileCachedImage(image), centres, side, S, gpu_batch, workers=w2, prefetch=3,
+                                  pin=False)
         t0 = time.perf_counter()
         first = None
         count = k = 0
@@ -145,15 +147,14 @@ def main(argv=None) -> int:
         "engine_grid_1thread": read_all(view(), grid_rc, 1, "grid"),
         f"engine_grid_{w2}threads": read_all(view(), grid_rc, w2),
         f"gpu_path_grid_{n_proc}processes": read_gpu_path(n_proc, "processes"),
-        "gpu_path_grid_2threads": read_gpu_path(0, "threads"),
+        f"gpu_path_grid_{w2}threads": read_gpu_path(0, "threads"),
         "plain_random_1thread": read_all(image, random_rc[: max(200, n // 4)], 1, "plain"),
     }
     # the engine reads a sample's spots in spatial order (engine.inference.spatial_order): on a real
     # spot grid neighbouring patches share tiles. Random spots over the whole slide are the worst
     # case (nearly every patch decodes new JPEG tiles) and are reported beside it.
-    random_key = "engine_random_1thread" if engine_workers <= 1 else f"engine_random_{w2}threads"
     engine_rate = rates["engine_grid_1thread" if engine_workers <= 1 else f"engine_grid_{w2}threads"]
-    random_rate = rates[random_key]
+    random_rate = rates["engine_random_1thread" if engine_workers <= 1 else f"engine_random_{w2}threads"]
 
     print(f"slide    {slide.name}: {W} x {H} px, {image.n_levels} levels, tiles {args.tile}, JPEG; mpp {mpp:g}")
     print(f"patch    {model.config.patch_um:g} um = {side:.0f} px full res -> level {level} "
@@ -164,16 +165,16 @@ def main(argv=None) -> int:
              "engine_grid_1thread": "engine reader (tile cache), Visium-like grid, 1 thread",
              f"engine_grid_{w2}threads": f"engine reader (tile cache), Visium-like grid, {w2} threads",
              f"gpu_path_grid_{n_proc}processes": f"GPU path, {n_gpu_grid:,}-spot grid, batch {gpu_batch}, {n_proc} processes",
-             "gpu_path_grid_2threads": f"GPU path, {n_gpu_grid:,}-spot grid, batch {gpu_batch}, 2 threads",
+             f"gpu_path_grid_{w2}threads": f"GPU path, {n_gpu_grid:,}-spot grid, batch {gpu_batch}, {w2} threads",
              "plain_random_1thread": "plain MultiscaleImage (tiffslide zarr), random, 1 thread"}
     rows = [[names[k], v, v / enc_rate] for k, v in rates.items()]
     rows.append(["encoder (bare forward)", enc_rate, 1.0])
     print(_common.table(["what", "patches/s", "x encoder"], rows))
     ratio = engine_rate / enc_rate
     ratio_random = random_rate / enc_rate
-    print(f"reading a spot grid as the engine does (spatial order, {engine_workers or 'in line, 1'} thread) is {ratio:.1f}x the encoder's rate "
-          f"(target >= 5x): {'met' if ratio >= 5 else 'MISSED'}; random spots (worst case, "
-          f"{engine_workers or 'in line, 1'} thread): {ratio_random:.1f}x")
+    how = f"{engine_workers or 'in line, 1'} thread"
+    print(f"reading a spot grid as the engine does (spatial order, {how}) is {ratio:.1f}x the encoder's rate "
+          f"(target >= 5x): {'met' if ratio >= 5 else 'MISSED'}; random spots (worst case, {how}): {ratio_random:.1f}x")
     import os
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
           + (f"; idle-machine estimate of the grid ratio: {idle_ratio:.1f}x" if idle_ratio else ""))
     print(f"GPU path rows: rates once every reader delivered a batch; before that {startup.get('processes', 0):.2f} s "
           f"({n_proc} processes) and {startup.get('threads', 0):.2f} s (threads) of start-up")
-    _common.emit({"benchmark": "slide_reading", "cpu_ms": cpu_ms, "process_startup_s": startup.get("processes"), "idle_ratio_estimate": idle_ratio,
+    _common.emit({"benchmark": "slide_reading", "cpu_ms": cpu_ms, "process_startup_s": startup.get("processes"),
+                  "idle_ratio_estimate": idle_ratio,
                   "load_average": load, "slide_px": [W, H], "levels": image.n_levels, "tile": args.tile,
                   "patches": n, "read_patches_per_s": rates, "engine_reader_threads": engine_workers,
                   "engine_read_patches_per_s": engine_rate, "encoder_spots_per_s": enc_rate, "ratio": ratio,
