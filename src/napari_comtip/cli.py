@@ -17,14 +17,17 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .constants import Default
+from .constants import Cohort, Default
 from .errors import ComtipError
 
 
 # --------------------------------------------------------------------------- helpers
-def _add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True) -> None:
+def _add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True, many: bool = False) -> None:
     """The options every command that reads a sample shares (same meaning everywhere)."""
-    if path_required:
+    if many:
+        p.add_argument("path", nargs="*", help="dataset folder, Space Ranger outs/ folder, .h5ad file, HEST sample "
+                       "folder or slide file; several, or a folder of them, predict a cohort (--out is then a folder)")
+    elif path_required:
         p.add_argument("path", help="dataset folder, Space Ranger outs/ folder, .h5ad file, HEST sample folder or slide file")
     else:
         p.add_argument("path", nargs="?", default=None, help="dataset folder, .h5ad, HEST folder or slide file")
@@ -100,8 +103,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- predict
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predict gene expression for every spot of a slide")
-    _add_sample_args(p)
+    p = sub.add_parser("predict", help="predict gene expression for every spot of a slide, or of a cohort")
+    _add_sample_args(p, many=True)
+    p.add_argument("--manifest", default=None,
+                   help="cohort CSV with columns path and optional sample, slide, mpp, pitch_um, out (one row per sample)")
     p.add_argument("--checkpoint", default=None, help="CoMTIP checkpoint (.pt); default: the one bundled with the package")
     p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
@@ -110,13 +115,23 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--reference", default=None, help="reference dataset for retrieval/probe (default: the checkpoint's bank)")
     p.add_argument("--reference-sample", action="append", default=None, help="sample name(s) inside --reference")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad; for a cohort, the output folder")
     p.add_argument("--csv", default=None, help="also write a CSV table (spots x genes)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--csv-each", action="store_true", help="cohort: also write <sample>.csv beside each .h5ad")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (cohort: redo every sample instead of resuming)")
+
+
+def _is_cohort(args: argparse.Namespace) -> bool:
+    return bool(args.manifest) or len(args.path) != 1 or not str(args.out).lower().endswith(".h5ad")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .engine.predict import check_outputs, predict_to_file
+
+    if _is_cohort(args):
+        return _run_cohort(args)
+    args.path = args.path[0]
 
     check_outputs(args.out, args.csv, args.overwrite)  # fail before the slow part
     sample = _load_sample_from_args(args, progress=_tqdm_progress("loading"))
@@ -137,6 +152,67 @@ def _run_predict(args: argparse.Namespace) -> int:
     )
     print(f"wrote {result.n_obs} spots x {result.n_vars} genes to {args.out} "
           f"(mode {args.mode}, device {result.uns['comtip']['device']})")
+    return 0
+
+
+def _run_cohort(args: argparse.Namespace) -> int:
+    """``comtip predict`` over many samples (also under torchrun): see ``engine/cohort.py``."""
+    from .errors import InputError
+    from .io.manifest import check_items, expand_paths, read_manifest
+
+    if args.csv:
+        raise InputError("--csv names one file; a cohort writes one table per sample",
+                         hint="use --csv-each to write <sample>.csv beside each .h5ad")
+    if args.manifest and args.path:
+        raise InputError("give either paths or --manifest, not both", hint="list every sample in the manifest")
+    if args.sample or args.slide:
+        raise InputError("--sample/--slide name one sample; a cohort takes them per row",
+                         hint="use a --manifest with 'sample' and 'slide' columns")
+    if not args.manifest and not args.path:
+        raise InputError("no samples to predict", hint="give paths or a --manifest")
+    if str(args.out).lower().endswith(".h5ad"):
+        raise InputError("a cohort writes one .h5ad per sample into a folder, --out names a file", path=args.out,
+                         hint="give an output folder, e.g. --out predictions/")
+    if args.manifest:
+        items = read_manifest(args.manifest, args.out, mpp=args.mpp, pitch_um=args.pitch_um)
+    else:
+        items = expand_paths(args.path, args.out, mpp=args.mpp, pitch_um=args.pitch_um)
+    check_items(items, args.out)  # everything checkable up front, before the model loads
+    from tqdm.auto import tqdm
+
+    from .engine.cohort import predict_cohort
+
+    rank = int(os.environ.get("RANK", "0"))
+    bars = {"bar": None}
+
+    def progress(done: int, total: int | None = None, message: str | None = None) -> None:
+        if bars["bar"] is None:
+            bars["bar"] = tqdm(total=total, desc=f"samples (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1"
+                               else "samples", unit="sample", file=sys.stderr, disable=None, position=0)
+        b = bars["bar"]
+        b.n = done
+        if message:
+            b.set_postfix_str(message, refresh=False)
+        b.refresh()
+
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    result = predict_cohort(items, args.out, checkpoint=args.checkpoint, mode=args.mode, genes=genes,
+                            device=args.device, batch_size=args.batch_size, reference=args.reference,
+                            reference_samples=args.reference_sample, csv_tables=args.csv_each,
+                            overwrite=args.overwrite, progress=progress,
+                            sample_progress=lambda name: _tqdm_progress(f"  {name}"))
+    if bars["bar"] is not None:
+        bars["bar"].close()
+    if result.rank != 0:
+        return 1 if result.n_failed else 0
+    c = result.counts
+    print(f"{len(result.rows)} samples: {c.get(Cohort.OK, 0)} predicted, {c.get(Cohort.SKIPPED, 0)} already done, "
+          f"{c.get(Cohort.FAILED, 0)} failed; summary in {result.summary}")
+    if result.n_failed:
+        for r in result.rows:
+            if r["status"] == Cohort.FAILED:
+                print(f"failed: {r['sample']}: {r['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

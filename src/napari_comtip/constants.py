@@ -88,3 +88,15 @@ class Default:
 
 # Environment variable that relocates the per-user cache (pyramids, embeddings).
 CACHE_ENV: Final = "NAPARI_COMTIP_CACHE"
+
+
+class Cohort:
+    """Cohort prediction (``engine/cohort.py``): the summary table and its row statuses."""
+
+    SUMMARY: Final = "summary.csv"  # in the output folder, written by rank 0, atomically, as samples finish
+    COLUMNS: Final = ("sample", "path", "out", "spots", "genes", "seconds", "status", "error", "rank")
+    OK: Final = "ok"  # predicted and written in this run
+    SKIPPED: Final = "skipped"  # an existing output matched (checkpoint digest, predictor, genes, spots)
+    FAILED: Final = "failed"  # this sample failed; ``error`` says why; the others went on
+    PENDING: Final = "pending"  # not finished (yet, or the run was cancelled)
+    STATUSES: Final = (OK, SKIPPED, FAILED, PENDING)
