@@ -259,9 +259,10 @@ def _one(item: CohortItem, row: dict, *, ck, digest, mode, genes, genes_requeste
     """Load, check for a matching output, predict and write one item (updates ``row``)."""
     from ..io import load_sample
 
-    sample = load_sample(item.path, **item.load_kwargs())
     out = Path(item.out)
     csv_out = csv_path_for(item) if csv_tables else None
+    _remove_leftovers(out, csv_out)
+    sample = load_sample(item.path, **item.load_kwargs())
     redo = overwrite
     if out.exists() and not overwrite:
         reason = stale_reason(out, sample, digest=digest, mode=mode, genes_requested=genes_requested)
@@ -278,6 +279,14 @@ def _one(item: CohortItem, row: dict, *, ck, digest, mode, genes, genes_requeste
                             batch_size=batch_size, reference=reference, reference_samples=reference_samples,
                             csv=csv_out, overwrite=redo, progress=progress, cancel=cancel)
     row.update(status=Cohort.OK, spots=adata.n_obs, genes=adata.n_vars, error="")
+
+
+def _remove_leftovers(*outs: Path | None) -> None:
+    """Temp files of an earlier run of this item that was killed mid-write (``io.writers`` names them)."""
+    for out in outs:
+        if out is not None:
+            for tmp in out.parent.glob(f".{out.name}.*.tmp*"):
+                tmp.unlink(missing_ok=True)
 
 
 def _dist_from_env(device: str):
