@@ -271,3 +271,36 @@ def test_bundled_checkpoint_end_to_end_through_the_manifest(make_napari_viewer, 
         assert not np.allclose(colours[0], colours[1])
     viewer.reset_view()
     viewer.screenshot(str(artefact_dir / f"bundled-{genes[-1]}.png"), canvas_only=True)
+
+
+def test_predict_all_samples_of_the_data_set(make_napari_viewer, qtbot, demo, tiny_checkpoint, tmp_path,
+                                             notifications):
+    """The widget's cohort button: the same engine and files as `comtip predict --out FOLDER`."""
+    import anndata
+
+    from napari_comtip.constants import Cohort
+    from napari_comtip.engine.cohort import read_summary
+    from napari_comtip.engine.predict import predict_sample
+
+    viewer, widget = _dock(make_napari_viewer, demo)
+    widget.set_checkpoint(tiny_checkpoint)
+    widget.mode_box.setCurrentText("zero-shot")
+    # cancelled before the first sample: nothing written, the row stays pending, the GUI recovers
+    assert widget.predict_all(tmp_path / "c") is not None
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    assert widget.cohort_result is not None and widget.cohort_result.cancelled
+    assert [r["status"] for r in read_summary(tmp_path / "c" / Cohort.SUMMARY)] == [Cohort.PENDING]
+    assert widget.run_button.isEnabled() and widget.predict_all_button.isEnabled()
+
+    out = tmp_path / "all"
+    assert widget.predict_all(out) is not None
+    assert not widget.predict_all_button.isEnabled() and widget.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    res = widget.cohort_result
+    assert res is not None and res.counts[Cohort.OK] == 1, widget.status_label.text()
+    assert "1 predicted" in widget.status_label.text()
+    got = anndata.read_h5ad(out / f"{demo.name}.h5ad")
+    want = predict_sample(demo, tiny_checkpoint, mode="zero-shot", device=widget.device_box.currentText())
+    assert np.array_equal(got.X, want.X)
+    assert any("1 predicted" in msg for _, msg in notifications)

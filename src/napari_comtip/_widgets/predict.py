@@ -92,6 +92,7 @@ class PredictWidget(QWidget):
         self.prediction: Prediction | None = None
         self.last_view: GeneView | None = None
         self.worker = None
+        self.cohort_result = None  # the last "Predict all samples" run (engine.cohort.CohortResult)
         self.last_error: str | None = None  # the last message shown as an error notification
         self._bare_samples: dict[tuple[str, float], "SpatialSample"] = {}
         self._cancel_requested = False
@@ -145,6 +146,10 @@ class PredictWidget(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
+        self.predict_all_button = QPushButton("Predict all samples of this data set…")
+        self.predict_all_button.setToolTip("every sample of the slide's data set into a folder (resumable; "
+                                           "the same as comtip predict --out FOLDER)")
+        self.predict_all_button.clicked.connect(lambda: self.predict_all())
         run_row = QHBoxLayout()
         run_row.addWidget(self.run_button)
         run_row.addWidget(self.cancel_button)
@@ -195,6 +200,7 @@ class PredictWidget(QWidget):
         outer = QVBoxLayout(self)
         outer.addLayout(form)
         outer.addLayout(run_row)
+        outer.addWidget(self.predict_all_button)
         outer.addWidget(self.progress_bar)
         outer.addWidget(self.status_label)
         outer.addLayout(form2)
@@ -322,6 +328,12 @@ class PredictWidget(QWidget):
         self.worker.start()
         return self.worker
 
+    def predict_all(self, out_dir: str | os.PathLike | None = None):
+        """Predict every sample of the slide's data set into ``out_dir`` (asked when None); the worker."""
+        from ._cohort import start_cohort
+
+        return start_cohort(self, out_dir)
+
     def cancel(self) -> None:
         """Ask the running prediction to stop at the next batch."""
         if self.worker is not None:
@@ -355,6 +367,7 @@ class PredictWidget(QWidget):
     def _on_finished(self) -> None:
         self.worker = None
         self.run_button.setEnabled(True)
+        self.predict_all_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1 if self.prediction is not None else 0)
