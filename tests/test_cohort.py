@@ -14,7 +14,6 @@ from napari_comtip.cli import main
 from napari_comtip.constants import Cohort
 from napari_comtip.engine.cohort import predict_cohort, read_summary, shard
 from napari_comtip.errors import InputError
-from napari_comtip.io import bundled_sample_path
 from napari_comtip.io.manifest import CohortItem, check_items, expand_paths, read_manifest
 
 from conftest import SHARED_DATA
