@@ -16,7 +16,7 @@ from napari_comtip.engine.cohort import predict_cohort, read_summary, shard
 from napari_comtip.errors import InputError
 from napari_comtip.io.manifest import CohortItem, check_items, expand_paths, read_manifest
 
-from conftest import SHARED_DATA
+SHARED_DATA = Path(os.environ.get("COMTIP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 HER2ST = SHARED_DATA / "her2st"
 pytestmark = pytest.mark.skipif(not HER2ST.is_dir(), reason=f"real data not found at {SHARED_DATA}")
