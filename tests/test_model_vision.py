@@ -133,7 +133,8 @@ def test_local_weights_load_with_prefixes_and_pos_embed_resampling(tmp_path):
     dst = create_vit(cfg)
     report = load_vision_weights(dst, f)
     assert report["loaded"] == len(dst.state_dict())
-    assert report["missing"] == [] and report["unexpected"] == ["module.head_extra.weight"]
+    assert report["missing"] == [] and report["prefix"] == "module.backbone."
+    assert report["ignored"] == 1 and report["ignored_examples"] == ["module.head_extra.weight"]
     assert torch.equal(dst.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
     assert dst.pos_embed.shape == (1, 17, 64)  # resampled from 65 tokens
 

@@ -4,7 +4,7 @@
 
     loss    = infonce + w_mfm * mfm + w_paat * paat
     infonce   symmetric CLIP loss, learnable temperature (logit scale clamped at max_logit_scale)
-    mfm       masked feature modelling (0 when w_mfm == 0)
+    mfm       masked feature modelling (0 when w_mfm == 0 or the ViT is frozen, ``vision.freeze: true``)
     paat      pair-aware adversarial term (0 when w_paat == 0 or text.mode == "names"):
               hard-negative CE (image vs its true text and its value-permuted texts)
               [+ w_discriminator * pair-consistency BCE] [+ w_adversarial * FGSM consistency KL]
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .config import ComtipConfig
 from .text import GeneTextEncoder, permute_values, sample_gene_subsets
+from .foundation import fully_frozen
 from .vision import MaskedViT, resolve_normalization
 
 
@@ -57,12 +58,12 @@ class CoMTIP(nn.Module):
         self.config = config
         self.gene_panel = [str(g) for g in gene_panel]
         g = len(self.gene_panel)
-        self.vision = MaskedViT(config, with_generator=config.w_mfm > 0)
+        self.vision = MaskedViT(config, with_generator=config.w_mfm > 0 and not fully_frozen(config.vision.freeze))
         mean, std = resolve_normalization(self.vision.vit, config)
         config.vision.mean, config.vision.std = mean, std  # make the checkpoint's config explicit
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.image_proj = nn.Linear(self.vision.width, config.embed_dim)
+        self.image_proj = nn.Linear(self.vision.feature_dim, config.embed_dim)
         self.text = GeneTextEncoder(config, g, name_embeddings)
         init = math.log(1.0 / config.init_temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=config.learn_temperature)
@@ -86,7 +87,7 @@ class CoMTIP(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return self.vision.width
+        return self.vision.feature_dim
 
     @property
     def img_size(self) -> int:
@@ -213,21 +214,29 @@ class CoMTIP(nn.Module):
         values: torch.Tensor,
         mask: torch.Tensor,
         generator: torch.Generator | None = None,
+        *,
+        pooled: bool = False,
     ) -> dict[str, torch.Tensor]:
+        """``pooled=True``: ``images`` are pooled ViT features (B, F) of a frozen ViT (the
+        frozen-feature cache, engine/feature_cache.py); the ViT and MFM are skipped."""
         cfg = self.config
         mask = mask.bool()
         if self.training:
             self.observe_values(gene_idx, values, mask)
         zero = images.new_zeros(())
-        tokens = self.vision.forward_tokens(images)
-        img = F.normalize(self.image_proj(self.vision.pool(tokens)), dim=-1)
+        if pooled:
+            tokens = None
+            img = F.normalize(self.image_proj(images.to(self.image_proj.weight.dtype)), dim=-1)
+        else:
+            tokens = self.vision.forward_tokens(images)
+            img = F.normalize(self.image_proj(self.vision.pool(tokens)), dim=-1)
         ident, vpart, tmask = self.text.token_parts(gene_idx, values, mask)
         txt = self.text.encode_parts(ident, vpart, tmask)
         scale = self.scale()
         infonce = clip_loss(img, txt, scale)
 
         mfm = zero
-        if cfg.w_mfm > 0:
+        if cfg.w_mfm > 0 and tokens is not None and self.vision.generator is not None:
             mfm = self.vision.mfm_loss(images, tokens, cfg.mask_ratio, generator)
 
         out = {"infonce": infonce, "mfm": mfm}

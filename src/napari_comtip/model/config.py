@@ -25,7 +25,7 @@ MODEL_VERSION = 1
 TEXT_MODES = ("names+values", "names", "values")
 VALUE_ENCODINGS = ("fourier", "binned")
 TOKEN_COMBINATIONS = ("sum", "concat")
-POOLS_VISION = ("cls", "mean")
+POOLS_VISION = ("cls", "mean", "cls+mean")  # cls+mean: both concatenated (Virchow2's embedding)
 POOLS_TEXT = ("attention", "mean")
 MFM_LOSSES = ("mse", "cosine")
 SUBSET_SIZES = ("batch", "spot")
@@ -38,11 +38,14 @@ class VisionConfig:
     name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer by name
     img_size: int = 112  # square input side in pixels (patches are resized to this)
     overrides: dict = field(default_factory=dict)  # extra kwargs for timm.create_model (depth, embed_dim, ...)
-    weights: str | None = None  # optional local weight file (.pt/.pth/.bin/.safetensors)
-    pool: str = "mean"  # "mean" of the patch tokens or the "cls" token -> global image feature
-    mean: list | None = None  # RGB normalisation; None = timm's pretrained config for `name`
+    weights: str | None = None  # optional local weight file (.safetensors/.bin/.pth/.pt), a state dict
+    pool: str = "mean"  # "mean" of the patch tokens, the "cls" token or "cls+mean" -> global image feature
+    mean: list | None = None  # RGB normalisation; None = the weights' config.json, else timm's config for `name`
     std: list | None = None
     drop_path_rate: float = 0.0
+    # bring-your-own foundation model (docs/foundation-models.md)
+    freeze: Any = False  # true: the ViT is fixed (only heads + text train); false; N: train the last N blocks
+    licence: str | None = None  # the backbone's licence terms, recorded in checkpoints and model cards
 
 
 @dataclass
@@ -184,10 +187,14 @@ class ComtipConfig:
             raise ConfigError(f"zero_shot.grid must be >= 2, got {self.zero_shot.grid}")
         if self.paat.n_negatives < 1:
             raise ConfigError(f"paat.n_negatives must be >= 1, got {self.paat.n_negatives}", hint="set w_paat: 0 to switch PAAT off")
+        if not isinstance(v.freeze, bool) and (not isinstance(v.freeze, int) or v.freeze < 0):
+            raise ConfigError(f"vision.freeze must be true, false or a number of blocks >= 0, got {v.freeze!r}")
         for name in ("mean", "std"):
             val = getattr(v, name)
             if val is not None and len(val) != 3:
                 raise ConfigError(f"vision.{name} must have 3 values (RGB), got {val}")
+        if v.std is not None and min(v.std) <= 0:
+            raise ConfigError(f"vision.std must be > 0, got {v.std}", hint="copy mean/std from the model card (0-1 scale)")
         if self.version != MODEL_VERSION:
             raise ConfigError(
                 f"config is for model version {self.version}, this napari-comtip builds version {MODEL_VERSION}",
@@ -229,12 +236,30 @@ def _update(target: Any, d: dict[str, Any], prefix: str) -> None:
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             _update(current, value, prefix=f"{full}.")
+        elif key == "freeze":
+            setattr(target, key, _coerce_freeze(full, value))
         elif key == "overrides":
             if not isinstance(value, dict):
                 raise ConfigError(f"{full} must be a mapping of timm.create_model arguments")
             setattr(target, key, dict(value))
         else:
             setattr(target, key, _coerce(full, current, fields[key], value))
+
+
+def _coerce_freeze(name: str, value: Any) -> bool | int:
+    """``vision.freeze``: true / false, or a number of last blocks to train (``"2"`` from YAML/--set too)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "false", "no", "off"):
+        return value.strip().lower() in ("true", "yes", "on")
+    try:
+        n = int(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name!r} has an invalid value {value!r}",
+                          hint="use true (fixed encoder), false (train it all) or the number of last blocks to train") from None
+    return n
 
 
 def _coerce(name: str, current: Any, f: dataclasses.Field, value: Any) -> Any:

@@ -62,5 +62,5 @@ def build_model(
         name_embeddings = None
     model = CoMTIP(config, panel, name_embeddings)
     if load_weights and config.vision.weights:
-        model.weights_report = load_vision_weights(model.vision.vit, config.vision.weights)
+        model.weights_report = load_vision_weights(model.vision.vit, config.vision.weights, config.vision.name)
     return model

@@ -16,16 +16,15 @@ most pathology foundation models published as timm ViTs).
 
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .config import ComtipConfig
+from .foundation import apply_freeze, fully_frozen, hub_settings, load_vision_weights
+
+__all__ = ["MaskedViT", "create_vit", "resolve_normalization", "load_vision_weights", "mfm_distance"]
 
 _REQUIRED = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens")
 
@@ -51,13 +50,19 @@ def create_vit(cfg: ComtipConfig) -> nn.Module:
             hint="choose a timm VisionTransformer (vit_*, deit_*)",
         )
     if getattr(vit, "dynamic_img_size", False):
-        raise ConfigError(f"vision.overrides for {v.name!r} sets dynamic_img_size, which the masked branch does not support")
+        raise ConfigError(f"vision.overrides for {v.name!r} sets dynamic_img_size, which the masked branch does not support",
+                          hint="leave dynamic_img_size out and set vision.img_size to the model's input size")
     return vit
 
 
 def resolve_normalization(vit: nn.Module, cfg: ComtipConfig) -> tuple[list[float], list[float]]:
-    """RGB mean/std: the config's if given, else the timm model's data config."""
+    """RGB mean/std: the config's if given, else the ``config.json`` beside ``vision.weights``
+    (a Hugging Face timm model folder), else the timm model's data config."""
     mean, std = cfg.vision.mean, cfg.vision.std
+    if mean is None or std is None:
+        hub = hub_settings(cfg.vision.weights)
+        mean = mean if mean is not None else hub.get("mean")
+        std = std if std is not None else hub.get("std")
     if mean is None or std is None:
         from timm.data import resolve_data_config
 
@@ -94,12 +99,15 @@ class MaskedViT(nn.Module):
     def __init__(self, cfg: ComtipConfig, *, with_generator: bool = True):
         super().__init__()
         self.vit = create_vit(cfg)
+        self.trainable_blocks = apply_freeze(self.vit, cfg.vision.freeze, cfg.vision.name)
+        self.frozen = fully_frozen(cfg.vision.freeze)
         self.pool_type = cfg.vision.pool
         self.width = int(self.vit.embed_dim)
+        self.feature_dim = 2 * self.width if self.pool_type == "cls+mean" else self.width
         self.num_prefix = int(self.vit.num_prefix_tokens)
         self.num_patches = int(self.vit.patch_embed.num_patches)
-        if self.pool_type == "cls" and self.num_prefix == 0:
-            raise ConfigError(f"vision.pool='cls' but {cfg.vision.name!r} has no class token", hint="set vision.pool: mean")
+        if self.pool_type in ("cls", "cls+mean") and self.num_prefix == 0:
+            raise ConfigError(f"vision.pool={self.pool_type!r} but {cfg.vision.name!r} has no class token", hint="set vision.pool: mean")
         self.mfm_loss_type = cfg.mask.loss
         self.normalize_target = cfg.mask.normalize_target
         if with_generator:
@@ -148,7 +156,18 @@ class MaskedViT(nn.Module):
         """Global image feature from full-branch tokens: (B, C)."""
         if self.pool_type == "cls":
             return tokens[:, 0]
-        return tokens[:, self.num_prefix :].mean(dim=1)
+        mean = tokens[:, self.num_prefix :].mean(dim=1)
+        if self.pool_type == "cls+mean":
+            return torch.cat([tokens[:, 0], mean], dim=-1)
+        return mean
+
+    def train(self, mode: bool = True):
+        """A fixed (fully frozen) ViT stays in eval mode: no dropout/drop-path, so its features
+        are the same in every epoch (what the frozen-feature cache relies on)."""
+        super().train(mode)
+        if self.frozen:
+            self.vit.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_tokens(x))
@@ -210,90 +229,3 @@ def mfm_distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.T
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
     raise ConfigError(f"mask.loss must be mse or cosine, got {kind!r}")
-
-
-# ---------------------------------------------------------------------------- local weights
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not a weight file we can read safely"
-        raise ConfigError(
-            f"cannot read vision weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-            path=path,
-            hint="give a PyTorch state dict (.pt/.pth/.bin) or a .safetensors file",
-        ) from None
-    for key in ("state_dict", "model", "teacher", "student", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise ConfigError("vision weights file does not hold a state dict", path=path)
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def load_vision_weights(vit: nn.Module, path: str | os.PathLike) -> dict:
-    """Load a local weight file into ``vit`` (``strict=False``) and report what matched.
-
-    Common wrapper prefixes (``module.``, ``backbone.``, ...) are stripped, a position
-    embedding of another grid size is resampled to this one, and tensors of another shape are
-    skipped and reported. Raises ConfigError if nothing matched at all.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError("vision weights file not found", path=path, hint="fix vision.weights or set it to null")
-    sd = _read_state_dict(path)
-    own = vit.state_dict()
-
-    def n_match(d):
-        return sum(1 for k in d if k in own)
-
-    # strip wrapper prefixes ("module.", "backbone.", "model.encoder." ...): drop the number of
-    # leading dotted components that makes the most keys match
-    best, best_depth = sd, 0
-    for depth in range(1, 4):
-        stripped = {}
-        for k, v in sd.items():
-            parts = k.split(".")
-            stripped[".".join(parts[depth:]) if len(parts) > depth else k] = v
-        if n_match(stripped) > n_match(best):
-            best, best_depth = stripped, depth
-    original = {k: k for k in sd} if best_depth == 0 else {}
-    if best_depth:
-        for k in sd:
-            parts = k.split(".")
-            original.setdefault(".".join(parts[best_depth:]) if len(parts) > best_depth else k, k)
-    sd = best
-    loadable, mismatched = {}, []
-    for k, v in sd.items():
-        if k not in own:
-            continue
-        if v.shape != own[k].shape:
-            if k == "pos_embed" and v.ndim == 3 and v.shape[-1] == own[k].shape[-1]:
-                from timm.layers import resample_abs_pos_embed
-
-                npt = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
-                old = int(math.isqrt(v.shape[1] - npt))
-                if old * old == v.shape[1] - npt:
-                    v = resample_abs_pos_embed(v, new_size=list(vit.patch_embed.grid_size), old_size=[old, old], num_prefix_tokens=npt)
-            if v.shape != own[k].shape:
-                mismatched.append(f"{k} {tuple(v.shape)}->{tuple(own[k].shape)}")
-                continue
-        loadable[k] = v.to(own[k].dtype)
-    if not loadable:
-        raise ConfigError(
-            f"no tensor in the vision weights matched the ViT ({len(sd)} tensors read, e.g. {', '.join(list(sd)[:3])})",
-            path=path,
-            hint="check that vision.name (and vision.overrides) describe the architecture of these weights",
-        )
-    result = vit.load_state_dict(loadable, strict=False)
-    return {
-        "path": str(path),
-        "loaded": len(loadable),
-        "missing": list(result.missing_keys),
-        "unexpected": sorted(original.get(k, k) for k in sd if k not in own),
-        "shape_mismatch": mismatched,
-    }
