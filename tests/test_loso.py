@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from napari_comtip.engine.baselines import RidgeFloor, colour_texture_features
-from napari_comtip.engine.loso import ARMS, BEGIN, END, arm_overrides, results_markdown, write_results_md
+from napari_comtip.engine.loso import ARMS, arm_overrides
+from napari_comtip.engine.loso_table import BEGIN, END, markers, results_markdown, write_results_md
 from napari_comtip.errors import ConfigError
 
 
@@ -39,19 +40,20 @@ def test_colour_texture_features_on_real_patches():
     assert np.all(np.abs(f[:6, 0:3].mean(0) - p.reshape(-1, 3).mean(0) / 255) < 1e-5)
 
 
-def _result(arm, held, mode, pcc, t=60.0):
+def _result(arm, held, mode, pcc, t=60.0, seed=0):
     m = {"pcc_all": pcc, "pcc_heg50": pcc + 0.1, "pcc_hvg50": pcc + 0.2, "mse": 0.2, "mae": 0.3}
-    return {"arm": arm, "held_out": held, "train_seconds": t, "modes": {mode: m}}
+    return {"arm": arm, "held_out": held, "train_seconds": t, "modes": {mode: m}, "seed": seed}
 
 
 def test_results_table_means_per_section_and_marks_missing(tmp_path):
     res = [_result("ridge", "B4", "ridge", 0.0, None), _result("ridge", "C2", "ridge", 0.1, None),
            _result("comtip", "B4", "probe", 0.2), _result("comtip", "C2", "probe", 0.4)]
     md = results_markdown(res)
-    assert "| ridge | ridge | 2 | 0.050 | 0.150 | 0.250 | 0.200 | 0.300 |" in md
-    assert "| comtip | probe | 2 | 0.300 | 0.400 | 0.500 |" in md
+    assert "| ridge | ridge | 1 | 2 | 0.050 | 0.150 | 0.250 | 0.200 | 0.300 |" in md
+    assert "| comtip | probe | 1 | 2 | 0.300 | 0.400 | 0.500 |" in md
     assert "0.200 / 0.300 / 0.400; 1.0 min" in md
     assert md.index("| ridge |") < md.index("| comtip |")
+    assert "Per seed" not in md  # one seed: no per-seed table
     # the generated block replaces only itself inside an existing document
     doc = tmp_path / "results.md"
     doc.write_text(f"# Results\n\nintro\n\n{BEGIN}\nstale table\n{END}\n\nnotes after\n")
@@ -62,6 +64,25 @@ def test_results_table_means_per_section_and_marks_missing(tmp_path):
     assert "not run" in md2  # comtip/probe has no C2 result
 
 
+def test_results_table_over_seeds_and_data_sets(tmp_path):
+    res = [_result("comtip", "B4", "probe", 0.2, seed=0), _result("comtip", "B4", "probe", 0.4, seed=1),
+           _result("untrained", "B4", "probe", 0.1, seed=0)]
+    md = results_markdown(res)
+    assert "| comtip | probe | 2 | 1 | 0.300 | 0.400 | 0.500 |" in md  # mean over the two seeds
+    assert "| comtip | probe | 0 | 0.300 / 0.400 |" in md and "| comtip | probe | 1 | 0.500 / 0.600 |" in md
+    assert md.index("| untrained |") < md.index("| comtip |")
+    doc = tmp_path / "results.md"
+    write_results_md(res, doc, key="her2st")
+    write_results_md(res[:1], doc, key="mouse-brain")
+    write_results_md(res[:2], doc, key="her2st")
+    text = doc.read_text()
+    for key in ("her2st", "mouse-brain"):
+        b, e = markers(key)
+        assert text.count(b) == 1 and text.count(e) == 1
+    b, e = markers("her2st")
+    assert "| untrained |" not in text[text.index(b):text.index(e)]
+
+
 def test_arms_cover_the_ablation_grid():
     assert {"ridge", "comtip", "names", "values"} <= set(ARMS)
     for a in ("comtip-nomfm", "comtip-nopaat", "values-nomfm", "values-nopaat", "names-nomfm"):
@@ -69,3 +90,38 @@ def test_arms_cover_the_ablation_grid():
     assert arm_overrides("values-nomfm-nopaat") == {"model.text.mode": "values", "model.w_mfm": 0.0, "model.w_paat": 0.0}
     with pytest.raises(ConfigError, match="unknown arm"):
         arm_overrides("bogus")
+
+
+@pytest.mark.slow
+def test_loso_runs_every_control_on_real_sections_and_reevaluates(her2st_dir, tmp_path):
+    """Two real her2st sections, the micro preset for 2 steps: the floor (own features and in
+    context), the untrained control and a learned arm with every predictor; a re-evaluation scores
+    the stored checkpoints again without training."""
+    from napari_comtip.engine.loso import LEARNED_MODES, run_loso
+    from napari_comtip.engine.training import run_config_from_dict
+
+    cfg = run_config_from_dict({"preset": "micro", "data": {"n_hvg": 40, "n_mean": 10, "unlabelled": False},
+                                "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
+    md = tmp_path / "results.md"
+    res = run_loso(str(her2st_dir), tmp_path / "s0", samples=["C2", "C3"], config=cfg,
+                   arms=["ridge", "untrained", "comtip-nomfm"], max_steps=2, device="cpu", results_md=md,
+                   table_key="her2st")
+    by = {(r["arm"], r["held_out"]): r for r in res["results"]}
+    assert len(by) == 6
+    assert set(by[("ridge", "C2")]["modes"]) == {"ridge", "ridge-ctx"}
+    assert set(by[("untrained", "C3")]["modes"]) == set(LEARNED_MODES) - {"zero-shot"}
+    assert set(by[("comtip-nomfm", "C3")]["modes"]) == set(LEARNED_MODES)
+    assert by[("untrained", "C2")]["train_seconds"] < 60
+    for r in res["results"]:
+        for m in r["modes"].values():
+            assert -1 <= m["pcc_heg50"] <= 1
+    text = md.read_text()
+    assert "<!-- loso-table:her2st:begin -->" in text and "| untrained | probe |" in text
+    ck = tmp_path / "s0" / "comtip-nomfm" / "C2" / "run" / "model.pt"
+    mtime = ck.stat().st_mtime_ns
+    again = run_loso(str(her2st_dir), tmp_path / "s0", samples=["C2", "C3"], config=cfg, arms=["comtip-nomfm"],
+                     max_steps=2, device="cpu", reevaluate=True)
+    r2 = {(r["arm"], r["held_out"]): r for r in again["results"]}
+    assert r2[("comtip-nomfm", "C2")]["previous_modes"]["probe"]["pcc_heg50"] == pytest.approx(
+        by[("comtip-nomfm", "C2")]["modes"]["probe"]["pcc_heg50"], abs=1e-6)
+    assert ck.stat().st_mtime_ns != mtime  # the probe was re-fitted in place, the encoder not retrained

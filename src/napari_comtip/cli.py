@@ -280,12 +280,25 @@ def _add_loso(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="score the stored fold checkpoints again with the current predictors (no retraining)")
+    p.add_argument("--results-root", default=None,
+                   help="build the table from every result under this folder (e.g. the parent of one --out per seed)")
+    p.add_argument("--table-key", default=None, help="name of the data set's table block in --results-md (e.g. her2st)")
 
 
 def _run_loso(args: argparse.Namespace) -> int:
-    from .engine.loso import loso_from_args
+    from .engine.loso import run_loso
+    from .engine.loso_table import results_markdown
 
-    return int(loso_from_args(args) or 0)
+    arms = None
+    if args.arms and args.arms.strip().lower() != "all":
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    res = run_loso(args.data, args.out, samples=args.sample, config=args.config, arms=arms, max_steps=args.max_steps,
+                   seed=args.seed, device=args.device, results_md=args.results_md, results_root=args.results_root,
+                   table_key=args.table_key, reevaluate=args.reevaluate)
+    print(results_markdown(res["results"], res["meta"]))
+    return 0
 
 
 # --------------------------------------------------------------------------- view

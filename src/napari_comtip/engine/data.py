@@ -405,6 +405,7 @@ class TrainingSet:
     names: list[str]
     spot_ids: list[str]
     unlabelled: np.ndarray | None = None  # (U, S, S, 3) uint8
+    centres_rc: np.ndarray | None = None  # (N, 2) spot centres (row, col), full-resolution px of their sample
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -426,7 +427,7 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
                                   cfg.min_spot_frac, names=[s.name for s in samples])
     panel = list(panel)
     cache = cache or PatchCache()
-    patches, exprs, owner, ids, unl = [], [], [], [], []
+    patches, exprs, owner, ids, unl, centres = [], [], [], [], [], []
     for i, s in enumerate(samples):
         ad = s.expression
         # align expression rows to the spot table
@@ -436,6 +437,7 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
         exprs.append(panel_matrix(ad, panel, s.name, s.provenance.get("source"), cfg.min_shared_genes))
         patches.append(np.asarray(cache.spots(s, patch_um, img_size, progress=progress, cancel=cancel)))
         owner.append(np.full(s.n_spots, i))
+        centres.append(s.centers_rc())
         ids.extend(f"{s.name}:{x}" for x in spot_ids)
         if cfg.unlabelled and cfg.unlabelled_per_sample > 0:
             c = tissue_centres(s, patch_um, max_n=cfg.unlabelled_per_sample, tissue_frac=cfg.tissue_frac, seed=seed)
@@ -450,6 +452,7 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
         spot_ids=ids,
         unlabelled=np.concatenate(unl, 0) if unl else None,
         info={"n_unlabelled": int(sum(len(u) for u in unl))},
+        centres_rc=np.concatenate(centres, 0),
     )
 
 

@@ -10,12 +10,21 @@ Arms (``--arms``, comma-separated; ``all`` = every one):
 
 ========================  ==================================================================
 ``ridge``                 colour-texture features + ridge (non-learned floor, engine/baselines)
+``untrained``             the config's architecture with its seeded random weights, no training
+                          step, bank and probe fitted as for every arm (control)
 ``comtip``                names + values, MFM, PAAT, unlabelled tissue patches for MFM
 ``comtip-nomfm``          without MFM;  ``comtip-nopaat`` without PAAT; ``comtip-nomfm-nopaat``
 ``comtip-nounlab``        MFM on the spot patches only (no vision-only tissue batches)
 ``names`` / ``names-nomfm``            OmiCLIP-style: top expressed gene names, no values (no PAAT)
 ``values`` / ``values-nomfm`` / ``values-nopaat`` / ``values-nomfm-nopaat``  BLEEP-style
 ========================  ==================================================================
+
+Predictors scored for each learned arm (``LEARNED_MODES``): ``retrieval``; ``probe-raw`` (ridge on
+the spot's own pooled features, the rule before spatial context); ``probe`` (the checkpoint's stored
+probe, in the recipe's ``training.probe_context``, engine/context.py); ``floor+probe`` (the probe
+rule on the floor's features and the encoder's side by side: the ``floor+comtip`` control);
+``zero-shot``. The floor arm reports ``ridge`` (its own features) and ``ridge-ctx`` (the same
+features in the probe's context).
 
 Every (arm, section) result is written to ``<out>/<arm>/<section>/result.json`` as soon as it
 is done; a rerun skips finished ones, so the benchmark can be resumed, extended with more arms
@@ -24,7 +33,6 @@ or run arm by arm in parallel jobs. The markdown table is rebuilt from all resul
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -39,6 +47,7 @@ from ..errors import ConfigError, InputError
 
 ARMS: dict[str, dict[str, Any]] = {
     "ridge": {},
+    "untrained": {},  # the config's architecture with random weights: no training step (save_untrained)
     "comtip": {},
     "comtip-nomfm": {"model.w_mfm": 0.0},
     "comtip-nopaat": {"model.w_paat": 0.0},
@@ -50,9 +59,13 @@ ARMS: dict[str, dict[str, Any]] = {
     "values-nomfm": {"model.text.mode": "values", "model.w_mfm": 0.0},
     "values-nopaat": {"model.text.mode": "values", "model.w_paat": 0.0},
     "values-nomfm-nopaat": {"model.text.mode": "values", "model.w_mfm": 0.0, "model.w_paat": 0.0},
+    # zero-shot levers: undetected genes at 0 in the sentences, more one-gene sentences
+    "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
+    "comtip-zs-w3": {"model.w_mfm": 0.0, "data.expressed_weight": 3.0, "model.text.p_single": 0.3},
 }
 ARM_TEXT = {
     "ridge": "colour-texture features + ridge (floor)",
+    "untrained": "the recipe's architecture with random weights, same probe rule (control)",
     "comtip": "CoMTIP: names+values, MFM, PAAT",
     "comtip-nomfm": "names+values, PAAT, no MFM",
     "comtip-nopaat": "names+values, MFM, no PAAT",
@@ -64,10 +77,14 @@ ARM_TEXT = {
     "values-nomfm": "values only, PAAT, no MFM",
     "values-nopaat": "values only, MFM, no PAAT",
     "values-nomfm-nopaat": "values only, no MFM, no PAAT",
+    "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
+    "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
 }
 MODES = ("retrieval", "probe", "zero-shot")
+#: every predictor the benchmark scores for a learned arm (loso_table.MODE_ORDER explains them)
+LEARNED_MODES = ("retrieval", "probe-raw", "probe", "floor+probe", "zero-shot")
 RIDGE_PATCH_PX = 224  # the floor's features are computed on 224 px patches, as in peers.md
-RESULT_FILE = "result.json"
+from .loso_table import RESULT_FILE  # noqa: E402  (one name for the result file)
 
 
 def _git_commit() -> str:
@@ -106,25 +123,53 @@ def _apply_overrides(cfg, over: dict[str, Any]):
 
 
 # --------------------------------------------------------------------------- one fold
-def run_ridge_fold(train_samples, test_sample, panel: Sequence[str], cfg) -> dict[str, Any]:
-    """The colour-texture ridge floor on one fold (same panel as the learned arms)."""
-    from .baselines import RidgeFloor, colour_texture_features
-    from .data import PatchCache, panel_matrix
+def _floor_features(samples, cfg) -> list[np.ndarray]:
+    from .baselines import colour_texture_features
+    from .data import PatchCache
+
+    cache = PatchCache()
+    return [colour_texture_features(cache.spots(s, cfg.model.patch_um, RIDGE_PATCH_PX)) for s in samples]
+
+
+def _panel_expr(samples, panel) -> np.ndarray:
+    from .data import panel_matrix
+
+    return np.concatenate([panel_matrix(s.expression[[str(i) for i in s.spots.index]], panel, s.name) for s in samples])
+
+
+def _score(pred: np.ndarray, test_sample, panel, mode: str, **extra) -> dict[str, Any]:
     from .evaluation import metrics_from_arrays
 
-    t0 = time.time()
-    cache = PatchCache()
-    X, Y = [], []
-    for s in train_samples:
-        X.append(colour_texture_features(cache.spots(s, cfg.model.patch_um, RIDGE_PATCH_PX)))
-        Y.append(panel_matrix(s.expression[[str(i) for i in s.spots.index]], panel, s.name))
-    model = RidgeFloor().fit(np.concatenate(X), np.concatenate(Y))
-    Xt = colour_texture_features(cache.spots(test_sample, cfg.model.patch_um, RIDGE_PATCH_PX))
-    pred = model.predict(Xt)
     true = _true_panel(test_sample, panel)
     m = metrics_from_arrays(pred[:, true["cols"]], true["X"], true["genes"])
-    m.update(mode="ridge", alpha=model.alpha_, seconds=time.time() - t0)
-    return {"modes": {"ridge": m}, "train_seconds": time.time() - t0}
+    m.update(mode=mode, **extra)
+    return m
+
+
+def _ctx_stack(feats: Sequence[np.ndarray], samples, context: str) -> list[np.ndarray]:
+    from .context import context_features
+
+    return [context_features(f, s.centers_rc(), context) for f, s in zip(feats, samples)]
+
+
+def run_ridge_fold(train_samples, test_sample, panel: Sequence[str], cfg) -> dict[str, Any]:
+    """The colour-texture ridge floor on one fold (same panel as the learned arms): ``ridge`` on the
+    spot's own features (the fixed floor of peers.md) and ``ridge-ctx`` on the same features in the
+    probe's spatial context (engine/context.py), so the table shows what the context alone adds."""
+    from .baselines import RidgeFloor
+
+    t0 = time.time()
+    ftr, fte = _floor_features(train_samples, cfg), _floor_features([test_sample], cfg)[0]
+    Y = _panel_expr(train_samples, panel)
+    out: dict[str, Any] = {"modes": {}}
+    for mode, ctx in (("ridge", "none"), ("ridge-ctx", cfg.training.probe_context)):
+        t1 = time.time()
+        X = np.concatenate(_ctx_stack(ftr, train_samples, ctx))
+        model = RidgeFloor().fit(X, Y)
+        pred = model.predict(_ctx_stack([fte], [test_sample], ctx)[0])
+        out["modes"][mode] = _score(pred, test_sample, panel, mode, alpha=model.alpha_, context=ctx, seconds=time.time() - t1)
+    out["train_seconds"] = time.time() - t0
+    return out
 
 
 def _true_panel(sample, panel):
@@ -137,45 +182,134 @@ def _true_panel(sample, panel):
     return {"X": ln[:, [col[g] for g in genes]], "genes": genes, "cols": [i for i, g in enumerate(panel) if g in col]}
 
 
-def run_model_fold(arm: str, cfg, fold_dir: Path, train_ts, test_sample, *, max_steps=None, device="auto",
-                   modes: Sequence[str] = MODES) -> dict[str, Any]:
-    """Pretrain one arm on a fold's training set and evaluate the held-out section."""
-    from .evaluation import evaluate_predictions
-    from .predict import predict_sample
-    from .training import pretrain
+def save_untrained(cfg, ts, path: Path, *, device="auto") -> Path:
+    """The ``untrained`` control: the recipe's architecture with its seeded random initialisation
+    (no training step), with the bank and probe fitted on the fold's training spots exactly as
+    after training. The same probe rule and context as every learned arm."""
+    import torch
+
+    from ..model.factory import build_model
+    from .device import resolve_device
+    from .training import _save_final, build_bank_and_probe, panel_rule_text
+
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg.model, ts.panel).to(dev)
+    extras = build_bank_and_probe(model, ts, dev, cfg)
+    extras["training"] = {"steps": 0, "total_steps": 0, "samples": list(ts.names), "n_spots": ts.n_spots,
+                          "run_config": cfg.to_dict(), "panel_rule": panel_rule_text(cfg.data),
+                          "selection_rule": "untrained control: random initialisation, seed " + str(cfg.training.seed)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_final(path, model, cfg, ts.panel, extras, fp16=cfg.training.fp16_final)
+    return path
+
+
+def _floor_plus_probe(ckpt, train_samples, test_sample, panel, cfg, device) -> dict[str, Any]:
+    """``floor+probe``: the probe rule on the floor's colour-texture features and the encoder's pooled
+    features side by side (each block in the probe's context, scaled by 1/sqrt(its width) so that
+    both blocks carry the same total variance), fitted on the fold's training spots."""
+    from ..model.checkpoint import load_checkpoint
+    from . import predictors
+    from .inference import embed_sample
 
     t0 = time.time()
-    ckpt = fold_dir / "run" / "model.pt"
-    if ckpt.exists():
-        train_s = None
-    else:
-        ckpt = pretrain(cfg, [], fold_dir / "run", overwrite=True, max_steps=max_steps, device=device,
-                        training_set=train_ts)
-        train_s = time.time() - t0
-    out: dict[str, Any] = {"modes": {}, "train_seconds": train_s, "checkpoint": str(ckpt)}
-    if train_s is None and (fold_dir / "run" / "metrics.csv").exists():
-        from .training import read_metrics
+    model = load_checkpoint(ckpt).model
+    ctx = cfg.training.probe_context
 
-        rows = read_metrics(fold_dir / "run" / "metrics.csv")
-        out["train_seconds"] = rows[-1]["elapsed_s"] if rows else None
-    if cfg.model.text.mode == "names":  # no values in the text branch: zero-shot is undefined
+    def feats(samples):
+        return [np.asarray(embed_sample(s, model, device=device, features=True).features, np.float32) for s in samples]
+
+    def both(fl, en, samples):
+        out = []
+        for a, b in zip(_ctx_stack(fl, samples, ctx), _ctx_stack(en, samples, ctx)):
+            za = (a - a.mean(0)) / np.maximum(a.std(0), 1e-8) / np.sqrt(a.shape[1])
+            zb = (b - b.mean(0)) / np.maximum(b.std(0), 1e-8) / np.sqrt(b.shape[1])
+            out.append(np.hstack([za, zb]))
+        return out
+
+    X = np.concatenate(both(_floor_features(train_samples, cfg), feats(train_samples), train_samples))
+    probe = predictors.fit_probe(X, _panel_expr(train_samples, panel), alpha=None)
+    xt = both(_floor_features([test_sample], cfg), feats([test_sample]), [test_sample])[0]
+    pred = predictors.probe_predict(probe, xt)
+    return _score(pred, test_sample, panel, "floor+probe", alpha=probe.alpha, context=ctx, seconds=time.time() - t0)
+
+
+def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, *, device="auto",
+                  modes: Sequence[str] = MODES) -> dict[str, dict[str, Any]]:
+    """Every predictor of a learned (or untrained) arm on the held-out section, through the user path."""
+    from .evaluation import evaluate_predictions
+    from .predict import predict_sample
+
+    out: dict[str, dict[str, Any]] = {}
+    if cfg.model.text.mode == "names" or arm == "untrained":  # zero-shot is undefined / meaningless there
         modes = [m for m in modes if m != "zero-shot"]
     for mode in modes:
         t1 = time.time()
-        pred = predict_sample(test_sample, checkpoint=str(ckpt), mode=mode, device=device)
+        if mode == "floor+probe":
+            out[mode] = _floor_plus_probe(ckpt, train_samples, test_sample, panel, cfg, device)
+            continue
+        kw = {"reference": train_samples, "context": "none"} if mode == "probe-raw" else {}
+        pred = predict_sample(test_sample, checkpoint=str(ckpt), mode="probe" if mode == "probe-raw" else mode,
+                              device=device, **kw)
         m = evaluate_predictions(pred, test_sample.expression)
         m.update(mode=mode, seconds=time.time() - t1)
-        out["modes"][mode] = m
+        if "uncertainty" in pred.layers:
+            m["unc_spearman"] = _unc_spearman(pred, test_sample)
+        out[mode] = m
     return out
+
+
+def _unc_spearman(pred, test_sample) -> float:
+    """Rank correlation of the predictor's uncertainty with its absolute error (engine/evaluation)."""
+    try:
+        from .evaluation import uncertainty_error_spearman
+    except ImportError:  # pragma: no cover - the function arrives with the uncertainty layer
+        return float("nan")
+    genes = [str(g) for g in pred.var_names]
+    true = _true_panel(test_sample, genes)
+    cols = true["cols"]
+    res = uncertainty_error_spearman(np.asarray(pred.X)[:, cols], np.asarray(pred.layers["uncertainty"])[:, cols], true["X"])
+    return float(res["per_gene"] if isinstance(res, dict) else res)
+
+
+def run_model_fold(arm: str, cfg, fold_dir: Path, train_ts, train_samples, test_sample, *, max_steps=None,
+                   device="auto", modes: Sequence[str] = MODES) -> dict[str, Any]:
+    """Pretrain one arm on a fold's training set (or reuse its checkpoint) and evaluate the held-out section."""
+    from .training import pretrain, read_metrics
+
+    t0 = time.time()
+    ckpt = fold_dir / "run" / "model.pt"
+    train_s = None
+    if not ckpt.exists():
+        if arm == "untrained":
+            save_untrained(cfg, train_ts, ckpt, device=device)
+        else:
+            ckpt = pretrain(cfg, [], fold_dir / "run", overwrite=True, max_steps=max_steps, device=device,
+                            training_set=train_ts)
+        train_s = time.time() - t0
+    elif (fold_dir / "run" / "metrics.csv").exists():
+        rows = read_metrics(fold_dir / "run" / "metrics.csv")
+        train_s = rows[-1]["elapsed_s"] if rows else None
+    return {"modes": evaluate_fold(arm, cfg, ckpt, train_samples, test_sample, train_ts.panel, device=device, modes=modes),
+            "train_seconds": train_s, "checkpoint": str(ckpt)}
 
 
 # --------------------------------------------------------------------------- benchmark
 def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None = None, config=None,
              arms: Sequence[str] | None = None, max_steps: int | None = None, seed: int = 0, device: str = "auto",
-             results_md: str | os.PathLike | None = None, progress=None) -> dict[str, Any]:
+             results_md: str | os.PathLike | None = None, results_root: str | os.PathLike | None = None,
+             table_key: str | None = None, reevaluate: bool = False, progress=None) -> dict[str, Any]:
+    """Leave-one-section-out over the sections of ``data`` (see the module docstring).
+
+    ``reevaluate``: score the stored fold checkpoints again with the current predictors (their
+    stored probe re-fitted with the current rule first) instead of skipping finished folds.
+    ``results_root``: build the table from every result under this folder (e.g. the parent of
+    one folder per seed); ``table_key``: the data set's block in ``results_md``.
+    """
     from ..io import list_samples, load_sample
     from .data import build_training_set
-    from .training import load_run_config
+    from .loso_table import collect_results, write_results_md
+    from .training import load_run_config, refit_probe
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,14 +327,23 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
             "config": cfg.to_dict(), "commit": _git_commit(), "host": platform.node(),
             "cpu_threads": os.cpu_count()}
     _write_json(out / "benchmark.json", meta)
-    results = collect_results(out)
+    root = Path(results_root) if results_root else out
+
+    def table():
+        if results_md:
+            write_results_md(collect_results(root), results_md, meta, key=table_key)
+
+    done = 0
     for held in names:
         train = [loaded[n] for n in names if n != held]
         ts_cache: dict[tuple, Any] = {}
         for arm in arms:
             fold_dir = out / arm / held
+            old = None
             if (fold_dir / RESULT_FILE).exists():
-                continue
+                if not reevaluate:
+                    continue
+                old = json.loads((fold_dir / RESULT_FILE).read_text())
             t0 = time.time()
             arm_cfg = _apply_overrides(cfg, arm_overrides(arm))
             key = (arm_cfg.model.patch_um, arm_cfg.model.vision.img_size, json.dumps(arm_cfg.data.to_dict(), sort_keys=True))
@@ -211,20 +354,25 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
             if arm == "ridge":
                 res = run_ridge_fold(train, loaded[held], ts.panel, arm_cfg)
             else:
-                res = run_model_fold(arm, arm_cfg, fold_dir, ts, loaded[held], max_steps=max_steps, device=device)
+                ckpt = fold_dir / "run" / "model.pt"
+                if old is not None and ckpt.exists():
+                    refit_probe(ckpt, train, device=device, context=arm_cfg.training.probe_context,
+                                note={"why": "benchmark-loso --reevaluate"})
+                res = run_model_fold(arm, arm_cfg, fold_dir, ts, train, loaded[held], max_steps=max_steps,
+                                     device=device, modes=LEARNED_MODES)
+            if old is not None:
+                res["train_seconds"] = old.get("train_seconds", res.get("train_seconds"))
+                res["previous_modes"] = old.get("modes")
             res.update(arm=arm, held_out=held, train_sections=[s.name for s in train], n_panel=len(ts.panel),
                        n_train_spots=ts.n_spots, total_seconds=time.time() - t0, commit=meta["commit"],
-                       overrides=arm_overrides(arm), max_steps=max_steps, seed=seed)
+                       overrides=arm_overrides(arm), max_steps=max_steps, seed=seed, data=str(data))
             _write_json(fold_dir / RESULT_FILE, res)
-            results = collect_results(out)
-            if results_md:
-                write_results_md(results, results_md, meta)
+            done += 1
+            table()
             if progress is not None:
-                progress(len(results), len(arms) * len(names), f"{arm} {held}")
-    results = collect_results(out)
-    if results_md:
-        write_results_md(results, results_md, meta)
-    return {"results": results, "meta": meta}
+                progress(done, len(arms) * len(names), f"{arm} {held}")
+    table()
+    return {"results": collect_results(root), "meta": meta}
 
 
 def _default_config_path() -> Path:
@@ -236,103 +384,5 @@ def _default_config_path() -> Path:
     return p
 
 
-def collect_results(out: str | os.PathLike) -> list[dict[str, Any]]:
-    res = []
-    for p in sorted(Path(out).glob(f"*/*/{RESULT_FILE}")):
-        try:
-            res.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            continue
-    return res
-
-
-# --------------------------------------------------------------------------- the table
-def _fmt(x, nd=3) -> str:
-    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
-
-
-def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows (arm, mode) with per-section metrics and their means."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in results:
-        for mode, m in r["modes"].items():
-            row = rows.setdefault((r["arm"], mode), {"arm": r["arm"], "mode": mode, "sections": {}, "train_s": {}})
-            row["sections"][r["held_out"]] = m
-            row["train_s"][r["held_out"]] = r.get("train_seconds")
-    out = []
-    for (arm, mode), row in rows.items():
-        secs = row["sections"]
-        for k in ("pcc_all", "pcc_heg50", "pcc_hvg50", "mse", "mae"):
-            row[k] = float(np.mean([m[k] for m in secs.values()]))
-        row["n_sections"] = len(secs)
-        out.append(row)
-    order = {a: i for i, a in enumerate(ARMS)}
-    morder = {"ridge": 0, "retrieval": 1, "probe": 2, "zero-shot": 3}
-    out.sort(key=lambda r: (order.get(r["arm"], 99), morder.get(r["mode"], 9)))
-    return out
-
-
-def results_markdown(results: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
-    rows = summarise(results)
-    sections = sorted({r["held_out"] for r in results})
-    lines = []
-    lines.append("| arm | predictor | sections | PCC all | PCC HEG-50 | PCC HVG-50 | MSE | MAE |")
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        lines.append(f"| {r['arm']} | {r['mode']} | {r['n_sections']} | {_fmt(r['pcc_all'])} | {_fmt(r['pcc_heg50'])} | "
-                     f"{_fmt(r['pcc_hvg50'])} | {_fmt(r['mse'])} | {_fmt(r['mae'])} |")
-    lines.append("")
-    lines.append("Per held-out section (PCC all / HEG-50 / HVG-50; training time of the arm on that fold):")
-    lines.append("")
-    lines.append("| arm | predictor | " + " | ".join(sections) + " |")
-    lines.append("|---|---|" + "---|" * len(sections))
-    for r in rows:
-        cells = []
-        for s in sections:
-            m = r["sections"].get(s)
-            if m is None:
-                cells.append("not run")
-                continue
-            t = r["train_s"].get(s)
-            tt = f"; {t / 60:.1f} min" if t else ""
-            cells.append(f"{_fmt(m['pcc_all'])} / {_fmt(m['pcc_heg50'])} / {_fmt(m['pcc_hvg50'])}{tt}")
-        lines.append(f"| {r['arm']} | {r['mode']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-BEGIN = "<!-- loso-table:begin -->"
-END = "<!-- loso-table:end -->"
-
-
-def write_results_md(results, path, meta=None) -> None:
-    """Replace the generated table between the markers of ``path`` (or create the file)."""
-    from .training import _atomic_write_text
-
-    path = Path(path)
-    table = results_markdown(results, meta)
-    block = f"{BEGIN}\n{table}{END}"
-    if path.exists():
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            a = text.index(BEGIN)
-            b = text.index(END) + len(END)
-            text = text[:a] + block + text[b:]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-    else:
-        text = "# Results\n\n" + block + "\n"
-    _atomic_write_text(path, text)
-
-
-def loso_from_args(args: argparse.Namespace) -> int:
-    arms = None
-    if args.arms and args.arms.strip().lower() != "all":
-        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    res = run_loso(args.data, args.out, samples=args.sample, config=args.config, arms=arms,
-                   max_steps=args.max_steps, seed=args.seed, device=args.device, results_md=args.results_md)
-    print(results_markdown(res["results"], res["meta"]))
-    return 0
-
-
-__all__ = ["ARMS", "run_loso", "loso_from_args", "results_markdown", "write_results_md", "collect_results",
-           "summarise", "run_ridge_fold", "run_model_fold"]
+__all__ = ["ARMS", "MODES", "LEARNED_MODES", "run_loso", "run_ridge_fold", "run_model_fold", "evaluate_fold",
+           "save_untrained", "arm_overrides"]

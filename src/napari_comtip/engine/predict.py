@@ -187,8 +187,10 @@ def _as_samples(reference, reference_samples, progress: Progress | None) -> list
 
 
 def _reference_data(refs: Sequence["SpatialSample"], model, panel: list[str], *, device, batch_size,
-                    features: bool, progress, cancel) -> dict[str, Any]:
-    """Embeddings (and features) of every reference spot plus their panel expression."""
+                    features: bool, progress, cancel, context: str = "none") -> dict[str, Any]:
+    """Embeddings (and probe inputs: features in ``context``, per section) of every reference spot
+    plus their panel expression."""
+    from .context import context_features
     from .data import panel_matrix
     from .inference import embed_sample
 
@@ -202,7 +204,7 @@ def _reference_data(refs: Sequence["SpatialSample"], model, panel: list[str], *,
                          cache=True, features=features)
         embs.append(np.asarray(e.image, dtype=np.float32))
         if features:
-            feats.append(np.asarray(e.features, dtype=np.float32))
+            feats.append(context_features(np.asarray(e.features, dtype=np.float32), ref.centers_rc(), context))
         exprs.append(panel_matrix(ref.expression, panel, sample_name=ref.name,
                                   min_shared=Default.MIN_SHARED_GENES))
         names.append(ref.name)
@@ -304,6 +306,7 @@ def predict_sample(
     *,
     k: int = Default.RETRIEVAL_K,
     alpha: float | None = Default.PROBE_ALPHA,
+    context: str | None = None,
 ) -> "anndata.AnnData":
     """Predict log-normalised expression for every spot of ``sample`` (see the module docstring).
 
@@ -314,7 +317,9 @@ def predict_sample(
     :class:`~napari_comtip.engine.inference.Embeddings` of this sample with this checkpoint (the
     widget's cache; with ``probe`` they must include features). ``k``: neighbours for retrieval;
     ``alpha``: ridge penalty when a probe is fitted here (None: chosen by leave-one-out on the
-    reference spots, see :func:`~napari_comtip.engine.predictors.loo_ridge_alpha`).
+    reference spots, see :func:`~napari_comtip.engine.predictors.loo_ridge_alpha`). ``context``:
+    the input of a probe fitted here (:mod:`engine.context`; default ``Default.PROBE_CONTEXT``);
+    a checkpoint's stored probe always uses the context it was fitted with.
     """
     import anndata
 
@@ -353,10 +358,19 @@ def predict_sample(
                 raise InputError(f"{ck_label} stores no probe",
                                  hint="pass --reference with a dataset that has expression to fit one, "
                                       "or use --mode retrieval / zero-shot")
+    from .context import check_context, context_features
+
+    if mode == "probe" and reference is None:
+        stored = (probe.get("context") if isinstance(probe, dict) else getattr(probe, "context", None)) or "none"
+        if context is not None and check_context(context) != stored:
+            raise InputError(f"the probe of {ck_label} was fitted with context '{stored}', not '{context}'",
+                             hint="leave the context out, or pass --reference to fit a new probe")
+        context = stored
+    context = check_context(context or Default.PROBE_CONTEXT)
     if reference is not None and mode != "zero-shot":
         refs = _as_samples(reference, reference_samples, progress)
         ref = _reference_data(refs, model, panel, device=dev, batch_size=batch_size, features=mode == "probe",
-                              progress=progress, cancel=cancel)
+                              progress=progress, cancel=cancel, context=context)
         if ref["missing_genes"]:
             miss = [g for g in gene_names if g in set(ref["missing_genes"])]
             if miss:
@@ -397,6 +411,8 @@ def predict_sample(
         else:
             a = probe.get("alpha") if isinstance(probe, dict) else getattr(probe, "alpha", None)
             params = {"alpha": float(a) if a is not None else "", "probe_source": "checkpoint"}
+        params["context"] = context
+        probe_in = context_features(np.asarray(emb.features, dtype=np.float32), sample.centers_rc(), context)
         probe_genes = (probe.get("genes") if isinstance(probe, dict) else getattr(probe, "genes", None)) or panel
         col = {str(g): j for j, g in enumerate(probe_genes)}
         lacking = [g for g in gene_names if g not in col]
@@ -421,8 +437,7 @@ def predict_sample(
         if mode == "retrieval":
             X[a:b] = predictors.retrieval(e, bank_emb, bank_expr, k_eff)
         elif mode == "probe":
-            f = np.asarray(emb.features[a:b], dtype=np.float32)
-            X[a:b] = predictors.probe_predict(probe, f)[:, probe_cols]
+            X[a:b] = predictors.probe_predict(probe, probe_in[a:b])[:, probe_cols]
         else:
             X[a:b] = predictors.zero_shot(model, e, gene_idx)
         if progress is not None:

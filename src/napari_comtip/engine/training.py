@@ -40,8 +40,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..constants import Default
 from ..errors import Cancelled, ConfigError, InputError, TrainingError
 from ..model.text import sample_gene_subsets
+from .context import CONTEXTS, context_features_grouped
 from .data import Augment, DataConfig, TrainingSet, build_training_set, expressed_sentences
 
 #: Columns of ``metrics.csv`` (stable: the pretrain widget parses them). ``img_emb_std`` is the
@@ -81,6 +83,7 @@ class TrainingConfig:
     bank: bool = True  # store the retrieval bank in model.pt
     probe: bool = True  # fit and store the ridge probe in model.pt
     probe_alpha: float = 0.0  # ridge penalty of the stored probe; 0 = choose by leave-one-out on the training spots
+    probe_context: str = Default.PROBE_CONTEXT  # the probe's input (engine/context.py): none, section, neighbours
     emb_std_every: int = 1  # compute img_emb_std every N steps (it costs no extra forward pass)
     fp16_final: bool = True  # store model.pt weights in fp16
 
@@ -208,6 +211,9 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
                           path=path)
     training = TrainingConfig()
     _apply_section(training, d.get("training") or {}, "training", path)
+    if training.probe_context not in CONTEXTS:
+        raise ConfigError(f"training.probe_context must be one of {', '.join(CONTEXTS)}, got {training.probe_context!r}",
+                          path=path)
     if training.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"training.amp must be auto, bf16 or off, got {training.amp!r}", path=path)
     return RunConfig(preset=preset, model=model_cfg, data=data, training=training,
@@ -570,14 +576,17 @@ def build_bank_and_probe(model, ts: TrainingSet, device, cfg: RunConfig) -> dict
         alpha = cfg.training.probe_alpha
         # 0 = automatic: exact leave-one-out over the training spots (the floor's rule, see
         # predictors.loo_ridge_alpha); a leave-one-section-out choice over-regularised (docs/results.md)
-        probe = predictors.fit_probe(feats, ts.expr, alpha=alpha if alpha > 0 else None, genes=ts.panel).to_dict()
+        ctx = cfg.training.probe_context
+        x = context_features_grouped(feats, ts.centres_rc, ts.sample_of, ctx)
+        probe = predictors.fit_probe(x, ts.expr, alpha=alpha if alpha > 0 else None, genes=ts.panel).to_dict()
         probe["source"] = "training spots (no augmentation)"
+        probe["context"] = ctx
         extras["probe"] = probe
     return extras
 
 
 def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str = "auto", alpha: float | None = None,
-                note: dict | None = None) -> dict[str, Any]:
+                note: dict | None = None, context: str = Default.PROBE_CONTEXT) -> dict[str, Any]:
     """Re-fit the ridge probe stored in ``checkpoint`` on ``samples`` (loaded SpatialSamples with
     expression), in place and atomically; the encoder, bank and config are not touched.
 
@@ -596,8 +605,10 @@ def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str
                             img_size=cfg.vision.img_size, panel=ck.gene_panel)
     ck.model.to(dev)
     _, feats = embed_patches(ck.model, ts.patches, dev)
-    probe = predictors.fit_probe(feats, ts.expr, alpha=alpha, genes=ts.panel).to_dict()
+    x = context_features_grouped(feats, ts.centres_rc, ts.sample_of, context)
+    probe = predictors.fit_probe(x, ts.expr, alpha=alpha, genes=ts.panel).to_dict()
     probe["source"] = f"spots of {', '.join(ts.names)} (no augmentation)"
+    probe["context"] = context
     update_checkpoint(checkpoint, probe=probe, note=dict(note or {}, what="probe re-fitted", samples=list(ts.names),
                                                          n_spots=ts.n_spots, alpha=probe["alpha"], alpha_rule=probe["alpha_rule"]))
     return {"alpha": probe["alpha"], "alpha_scores": probe["alpha_scores"], "n_spots": ts.n_spots}

@@ -1,0 +1,124 @@
+"""Spatial context for the probe: section-level standardisation and neighbourhood views of each spot.
+
+A spot's expression depends on its surroundings as much as on its own patch (TRIPLEX, Hist2ST
+and peers.md report large gains from neighbour and slide-level views on her2st), and two
+sections of one study differ in stain and scan far more than neighbouring spots do. The probe
+therefore reads, per spot, not only its own pooled features but a *context vector* built from
+the features of every spot of the same section (pure numpy, no model, no expression):
+
+``none``
+    the spot's own features (the probe's original input).
+``section``
+    the features standardised within the section (mean 0, std 1 over its spots): the section's
+    stain and scanner offset is removed before the ridge sees it.
+``neighbours`` (the default of new checkpoints)
+    ``section``, concatenated with the same standardised features averaged over the spots within
+    1.6 and 3.5 grid pitches of the spot (its ring of direct neighbours and a wider disc: the
+    tissue compartment it sits in).
+
+The context is computed the same way for the probe's training spots (each section on its own)
+and for the predicted sample, and the probe stores its context name, so a checkpoint always
+applies the rule it was fitted with. A sample with fewer than ``MIN_SECTION_SPOTS`` spots (a
+few hand-drawn points) has too few spots for a stable section mean: its features are then
+used as they are (``none``; the probe's own standardisation from its training spots applies)
+and its neighbourhood is the spots it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+
+CONTEXTS = ("none", "section", "neighbours")
+#: neighbourhood radii in grid pitches (median nearest-neighbour distance of the section's spots)
+NEIGHBOUR_RADII = (1.6, 3.5)
+#: below this many spots a section is not standardised on its own (see the module docstring)
+MIN_SECTION_SPOTS = 20
+
+
+def check_context(context: str) -> str:
+    c = str(context).lower()
+    if c not in CONTEXTS:
+        raise ConfigError(f"unknown probe context {context!r}", hint=f"choose one of {', '.join(CONTEXTS)}")
+    return c
+
+
+def spot_pitch(centres: np.ndarray) -> float:
+    """Median distance from each spot to its nearest other spot (the grid pitch), in the centres' unit."""
+    from scipy.spatial import cKDTree
+
+    c = np.asarray(centres, dtype=np.float64)
+    if len(c) < 2:
+        return float("nan")
+    d, _ = cKDTree(c).query(c, k=2)
+    nn = d[:, 1]
+    nn = nn[nn > 0]
+    return float(np.median(nn)) if len(nn) else float("nan")
+
+
+def neighbour_mean(features: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:
+    """Mean of ``features`` over the spots within ``radius`` of each spot (the spot included)."""
+    from scipy.sparse import csr_matrix
+    from scipy.spatial import cKDTree
+
+    f = np.asarray(features, dtype=np.float64)
+    c = np.asarray(centres, dtype=np.float64)
+    if len(c) == 0:
+        return f.copy()
+    pairs = cKDTree(c).query_pairs(float(radius), output_type="ndarray")
+    n = len(c)
+    rows = np.concatenate([np.arange(n), pairs[:, 0], pairs[:, 1]])
+    cols = np.concatenate([np.arange(n), pairs[:, 1], pairs[:, 0]])
+    w = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    deg = np.asarray(w.sum(axis=1)).ravel()
+    return np.asarray(w @ f) / deg[:, None]
+
+
+def _standardise(f: np.ndarray) -> np.ndarray:
+    if len(f) < MIN_SECTION_SPOTS:
+        return f
+    sd = f.std(0)
+    return (f - f.mean(0)) / np.where(sd < 1e-8, 1.0, sd)
+
+
+def context_features(features: np.ndarray, centres: np.ndarray | None, context: str) -> np.ndarray:
+    """The probe's input (N, F') for the spots of ONE section (see the module docstring)."""
+    context = check_context(context)
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2:
+        raise InputError(f"features must be (N, F), got shape {f.shape}")
+    if context == "none":
+        return f.astype(np.float32)
+    fs = _standardise(f)
+    if context == "section":
+        return fs.astype(np.float32)
+    if centres is None or len(centres) != len(f):
+        raise InputError("the 'neighbours' probe context needs one spot centre per feature row")
+    pitch = spot_pitch(centres)
+    parts = [fs]
+    for r in NEIGHBOUR_RADII:
+        parts.append(fs if not np.isfinite(pitch) else neighbour_mean(fs, centres, r * pitch))
+    return np.hstack(parts).astype(np.float32)
+
+
+def context_features_grouped(features: np.ndarray, centres: np.ndarray | None, groups: Sequence[int] | np.ndarray,
+                             context: str) -> np.ndarray:
+    """:func:`context_features` applied to each section (``groups``: section index per row) on its own."""
+    context = check_context(context)
+    f = np.asarray(features)
+    g = np.asarray(groups)
+    out = None
+    for k in np.unique(g):
+        rows = np.flatnonzero(g == k)
+        part = context_features(f[rows], None if centres is None else np.asarray(centres)[rows], context)
+        if out is None:
+            out = np.empty((len(f), part.shape[1]), dtype=np.float32)
+        out[rows] = part
+    return out if out is not None else np.zeros((0, f.shape[1] if f.ndim == 2 else 0), np.float32)
+
+
+__all__ = ["CONTEXTS", "NEIGHBOUR_RADII", "MIN_SECTION_SPOTS", "check_context", "spot_pitch", "neighbour_mean",
+           "context_features", "context_features_grouped"]
