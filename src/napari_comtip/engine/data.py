@@ -406,6 +406,7 @@ class TrainingSet:
     spot_ids: list[str]
     unlabelled: np.ndarray | None = None  # (U, S, S, 3) uint8
     centres_rc: np.ndarray | None = None  # (N, 2) spot centres (row, col), full-resolution px of their sample
+    library_z: np.ndarray | None = None  # (N,) log total counts, standardised over these spots (library token)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -427,7 +428,7 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
                                   cfg.min_spot_frac, names=[s.name for s in samples])
     panel = list(panel)
     cache = cache or PatchCache()
-    patches, exprs, owner, ids, unl, centres = [], [], [], [], [], []
+    patches, exprs, owner, ids, unl, centres, libs = [], [], [], [], [], [], []
     for i, s in enumerate(samples):
         ad = s.expression
         # align expression rows to the spot table
@@ -435,6 +436,7 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
         if list(map(str, ad.obs_names)) != spot_ids:
             ad = ad[spot_ids]
         exprs.append(panel_matrix(ad, panel, s.name, s.provenance.get("source"), cfg.min_shared_genes))
+        libs.append(np.log1p(np.asarray(ad.X.sum(axis=1), dtype=np.float64).ravel()))
         patches.append(np.asarray(cache.spots(s, patch_um, img_size, progress=progress, cancel=cancel)))
         owner.append(np.full(s.n_spots, i))
         centres.append(s.centers_rc())
@@ -453,7 +455,13 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
         unlabelled=np.concatenate(unl, 0) if unl else None,
         info={"n_unlabelled": int(sum(len(u) for u in unl))},
         centres_rc=np.concatenate(centres, 0),
+        library_z=_standardised(np.concatenate(libs, 0)),
     )
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    sd = float(x.std())
+    return ((x - x.mean()) / (sd if sd > 1e-8 else 1.0)).astype(np.float32)
 
 
 __all__ = [

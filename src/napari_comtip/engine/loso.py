@@ -59,7 +59,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "values-nomfm": {"model.text.mode": "values", "model.w_mfm": 0.0},
     "values-nopaat": {"model.text.mode": "values", "model.w_paat": 0.0},
     "values-nomfm-nopaat": {"model.text.mode": "values", "model.w_mfm": 0.0, "model.w_paat": 0.0},
-    # zero-shot levers: undetected genes at 0 in the sentences, more one-gene sentences
+    # zero-shot levers: the spot's depth as its own token; undetected genes at 0 in the sentences,
+    # more one-gene sentences (these two did not help: docs/results.md)
+    "comtip-lib": {"model.w_mfm": 0.0, "model.text.library_token": True},
     "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
     "comtip-zs-w3": {"model.w_mfm": 0.0, "data.expressed_weight": 3.0, "model.text.p_single": 0.3},
 }
@@ -77,6 +79,7 @@ ARM_TEXT = {
     "values-nomfm": "values only, PAAT, no MFM",
     "values-nopaat": "values only, MFM, no PAAT",
     "values-nomfm-nopaat": "values only, no MFM, no PAAT",
+    "comtip-lib": "names+values, no MFM, library-size token in every sentence",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
     "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
 }
@@ -146,6 +149,11 @@ def _score(pred: np.ndarray, test_sample, panel, mode: str, **extra) -> dict[str
     return m
 
 
+def _centres_groups(samples) -> tuple[np.ndarray, np.ndarray]:
+    return (np.concatenate([s.centers_rc() for s in samples]),
+            np.concatenate([np.full(s.n_spots, i) for i, s in enumerate(samples)]))
+
+
 def _ctx_stack(feats: Sequence[np.ndarray], samples, context: str) -> list[np.ndarray]:
     from .context import context_features
 
@@ -156,18 +164,24 @@ def run_ridge_fold(train_samples, test_sample, panel: Sequence[str], cfg) -> dic
     """The colour-texture ridge floor on one fold (same panel as the learned arms): ``ridge`` on the
     spot's own features (the fixed floor of peers.md) and ``ridge-ctx`` on the same features in the
     probe's spatial context (engine/context.py), so the table shows what the context alone adds."""
+    from . import predictors
     from .baselines import RidgeFloor
+    from .context import fit_context_probe
 
     t0 = time.time()
     ftr, fte = _floor_features(train_samples, cfg), _floor_features([test_sample], cfg)[0]
     Y = _panel_expr(train_samples, panel)
     out: dict[str, Any] = {"modes": {}}
-    for mode, ctx in (("ridge", "none"), ("ridge-ctx", cfg.training.probe_context)):
-        t1 = time.time()
-        X = np.concatenate(_ctx_stack(ftr, train_samples, ctx))
-        model = RidgeFloor().fit(X, Y)
-        pred = model.predict(_ctx_stack([fte], [test_sample], ctx)[0])
-        out["modes"][mode] = _score(pred, test_sample, panel, mode, alpha=model.alpha_, context=ctx, seconds=time.time() - t1)
+    model = RidgeFloor().fit(np.concatenate(ftr), Y)
+    out["modes"]["ridge"] = _score(model.predict(fte), test_sample, panel, "ridge", alpha=model.alpha_, context="none",
+                                   seconds=time.time() - t0)
+    t1 = time.time()
+    ctx = cfg.training.probe_context
+    centres, groups = _centres_groups(train_samples)
+    probe = fit_context_probe(np.concatenate(_ctx_stack(ftr, train_samples, ctx)), Y, ctx, centres, groups)
+    pred = predictors.probe_predict(probe, _ctx_stack([fte], [test_sample], ctx)[0])
+    out["modes"]["ridge-ctx"] = _score(pred, test_sample, panel, "ridge-ctx", alpha=probe.alpha, context=ctx,
+                                       seconds=time.time() - t1)
     out["train_seconds"] = time.time() - t0
     return out
 
@@ -206,10 +220,11 @@ def save_untrained(cfg, ts, path: Path, *, device="auto") -> Path:
 
 def _floor_plus_probe(ckpt, train_samples, test_sample, panel, cfg, device) -> dict[str, Any]:
     """``floor+probe``: the probe rule on the floor's colour-texture features and the encoder's pooled
-    features side by side (each block in the probe's context, scaled by 1/sqrt(its width) so that
-    both blocks carry the same total variance), fitted on the fold's training spots."""
+    features side by side (each in the probe's context; the probe standardises every column),
+    fitted on the fold's training spots."""
     from ..model.checkpoint import load_checkpoint
     from . import predictors
+    from .context import fit_context_probe
     from .inference import embed_sample
 
     t0 = time.time()
@@ -220,15 +235,11 @@ def _floor_plus_probe(ckpt, train_samples, test_sample, panel, cfg, device) -> d
         return [np.asarray(embed_sample(s, model, device=device, features=True).features, np.float32) for s in samples]
 
     def both(fl, en, samples):
-        out = []
-        for a, b in zip(_ctx_stack(fl, samples, ctx), _ctx_stack(en, samples, ctx)):
-            za = (a - a.mean(0)) / np.maximum(a.std(0), 1e-8) / np.sqrt(a.shape[1])
-            zb = (b - b.mean(0)) / np.maximum(b.std(0), 1e-8) / np.sqrt(b.shape[1])
-            out.append(np.hstack([za, zb]))
-        return out
+        return [np.hstack([a, b]) for a, b in zip(_ctx_stack(fl, samples, ctx), _ctx_stack(en, samples, ctx))]
 
     X = np.concatenate(both(_floor_features(train_samples, cfg), feats(train_samples), train_samples))
-    probe = predictors.fit_probe(X, _panel_expr(train_samples, panel), alpha=None)
+    centres, groups = _centres_groups(train_samples)
+    probe = fit_context_probe(X, _panel_expr(train_samples, panel), ctx, centres, groups)
     xt = both(_floor_features([test_sample], cfg), feats([test_sample]), [test_sample])[0]
     pred = predictors.probe_predict(probe, xt)
     return _score(pred, test_sample, panel, "floor+probe", alpha=probe.alpha, context=ctx, seconds=time.time() - t0)

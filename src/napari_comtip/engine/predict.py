@@ -194,7 +194,7 @@ def _reference_data(refs: Sequence["SpatialSample"], model, panel: list[str], *,
     from .data import panel_matrix
     from .inference import embed_sample
 
-    embs, feats, exprs, names = [], [], [], []
+    embs, feats, exprs, names, centres, groups = [], [], [], [], [], []
     for ref in refs:
         if ref.expression is None:
             raise InputError(f"reference sample '{ref.name}' has no measured expression",
@@ -208,6 +208,8 @@ def _reference_data(refs: Sequence["SpatialSample"], model, panel: list[str], *,
         exprs.append(panel_matrix(ref.expression, panel, sample_name=ref.name,
                                   min_shared=Default.MIN_SHARED_GENES))
         names.append(ref.name)
+        centres.append(ref.centers_rc())
+        groups.append(np.full(ref.n_spots, len(names) - 1))
     var_sets = [set(map(str, r.expression.var_names)) for r in refs]
     missing = [g for g in panel if not any(g in s for s in var_sets)]
     return {
@@ -215,6 +217,8 @@ def _reference_data(refs: Sequence["SpatialSample"], model, panel: list[str], *,
         "features": np.concatenate(feats) if features else None,
         "expr": np.concatenate(exprs).astype(np.float32),
         "samples": names,
+        "centres": np.concatenate(centres),
+        "groups": np.concatenate(groups),
         "missing_genes": missing,
         "paths": [p for r in refs for p in r.provenance.get("inputs", [])],
     }
@@ -358,7 +362,7 @@ def predict_sample(
                 raise InputError(f"{ck_label} stores no probe",
                                  hint="pass --reference with a dataset that has expression to fit one, "
                                       "or use --mode retrieval / zero-shot")
-    from .context import check_context, context_features
+    from .context import check_context, context_features, fit_context_probe
 
     if mode == "probe" and reference is None:
         stored = (probe.get("context") if isinstance(probe, dict) else getattr(probe, "context", None)) or "none"
@@ -406,7 +410,8 @@ def predict_sample(
                   "bank_source": "reference" if ref is not None else "checkpoint"}
     elif mode == "probe":
         if ref is not None:
-            probe = predictors.fit_probe(ref["features"], ref["expr"], alpha=alpha, genes=panel)
+            probe = fit_context_probe(ref["features"], ref["expr"], context, ref["centres"], ref["groups"],
+                                      alpha=alpha, genes=panel)
             params = {"alpha": float(probe.alpha), "probe_source": "reference", "probe_spots": int(len(ref["expr"]))}
         else:
             a = probe.get("alpha") if isinstance(probe, dict) else getattr(probe, "alpha", None)

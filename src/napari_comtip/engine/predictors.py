@@ -46,7 +46,9 @@ def zero_shot_sentence_embeddings(model, gene_idx: torch.Tensor, grid: torch.Ten
     mask = torch.ones_like(idx, dtype=torch.bool)
     out = []
     for s in range(0, idx.shape[0], chunk):
-        out.append(model.encode_genes(idx[s : s + chunk], vals[s : s + chunk], mask[s : s + chunk]).float())
+        # a model with a library-size token reads each sentence at the training mean depth (0)
+        gi, gv, gm = model.with_library_token(idx[s : s + chunk], vals[s : s + chunk], mask[s : s + chunk])
+        out.append(model.encode_genes(gi, gv, gm).float())
     return torch.cat(out).view(g, v, -1)
 
 
@@ -194,7 +196,7 @@ class Probe:
             "std": torch.from_numpy(self.std),
             "alpha": float(self.alpha),
             "genes": None if self.genes is None else list(self.genes),
-            "alpha_rule": "leave-one-out" if self.alpha_scores else "given",
+            "alpha_rule": getattr(self, "alpha_rule", None) or ("leave-one-out" if self.alpha_scores else "given"),
             "alpha_scores": {str(k): float(v) for k, v in (self.alpha_scores or {}).items()},
         }
 

@@ -43,7 +43,7 @@ import torch
 from ..constants import Default
 from ..errors import Cancelled, ConfigError, InputError, TrainingError
 from ..model.text import sample_gene_subsets
-from .context import CONTEXTS, context_features_grouped
+from .context import CONTEXTS, context_features_grouped, fit_context_probe
 from .data import Augment, DataConfig, TrainingSet, build_training_set, expressed_sentences
 
 #: Columns of ``metrics.csv`` (stable: the pretrain widget parses them). ``img_emb_std`` is the
@@ -532,6 +532,11 @@ class _BatchSet(torch.utils.data.Dataset):
             gene_idx, values, mask = expressed_sentences(expr, self.cfg.model.text, dc.expressed_weight, g)
         else:
             gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
+        if self.cfg.model.text.library_token and self.ts.library_z is not None:  # the spot's depth as its own token
+            n = len(idx)
+            gene_idx = torch.cat([gene_idx, torch.full((n, 1), len(self.ts.panel), dtype=gene_idx.dtype)], 1)
+            values = torch.cat([values, torch.from_numpy(self.ts.library_z[idx]).to(values.dtype).view(n, 1)], 1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], 1)
         extra = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
         if self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
             u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
@@ -578,7 +583,8 @@ def build_bank_and_probe(model, ts: TrainingSet, device, cfg: RunConfig) -> dict
         # predictors.loo_ridge_alpha); a leave-one-section-out choice over-regularised (docs/results.md)
         ctx = cfg.training.probe_context
         x = context_features_grouped(feats, ts.centres_rc, ts.sample_of, ctx)
-        probe = predictors.fit_probe(x, ts.expr, alpha=alpha if alpha > 0 else None, genes=ts.panel).to_dict()
+        probe = fit_context_probe(x, ts.expr, ctx, ts.centres_rc, ts.sample_of, alpha=alpha if alpha > 0 else None,
+                                  genes=ts.panel).to_dict()
         probe["source"] = "training spots (no augmentation)"
         probe["context"] = ctx
         extras["probe"] = probe
@@ -606,7 +612,7 @@ def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str
     ck.model.to(dev)
     _, feats = embed_patches(ck.model, ts.patches, dev)
     x = context_features_grouped(feats, ts.centres_rc, ts.sample_of, context)
-    probe = predictors.fit_probe(x, ts.expr, alpha=alpha, genes=ts.panel).to_dict()
+    probe = fit_context_probe(x, ts.expr, context, ts.centres_rc, ts.sample_of, alpha=alpha, genes=ts.panel).to_dict()
     probe["source"] = f"spots of {', '.join(ts.names)} (no augmentation)"
     probe["context"] = context
     update_checkpoint(checkpoint, probe=probe, note=dict(note or {}, what="probe re-fitted", samples=list(ts.names),

@@ -163,6 +163,23 @@ class CoMTIP(nn.Module):
         """L2-normalised text embedding of gene sentences (B, D); all spots and genes in one pass."""
         return self.text(gene_idx, values, mask)
 
+    @property
+    def library_token_index(self) -> int | None:
+        """Gene index of the library-size token (``text.library_token``), else None."""
+        return self.n_genes if getattr(self.text, "library_token", False) else None
+
+    def with_library_token(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                           library_z: torch.Tensor | float = 0.0):
+        """Sentences with the library-size token appended (value ``library_z``; 0 = the training mean).
+        Unchanged when the model has no such token."""
+        if self.library_token_index is None:
+            return gene_idx, values, mask
+        b = gene_idx.shape[0]
+        li = torch.full((b, 1), self.library_token_index, dtype=gene_idx.dtype, device=gene_idx.device)
+        lv = torch.as_tensor(library_z, dtype=values.dtype, device=values.device).reshape(-1, 1).expand(b, 1)
+        return (torch.cat([gene_idx, li], 1), torch.cat([values, lv], 1),
+                torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=mask.device)], 1))
+
     def sample_text(self, expr: torch.Tensor, generator: torch.Generator | None = None):
         """Training sentences for a batch of log-normalised expression vectors (B, G), per config."""
         return sample_gene_subsets(expr, self.config, generator)
@@ -222,7 +239,7 @@ class CoMTIP(nn.Module):
         cfg = self.config
         mask = mask.bool()
         if self.training:
-            self.observe_values(gene_idx, values, mask)
+            self.observe_values(gene_idx, values, mask & (gene_idx < self.n_genes))
         zero = images.new_zeros(())
         if pooled:
             tokens = None
@@ -259,7 +276,8 @@ class CoMTIP(nn.Module):
         pc = self.config.paat
         n = pc.n_negatives
         b, length = gene_idx.shape
-        neg_values, differs = permute_values(values, mask, n, generator)
+        # the library-size token keeps its value: only genes swap values among themselves
+        neg_values, differs = permute_values(values, mask & (gene_idx < self.n_genes), n, generator)
         neg_txt = self.text(
             gene_idx.repeat_interleave(n, dim=0),
             neg_values.reshape(b * n, length),

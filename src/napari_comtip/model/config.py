@@ -86,6 +86,10 @@ class TextConfig:
     subset_sizes: str = "batch"  # "batch": one size per batch (no padding, ~4x cheaper); "spot": one per spot
     expressed_weight: float = 10.0  # sampling weight of an expressed gene in a subset (a zero has 1; 1 = uniform)
     values_mlp_layers: int = 2  # "values" mode: depth of the expression MLP
+    # names+values: one extra token per sentence carrying the spot's library size (log total counts,
+    # standardised over the training spots); zero-shot sentences carry the training mean (0), so a
+    # gene's value is read at a typical depth instead of standing in for it (docs/model.md)
+    library_token: bool = False
 
 
 @dataclass
@@ -176,6 +180,8 @@ class ComtipConfig:
             raise ConfigError(f"text.width ({t.width}) must be divisible by text.heads ({t.heads})")
         if not t.expressed_weight > 0:
             raise ConfigError(f"text.expressed_weight must be > 0, got {t.expressed_weight}")
+        if t.library_token and t.mode != "names+values":
+            raise ConfigError(f"text.library_token needs text.mode names+values, got {t.mode!r}")
         if not 1 <= t.min_genes <= t.max_genes:
             raise ConfigError(f"need 1 <= text.min_genes <= text.max_genes, got {t.min_genes}, {t.max_genes}")
         if self.embed_dim < 1 or v.img_size < 8:

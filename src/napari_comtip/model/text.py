@@ -232,6 +232,9 @@ class GeneTextEncoder(nn.Module):
             self.gene_emb = nn.Embedding(self.n_genes, w) if t.use_gene_embedding else None
             if self.gene_emb is not None:
                 nn.init.normal_(self.gene_emb.weight, std=0.02)
+            # the library-size token (gene index == n_genes): its own identity vector
+            self.library_token = bool(getattr(t, "library_token", False)) and self.mode == "names+values"
+            self.lib_ident = nn.Parameter(torch.randn(w) * 0.02) if self.library_token else None
             if not self.use_names and self.gene_emb is None:
                 raise ConfigError("text: use_name_embedding and use_gene_embedding are both off, genes have no identity")
             if self.mode == "names+values":
@@ -299,6 +302,10 @@ class GeneTextEncoder(nn.Module):
             return None, h, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         if self.mode == "names":
             gene_idx, values, mask = self.select_top_k(gene_idx, values, mask)
+        lib = None
+        if getattr(self, "library_token", False):
+            lib = gene_idx == self.n_genes
+            gene_idx = gene_idx.masked_fill(lib, 0)
         parts = []
         if self.use_names:
             parts.append(self.name_proj(self.name_emb[gene_idx]))
@@ -308,6 +315,8 @@ class GeneTextEncoder(nn.Module):
             ident = torch.cat(parts, dim=-1)
         else:
             ident = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        if lib is not None and bool(lib.any()):
+            ident = torch.where(lib.unsqueeze(-1), self.lib_ident.to(ident.dtype).expand(ident.shape[-1]), ident)
         vpart = self.value_emb(values) if self.mode == "names+values" else None
         return ident, vpart, mask
 

@@ -1,0 +1,64 @@
+"""text.library_token: the spot's depth as its own token of the gene sentence."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_comtip.engine import training as T
+from napari_comtip.engine.data import DataConfig, build_training_set
+from napari_comtip.engine.predictors import zero_shot
+from napari_comtip.errors import ConfigError
+from napari_comtip.model.config import get_preset
+from napari_comtip.model.factory import build_model
+
+
+def _model(**text):
+    cfg = get_preset("micro")
+    for k, v in text.items():
+        setattr(cfg.text, k, v)
+    return build_model(cfg, [f"G{i}" for i in range(6)], name_embeddings=torch.randn(6, 8))
+
+
+def test_the_token_changes_the_sentence_and_never_touches_a_gene():
+    torch.manual_seed(0)
+    m = _model(library_token=True).eval()
+    gi = torch.tensor([[0, 1, 2]])
+    vals = torch.tensor([[1.0, 2.0, 0.5]])
+    mask = torch.ones_like(gi, dtype=torch.bool)
+    a, b, c = m.with_library_token(gi, vals, mask, 0.0)
+    assert a.tolist() == [[0, 1, 2, 6]] and b[0, -1] == 0 and bool(c.all())
+    deep = m.encode_genes(*m.with_library_token(gi, vals, mask, 2.0))
+    shallow = m.encode_genes(*m.with_library_token(gi, vals, mask, -2.0))
+    assert not torch.allclose(deep, shallow)
+    # the token's value is not recorded as a gene's training range
+    m.train()
+    m.observe_values(a, b, c & (a < m.n_genes))
+    assert int(m.value_count.sum()) == 3
+    assert _model().with_library_token(gi, vals, mask)[0] is gi  # no token: unchanged
+
+
+def test_only_names_plus_values_can_have_it():
+    cfg = get_preset("micro")
+    cfg.text.mode, cfg.text.library_token = "values", True
+    with pytest.raises(ConfigError, match="library_token"):
+        cfg.validate()
+
+
+def test_training_with_the_token_then_zero_shot(tmp_path):
+    from napari_comtip.io import load_sample
+    from napari_comtip.model.checkpoint import load_checkpoint
+
+    s = load_sample("@demo")
+    ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
+    assert ts.library_z.shape == (ts.n_spots,) and abs(float(ts.library_z.mean())) < 1e-4
+    lib = np.log1p(np.asarray(s.expression.X.sum(1)).ravel())
+    assert np.corrcoef(ts.library_z, lib)[0, 1] == pytest.approx(1.0)
+    cfg = T.run_config_from_dict({"preset": "micro", "model": {"text": {"library_token": True}},
+                                  "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
+                                  "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
+    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
+    ck = load_checkpoint(path)
+    assert ck.model.library_token_index == len(ck.gene_panel)
+    assert "text.lib_ident" in ck.model.state_dict()
+    pred = zero_shot(ck.model, torch.randn(5, ck.model.embed_dim), [0, 1])
+    assert pred.shape == (5, 2) and np.isfinite(pred).all()
