@@ -62,6 +62,8 @@ ARMS: dict[str, dict[str, Any]] = {
     # zero-shot levers: the spot's depth as its own token; undetected genes at 0 in the sentences,
     # more one-gene sentences (these two did not help: docs/results.md)
     "comtip-lib": {"model.w_mfm": 0.0, "model.text.library_token": True},
+    "comtip-rank": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank"},
+    "comtip-rank-lib": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.text.library_token": True},
     "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
     "comtip-zs-w3": {"model.w_mfm": 0.0, "data.expressed_weight": 3.0, "model.text.p_single": 0.3},
 }
@@ -80,6 +82,8 @@ ARM_TEXT = {
     "values-nopaat": "values only, MFM, no PAAT",
     "values-nomfm-nopaat": "values only, no MFM, no PAAT",
     "comtip-lib": "names+values, no MFM, library-size token in every sentence",
+    "comtip-rank": "names+values, no MFM, values = within-spot ranks",
+    "comtip-rank-lib": "names+values, no MFM, within-spot ranks and the library-size token",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
     "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
 }

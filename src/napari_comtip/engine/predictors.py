@@ -126,7 +126,11 @@ def zero_shot(
         sim = (img[s : s + spot_chunk] @ flat.t()).view(-1, gi.numel(), n_grid)  # (n, G', V)
         p = torch.softmax(sim / temp, dim=-1)
         out[s : s + spot_chunk] = (p * vals).sum(-1).cpu().numpy()
-    return out
+    cal = getattr(model, "value_cal", None)
+    if cal is not None:  # expected within-spot value -> log-normalised units (per-gene line, training spots)
+        c = cal[:, gi].float().cpu().numpy()
+        out = c[0] + c[1] * out
+    return out.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- retrieval

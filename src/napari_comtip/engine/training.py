@@ -42,7 +42,7 @@ import torch
 
 from ..constants import Default
 from ..errors import Cancelled, ConfigError, InputError, TrainingError
-from ..model.text import sample_gene_subsets
+from ..model.text import sample_gene_subsets, spot_rank
 from .context import CONTEXTS, context_features_grouped, fit_context_probe
 from .data import Augment, DataConfig, TrainingSet, build_training_set, expressed_sentences
 
@@ -527,6 +527,8 @@ class _BatchSet(torch.utils.data.Dataset):
         patches = np.asarray(self.ts.patches[idx_sorted])[[pos[v] for v in idx]]
         imgs = self.aug(torch.from_numpy(patches), g)
         expr = torch.from_numpy(np.asarray(self.ts.expr[idx]))
+        if self.cfg.model.text.value_transform == "spot_rank":
+            expr = spot_rank(expr)
         dc = self.cfg.data
         if self.cfg.model.text.mode == "names+values" and dc.sentence_sampler == "expressed":
             gene_idx, values, mask = expressed_sentences(expr, self.cfg.model.text, dc.expressed_weight, g)
@@ -883,6 +885,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
     # ---- final model: bank + probe, fp16
     final = out / FINAL_FILE
     if dist.main:
+        model.calibrate_values(ts.expr)
         extras = build_bank_and_probe(model, ts, dev, cfg)
         extras["training"] = {
             "steps": step, "total_steps": total, "stopped_early": stopped, "epochs": step / spe,

@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ComtipConfig
-from .text import GeneTextEncoder, permute_values, sample_gene_subsets
 from .foundation import fully_frozen
+from .text import GeneTextEncoder, permute_values, sample_gene_subsets, spot_rank
 from .vision import MaskedViT, resolve_normalization
 
 
@@ -74,6 +74,9 @@ class CoMTIP(nn.Module):
         self.register_buffer("value_lo", torch.zeros(g))
         self.register_buffer("value_hi", torch.zeros(g))
         self.register_buffer("value_count", torch.zeros(g, dtype=torch.long))
+        if config.text.value_transform != "lognorm":
+            # zero-shot output back in log-normalised units: lognorm ~ cal[0] + cal[1] * value (per gene)
+            self.register_buffer("value_cal", torch.stack([torch.zeros(g), torch.ones(g)]))
         self.weights_report: dict | None = None
 
     # ------------------------------------------------------------------ properties
@@ -162,6 +165,22 @@ class CoMTIP(nn.Module):
     def encode_genes(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised text embedding of gene sentences (B, D); all spots and genes in one pass."""
         return self.text(gene_idx, values, mask)
+
+    def text_values(self, expr: torch.Tensor) -> torch.Tensor:
+        """The sentence values of log-normalised expression (B, G), per ``text.value_transform``."""
+        return spot_rank(expr) if self.config.text.value_transform == "spot_rank" else expr
+
+    @torch.no_grad()
+    def calibrate_values(self, expr) -> None:
+        """Fit the per-gene line lognorm ~ a + b * text value on training spots (``value_cal``)."""
+        if not hasattr(self, "value_cal"):
+            return
+        y = torch.as_tensor(np.asarray(expr), dtype=torch.float64)
+        x = self.text_values(y.float()).double()
+        xm, ym = x.mean(0), y.mean(0)
+        b = ((x - xm) * (y - ym)).sum(0) / ((x - xm) ** 2).sum(0).clamp_min(1e-12)
+        b = b.clamp_min(1e-6)
+        self.value_cal.copy_(torch.stack([ym - b * xm, b]).to(self.value_cal.dtype))
 
     @property
     def library_token_index(self) -> int | None:

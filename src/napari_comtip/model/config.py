@@ -27,6 +27,7 @@ VALUE_ENCODINGS = ("fourier", "binned")
 TOKEN_COMBINATIONS = ("sum", "concat")
 POOLS_VISION = ("cls", "mean", "cls+mean")  # cls+mean: both concatenated (Virchow2's embedding)
 POOLS_TEXT = ("attention", "mean")
+VALUE_TRANSFORMS = ("lognorm", "spot_rank")
 MFM_LOSSES = ("mse", "cosine")
 SUBSET_SIZES = ("batch", "spot")
 
@@ -90,6 +91,12 @@ class TextConfig:
     # standardised over the training spots); zero-shot sentences carry the training mean (0), so a
     # gene's value is read at a typical depth instead of standing in for it (docs/model.md)
     library_token: bool = False
+    # names+values: what a token's value is. "lognorm": log1p(counts / library x 10,000);
+    # "spot_rank": the gene's mid-rank among the spot's detected genes / their number (0 = not
+    # detected, 1 = the spot's most expressed gene), scGPT-style within-spot normalisation, so a
+    # value says how high the gene is *in this spot*, whatever its depth; zero-shot maps the
+    # expected rank back to log-normalised units by a per-gene line fitted on the training spots
+    value_transform: str = "lognorm"
 
 
 @dataclass
@@ -180,6 +187,9 @@ class ComtipConfig:
             raise ConfigError(f"text.width ({t.width}) must be divisible by text.heads ({t.heads})")
         if not t.expressed_weight > 0:
             raise ConfigError(f"text.expressed_weight must be > 0, got {t.expressed_weight}")
+        _choice("text.value_transform", t.value_transform, VALUE_TRANSFORMS)
+        if t.value_transform != "lognorm" and t.mode != "names+values":
+            raise ConfigError(f"text.value_transform {t.value_transform!r} needs text.mode names+values, got {t.mode!r}")
         if t.library_token and t.mode != "names+values":
             raise ConfigError(f"text.library_token needs text.mode names+values, got {t.mode!r}")
         if not 1 <= t.min_genes <= t.max_genes:

@@ -1,4 +1,4 @@
-"""text.library_token: the spot's depth as its own token of the gene sentence."""
+"""Sentence values: the library-size token (text.library_token) and within-spot ranks (text.value_transform)."""
 
 import numpy as np
 import pytest
@@ -62,3 +62,36 @@ def test_training_with_the_token_then_zero_shot(tmp_path):
     assert "text.lib_ident" in ck.model.state_dict()
     pred = zero_shot(ck.model, torch.randn(5, ck.model.embed_dim), [0, 1])
     assert pred.shape == (5, 2) and np.isfinite(pred).all()
+
+
+def test_spot_rank_is_a_within_spot_mid_rank():
+    from napari_comtip.model.text import spot_rank
+
+    x = torch.tensor([[0.0, 3.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0], [0.0] * 5])
+    r = spot_rank(x)
+    torch.testing.assert_close(r[0], torch.tensor([0.0, 1.0, 1.5 / 3, 1.5 / 3, 0.0]))
+    torch.testing.assert_close(r[1], torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]))
+    assert float(r[2].abs().sum()) == 0.0
+    # depth does not matter: a spot scaled up gives the same ranks
+    torch.testing.assert_close(spot_rank(x * 7.0), r)
+
+
+def test_spot_rank_training_calibrates_zero_shot_to_lognorm(tmp_path):
+    from napari_comtip.io import load_sample
+    from napari_comtip.model.checkpoint import load_checkpoint
+
+    s = load_sample("@demo")
+    ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
+    cfg = T.run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": "spot_rank"}},
+                                  "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
+                                  "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
+    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
+    m = load_checkpoint(path).model
+    assert float(m.value_hi.max()) <= 1.0  # the zero-shot grid spans ranks
+    a, b = m.value_cal.numpy()
+    assert (b > 0).all()
+    # the line maps the training spots' ranks onto their log-normalised values in the mean
+    ranks = m.text_values(torch.from_numpy(ts.expr)).numpy()
+    np.testing.assert_allclose((a + b * ranks).mean(0), ts.expr.mean(0), atol=2e-2)  # fp16 storage
+    pred = zero_shot(m, torch.randn(4, m.embed_dim), [0, 1, 2])
+    assert pred.shape == (4, 3) and np.isfinite(pred).all()
