@@ -7,6 +7,8 @@ and loaded back, exactly the file layout ``comtip pretrain`` writes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -16,7 +18,7 @@ import torch
 from napari_comtip.cli import main
 from napari_comtip.constants import Key
 from napari_comtip.engine import predict as predict_mod
-from napari_comtip.engine.predict import predict_sample, predict_to_file, resolve_genes
+from napari_comtip.engine.predict import get_checkpoint, predict_sample, predict_to_file, resolve_genes
 from napari_comtip.errors import CheckpointError, InputError
 
 
@@ -120,7 +122,8 @@ def test_unknown_gene_lists_close_matches(ckpt, panel):
 
 def test_probe_from_checkpoint_equals_probe_fitted_from_reference(demo, visium, ckpt, panel):
     stored = predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu")
-    fitted = predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu", reference="@demo", alpha=1.0)
+    fitted = predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu", reference="@demo", alpha=1.0,
+                            context="none")  # the stored probe's rule (an old checkpoint: no context)
     assert stored.uns[Key.PROVENANCE]["params"]["probe_source"] == "checkpoint"
     assert fitted.uns[Key.PROVENANCE]["params"]["probe_source"] == "reference"
     np.testing.assert_allclose(stored.X, fitted.X, atol=2e-3)
@@ -128,6 +131,32 @@ def test_probe_from_checkpoint_equals_probe_fitted_from_reference(demo, visium, 
     own = predict_sample(demo, checkpoint=ckpt, mode="probe", device="cpu").X
     truth = _lognorm(demo, panel)
     assert ((own - truth) ** 2).mean() < ((truth.mean(0) - truth) ** 2).mean()
+
+
+def test_probe_in_context_stored_equals_fitted(demo, visium, ckpt, panel, tmp_path):
+    """A probe stored with the neighbours context applies the same transform as one fitted here,
+    and a stored probe refuses another context."""
+    from napari_comtip.engine.context import context_features
+    from napari_comtip.engine.data import panel_matrix
+    from napari_comtip.engine.inference import embed_sample
+    from napari_comtip.engine.predictors import fit_probe
+    from napari_comtip.errors import InputError
+    from napari_comtip.model.checkpoint import update_checkpoint
+
+    path = tmp_path / "ctx.pt"
+    path.write_bytes(Path(ckpt).read_bytes())
+    model = get_checkpoint(str(path)).model
+    f = np.asarray(embed_sample(demo, model, device="cpu", features=True).features)
+    probe = fit_probe(context_features(f, demo.centers_rc(), "neighbours"), panel_matrix(demo.expression, panel),
+                      alpha=1.0, genes=panel).to_dict()
+    probe["context"] = "neighbours"
+    update_checkpoint(path, probe=probe, note={"why": "test"})
+    stored = predict_sample(visium, checkpoint=str(path), mode="probe", device="cpu")
+    fitted = predict_sample(visium, checkpoint=str(path), mode="probe", device="cpu", reference="@demo", alpha=1.0)
+    assert stored.uns[Key.PROVENANCE]["params"]["context"] == "neighbours"
+    np.testing.assert_allclose(stored.X, fitted.X, atol=2e-3)
+    with pytest.raises(InputError, match="fitted with context 'neighbours'"):
+        predict_sample(visium, checkpoint=str(path), mode="probe", device="cpu", context="none")
 
 
 def test_retrieval_from_a_reference_dataset_equals_the_bank(demo, ckpt):
