@@ -177,7 +177,9 @@ def test_refit_probe_replaces_only_the_probe(demo_set, tmp_path):
     assert before["probe"]["alpha"] == 5000.0 and before["probe"]["alpha_rule"] == "given"
     res = T.refit_probe(path, [load_sample("@demo")], device="cpu", note={"why": "test"})
     after = _state(path)
-    assert after["probe"]["alpha_rule"] == "leave-one-out" and after["probe"]["alpha"] == res["alpha"]
+    # the default context (neighbours) chooses the penalty over spatial blocks; "none" by leave-one-out
+    assert after["probe"]["alpha_rule"] == "4 spatial blocks per section" and after["probe"]["alpha"] == res["alpha"]
+    assert after["probe"]["context"] == "neighbours"
     assert set(map(float, after["probe"]["alpha_scores"])) == {0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0}
     assert res["n_spots"] == demo_set.n_spots
     for k, v in before["state_dict"].items():
@@ -186,6 +188,8 @@ def test_refit_probe_replaces_only_the_probe(demo_set, tmp_path):
     upd = after["provenance"]["updates"][-1]
     assert upd["what"] == "probe re-fitted" and upd["why"] == "test" and upd["samples"] == ["C2"]
     assert load_checkpoint(path).probe["alpha"] == res["alpha"]
+    T.refit_probe(path, [load_sample("@demo")], device="cpu", context="none")
+    assert _state(path)["probe"]["alpha_rule"] == "leave-one-out" and _state(path)["probe"]["context"] == "none"
 
 
 def test_nan_loss_stops_with_training_error_and_keeps_last_checkpoint(demo_set, tmp_path):
