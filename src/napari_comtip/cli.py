@@ -75,12 +75,25 @@ def _tqdm_progress(desc: str):
 
 # --------------------------------------------------------------------------- inspect
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="load a sample and print what was found")
+    p = sub.add_parser("inspect", help="load a sample and print what was found (a multi-sample dataset: list its samples)")
     _add_sample_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from .io import DEMO_ALIAS, detect_format, list_samples
+
+    if args.sample is None and args.slide is None and str(args.path) != DEMO_ALIAS:
+        fmt = detect_format(args.path)
+        names = list_samples(args.path) if fmt != "bare" else []
+        if len(names) > 1:  # a multi-sample data set: list its samples (inspect one with --sample)
+            if args.json:
+                print(json.dumps({"path": str(args.path), "format": fmt, "samples": names}))
+            else:
+                print(f"dataset      {args.path}  ({fmt})\n"
+                      f"samples      {len(names)}: {', '.join(names)}\n"
+                      f"inspect one  comtip inspect {args.path} --sample {names[0]}")
+            return 0
     sample = _load_sample_from_args(args, progress=_tqdm_progress("loading"))
     info = sample.summary()
     if args.json:

@@ -17,6 +17,8 @@ class Key:
     COUNTS: Final = "counts"  # layer: raw UMI counts (X also holds them on read)
     SPATIAL: Final = "spatial"  # obsm: spot centres (x, y) in full-resolution pixels; uns: scanpy image dict
     EMBEDDING: Final = "X_comtip"  # obsm: image embeddings in the shared space
+    GENE_IDS: Final = "gene_ids"  # var: feature id(s) of a gene, ";"-joined when duplicated symbols were summed
+    N_FEATURES: Final = "n_features"  # var: how many features (matrix columns) were summed into the gene
     PROVENANCE: Final = "comtip"  # uns: provenance of a prediction (checkpoint, predictor, device, versions)
 
     # spot table columns (pandas DataFrame indexed by spot id)

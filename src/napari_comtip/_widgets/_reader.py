@@ -8,9 +8,10 @@ What opens here (everything :func:`napari_comtip.io.load_sample` reads):
   section's own folder ``ST-imgs/<patient>/<section>``, its H&E image, or its count file
   ``ST-cnts/<section>.tsv.gz``. (Opening every section at once would stack several full slides
   on top of each other and take minutes on a 36-section dataset.)
-* a Space Ranger ``outs/`` folder (or its feature-barcode ``.h5``), a HEST folder, an ``.h5ad``
-  file (a HEST folder or ``.h5ad`` with several samples: the first opens, the notification names
-  the others and the ``comtip view ... --sample`` command that opens one);
+* a Space Ranger ``outs/`` folder (or its feature-barcode ``.h5``), a folder of several such runs
+  (e.g. ``visium_mouse_brain/`` with ``A1/``, ``B1/``), a HEST folder, an ``.h5ad`` file (with
+  several samples: the first opens, the notification names the others, their folders for Visium,
+  and the ``comtip view ... --sample`` command that opens one);
 * a bare slide (``.svs``, ``.tif``/``.tiff``/``.ome.tif``, ``.ndpi`` and the other formats
   tiffslide reads, and ``.jpg``/``.png`` files at least ``Default.READER_MIN_PLAIN_IMAGE_SIDE``
   pixels on a side; smaller photos are left to napari's own reader) with a spot grid laid over
@@ -122,9 +123,12 @@ def read_targets(targets):
                 names = list_samples(path)
                 if len(names) > 1:  # several samples: open the first, name the others
                     section = names[0]
-                    how = ("open its folder ST-imgs/<patient>/<section> or its count file "
-                           "ST-cnts/<section>.tsv.gz" if her2st_root(path) == path
-                           else f"run: comtip view {path} --sample <name>")
+                    if her2st_root(path) == path:
+                        how = "open its folder ST-imgs/<patient>/<section> or its count file ST-cnts/<section>.tsv.gz"
+                    elif fmt == "visium" and path.is_dir():
+                        how = f"open its run folder (e.g. {path / names[1]}) or run: comtip view {path} --sample <name>"
+                    else:
+                        how = f"run: comtip view {path} --sample <name>"
                     show_info(f"{path.name}: opened {section}; this dataset also holds {', '.join(names[1:])}. "
                               f"To open another, {how}.")
             with napari_progress(total=0, desc=f"opening {path.name}") as pbar:

@@ -8,6 +8,7 @@ input                     reader
 ``@demo``                 the bundled her2st section C2 (:func:`bundled_sample_path`)
 her2st-style folder       :mod:`.legacy_st` (``ST-cnts/``, ``ST-spotfiles/``, ``ST-imgs/``)
 Space Ranger ``outs/``    :mod:`.visium` (``spatial/`` + a feature-barcode matrix)
+folder of ``outs/``       :mod:`.visium`, one sample per run subfolder (``--sample A1``)
 ``*.h5ad``                :mod:`.h5ad` (``obsm['spatial']`` + ``uns['spatial']``)
 HEST-1k sample folder     :mod:`.hest` (``st/``, ``wsis/``, ``metadata/``)
 slide / image file        :mod:`.bare` (tissue detection + a regular spot grid)
@@ -56,7 +57,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if p.is_dir():
         if legacy_st.is_legacy_st(p):
             return legacy_st.FORMAT
-        if visium.find_outs(p) is not None:
+        if visium.find_outs(p) is not None or visium.visium_runs(p):
             return visium.FORMAT
         if hest.is_hest(p):
             return hest.FORMAT
@@ -64,7 +65,7 @@ def detect_format(path: str | os.PathLike) -> str:
             "not a recognised data folder",
             path=p,
             hint="expected a her2st-style folder (ST-cnts/, ST-spotfiles/, ST-imgs/), a Space Ranger outs/ "
-                 "folder (spatial/ + filtered_feature_bc_matrix.h5), or a HEST folder (st/, wsis/, metadata/)",
+                 "folder (spatial/ + filtered_feature_bc_matrix.h5), a folder of such outs/ folders, or a HEST folder (st/, wsis/, metadata/)",
         )
     name = p.name.lower()
     if name.endswith(".h5ad"):
@@ -97,10 +98,12 @@ def list_samples(path: str | os.PathLike) -> list[str]:
 
         return _ls(p)
     if fmt == "visium":
-        from .visium import find_outs
+        from .visium import find_outs, run_name, visium_runs
 
-        outs = find_outs(p if p.is_dir() else p.parent)
-        return [outs.parent.name if outs.name == "outs" else outs.name]
+        runs = visium_runs(p)
+        if runs:
+            return list(runs)
+        return [run_name(find_outs(p if p.is_dir() else p.parent))]
     return [p.stem]
 
 

@@ -5,11 +5,19 @@ Every reader hands its counts to :func:`make_expression`, so all samples look al
 ``layers[Key.LOGNORM]`` = ``log1p(counts / library size * Default.TARGET_SUM)``,
 ``obsm[Key.SPATIAL]`` = (x, y) spot centres in full-resolution pixels, ``obs`` = array coordinates,
 ``obs_names`` = spot ids (== ``SpatialSample.spots.index``), ``var_names`` = gene names.
+
+Duplicated gene symbols (one rule for every reader, :func:`collapse_duplicate_genes`): the
+features that share a symbol are **summed into one gene under that symbol**; ``var[Key.GENE_IDS]``
+keeps their feature ids joined by ``;`` (first-seen order) and ``var[Key.N_FEATURES]`` how many
+were summed. So ``var_names`` are unique, no library warning is raised, and :func:`symbols_for`
+lets a user name a gene by symbol or by any of its feature ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,8 +60,60 @@ def normalize_log1p(adata: "anndata.AnnData", target_sum: float = Default.TARGET
     return adata
 
 
-def make_expression(counts, spot_ids, genes, spots: pd.DataFrame, path=None) -> "anndata.AnnData":
-    """Build the standard expression AnnData (see module docstring) for ``spots`` (same order as ids)."""
+def collapse_duplicate_genes(X: sp.csr_matrix, genes, gene_ids=None) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """The duplicated-symbol rule: columns sharing a symbol are summed into one, in first-seen order.
+
+    Returns ``(X with one column per symbol, var)``: ``var`` is indexed by the unique symbols and
+    holds ``Key.GENE_IDS`` (the feature ids, ``;``-joined when several were summed; the symbol
+    itself when the input has no ids) and ``Key.N_FEATURES``.
+    """
+    names = [str(g) for g in genes]
+    ids = [str(i) for i in gene_ids] if gene_ids is not None and len(gene_ids) == len(names) else list(names)
+    codes, uniques = pd.factorize(pd.Index(names), sort=False)
+    n_feat = np.bincount(codes, minlength=len(uniques))
+    if len(uniques) < len(names):
+        # a (features x symbols) 0/1 matrix sums each symbol's columns; a CSR product keeps X sparse
+        merge = sp.csr_matrix((np.ones(len(names), dtype=X.dtype), (np.arange(len(names)), codes)),
+                              shape=(len(names), len(uniques)))
+        X = (X @ merge).tocsr()
+    joined = [[] for _ in range(len(uniques))]
+    for c, i in zip(codes, ids):
+        joined[c].append(i)
+    var = pd.DataFrame({Key.GENE_IDS: [";".join(j) for j in joined], Key.N_FEATURES: n_feat.astype(np.int64)},
+                       index=pd.Index([str(u) for u in uniques]))
+    return X, var
+
+
+@contextlib.contextmanager
+def quiet_duplicate_names():
+    """Silence anndata's "... names are not unique" while a reader builds or subsets an AnnData.
+
+    The readers apply :func:`collapse_duplicate_genes` (and refuse duplicated spot ids), so the
+    library's advice to call ``var_names_make_unique`` would only mislead the user.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*names are not unique")
+        yield
+
+
+def symbols_for(genes, var: pd.DataFrame | None) -> list[str]:
+    """Map requested genes (symbols or feature ids) to ``var_names`` symbols; unknown ones pass unchanged."""
+    genes = [str(g).strip() for g in genes]
+    if var is None or Key.GENE_IDS not in var.columns:
+        return genes
+    by_id: dict[str, str] = {}
+    for sym, ids in zip(var.index, var[Key.GENE_IDS].astype(str)):
+        for fid in ids.split(";"):
+            by_id.setdefault(fid.upper(), str(sym))
+    names = {str(g) for g in var.index}
+    return [g if g in names else by_id.get(g.upper(), g) for g in genes]
+
+
+def make_expression(counts, spot_ids, genes, spots: pd.DataFrame, path=None, gene_ids=None) -> "anndata.AnnData":
+    """Build the standard expression AnnData (see module docstring) for ``spots`` (same order as ids).
+
+    ``gene_ids`` (same length as ``genes``) are the feature ids kept in ``var[Key.GENE_IDS]``.
+    """
     import anndata
 
     X = counts if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
@@ -61,22 +121,19 @@ def make_expression(counts, spot_ids, genes, spots: pd.DataFrame, path=None) -> 
     validate_counts(X, path)
     X = X.astype(np.float32)
     X.sum_duplicates()
+    X, var = collapse_duplicate_genes(X, genes, gene_ids)
     X.eliminate_zeros()
     ids = pd.Index([str(s) for s in spot_ids])
     if ids.has_duplicates:
         dup = ids[ids.duplicated()].unique()
         raise InputError(f"duplicated spot barcodes ({len(dup)}, e.g. {dup[0]})", path=path,
                          hint="each spot id must appear once; remove the duplicates")
-    var = pd.DataFrame(index=pd.Index([str(g) for g in genes]))
     obs = pd.DataFrame(index=ids)
     sp_rows = spots.loc[ids]
     for col in (Key.ARRAY_ROW, Key.ARRAY_COL, Key.IN_TISSUE):
         if col in sp_rows.columns:
             obs[col] = sp_rows[col].to_numpy()
     adata = anndata.AnnData(X=X, obs=obs, var=var)
-    if adata.var_names.has_duplicates:
-        adata.var["original_name"] = adata.var_names.to_numpy()
-        adata.var_names_make_unique()
     adata.layers[Key.COUNTS] = X.copy()
     adata.obsm[Key.SPATIAL] = sp_rows[[Key.COL, Key.ROW]].to_numpy(dtype=np.float64)
     normalize_log1p(adata)
@@ -154,4 +211,4 @@ def read_10x_mex(folder: str | os.PathLike) -> tuple[sp.csr_matrix, list[str], l
     return m.T.tocsr(), barcodes, names, ids
 
 
-__all__ = ["validate_counts", "normalize_log1p", "make_expression", "read_10x_h5", "read_10x_mex"]
+__all__ = ["validate_counts", "normalize_log1p", "make_expression", "collapse_duplicate_genes", "symbols_for", "read_10x_h5", "read_10x_mex"]

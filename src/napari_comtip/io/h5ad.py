@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from ..constants import Default, Key
 from ..errors import InputError
 from .cache import file_identity
-from .expression import make_expression
+from .expression import make_expression, quiet_duplicate_names
 from .image import is_blank, open_image, to_rgb_uint8
 from .record import SpatialSample, drop_spots_outside, mpp_with_override
 
@@ -64,7 +64,7 @@ def _scalef(sf: dict, key: str) -> float | None:
     return None
 
 
-def _counts(adata, path: Path, provenance: dict) -> tuple[sp.csr_matrix, list[str]]:
+def _counts(adata, path: Path, provenance: dict) -> tuple[sp.csr_matrix, list[str], list[str] | None]:
     genes = list(map(str, adata.var_names))
     if Key.COUNTS in adata.layers:
         X, src = adata.layers[Key.COUNTS], f"layers['{Key.COUNTS}']"
@@ -81,13 +81,15 @@ def _counts(adata, path: Path, provenance: dict) -> tuple[sp.csr_matrix, list[st
         warnings.warn(msg, stacklevel=3)
         provenance.setdefault("warnings", []).append(msg)
     var = adata.raw.var if src == "raw.X" else adata.var
+    ids = var[Key.GENE_IDS].astype(str).tolist() if Key.GENE_IDS in var.columns else None
     if genes and sum(g.startswith("ENS") for g in genes[:50]) > 25:
         for col in _SYMBOL_COLUMNS:
             if col in var.columns:
+                ids = list(genes)  # the Ensembl var_names become the feature ids
                 genes = var[col].astype(str).tolist()
                 provenance["gene_names_from"] = f"var['{col}']"
                 break
-    return X, genes
+    return X, genes, ids
 
 
 def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | os.PathLike | None = None,
@@ -98,7 +100,8 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
 
     path = Path(path)
     try:
-        adata = anndata.read_h5ad(path)
+        with quiet_duplicate_names():
+            adata = anndata.read_h5ad(path)
     except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
         raise InputError(f"cannot read the .h5ad file ({type(exc).__name__}: {exc})", path=path,
                          hint="the file is damaged or not an AnnData file; re-export it") from None
@@ -127,7 +130,8 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
         raise InputError(f"the file holds {len(libs)} libraries ({', '.join(sorted(libs))})", path=path,
                          hint="choose one with --sample")
     if lib_id is not None and len(libs) > 1 and "library_id" in adata.obs.columns:
-        adata = adata[adata.obs["library_id"].astype(str) == lib_id].copy()
+        with quiet_duplicate_names():
+            adata = adata[adata.obs["library_id"].astype(str) == lib_id].copy()
     lib = spatial_uns.get(lib_id, {}) if lib_id is not None else {}
     sf = dict(lib.get("scalefactors", {}) or {})
     images = dict(lib.get("images", {}) or {})
@@ -225,14 +229,16 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
     if Key.IN_TISSUE in spots.columns and (spots[Key.IN_TISSUE] == 1).any():
         keep = (spots[Key.IN_TISSUE] == 1).to_numpy()
         provenance["not_in_tissue"] = int((~keep).sum())
-    X, genes = _counts(adata, path, provenance)
+    X, genes, gene_ids = _counts(adata, path, provenance)
     spots = spots.loc[keep]
     X = X[np.flatnonzero(keep)]
     n0 = len(spots)
     spots = drop_spots_outside(spots, image, path, scale_note, provenance)
     if len(spots) != n0:
         X = X[pd.Index(adata.obs_names[keep]).get_indexer(spots.index)]
-    expr = make_expression(X, spots.index, genes, spots, path=path) if X.shape[1] > 0 else None
+    expr = make_expression(X, spots.index, genes, spots, path=path, gene_ids=gene_ids) if X.shape[1] > 0 else None
+    if expr is not None:
+        provenance["duplicate_symbols"] = int((expr.var[Key.N_FEATURES] > 1).sum())
     provenance.update(
         {
             "image": image_path,

@@ -136,6 +136,9 @@ def read_counts(path: str | os.PathLike) -> pd.DataFrame:
     except Exception as exc:  # noqa: BLE001 - EOFError/zlib/ParserError: a bad file
         raise InputError(f"cannot read the count matrix ({type(exc).__name__}: {exc})", path=path,
                          hint="the file is damaged or not a tab-separated spots x genes table; re-download it") from None
+    header = _header_names(path, sep)
+    if header is not None and len(header) == df.shape[1] and len(set(header)) < len(header):
+        df.columns = header  # pandas renamed repeated symbols "X.1"; keep them for the duplicate rule
     df.index = pd.Index([str(i).strip() for i in df.index])
     if df.index.has_duplicates:
         dup = df.index[df.index.duplicated()].unique()
@@ -146,6 +149,19 @@ def read_counts(path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{len(nonnum)} count column(s) are not numeric (e.g. {nonnum[0]})", path=path,
                          hint="the table must hold numbers only, one row per spot and one column per gene")
     return df
+
+
+def _header_names(path: Path, sep: str) -> list[str] | None:
+    """The gene names of a count table's header line as written (without the spot-id column)."""
+    import gzip
+
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            names = fh.readline().rstrip("\r\n").split(sep)
+    except OSError:
+        return None
+    return [n.strip().strip('"') for n in names[1:]]
 
 
 def estimate_pitch_px(spots: pd.DataFrame) -> tuple[float, str]:

@@ -13,6 +13,9 @@ Read from the folder:
 * ``filtered_feature_bc_matrix.h5`` (or the ``filtered_feature_bc_matrix/`` folder, or the raw
   matrix when there is no filtered one).
 
+A folder whose subfolders are such runs (e.g. ``visium_mouse_brain/A1``, ``.../B1``) is a
+multi-sample data set (:func:`visium_runs`): ``sample=`` picks a run by its folder name.
+
 Spots kept: ``in_tissue == 1`` and present in the matrix. The image is always addressed in
 full-resolution pixels: a hires PNG becomes a one-level :class:`MultiscaleImage` with
 ``downsamples = [1 / tissue_hires_scalef]`` whose ``shape`` is the full-resolution extent it covers.
@@ -52,6 +55,51 @@ def find_outs(path: Path) -> Path | None:
     if path.name == "spatial" and any((path / f).is_file() for f in _POSITION_FILES):
         return path.parent
     return None
+
+
+def run_name(outs: Path) -> str:
+    """A run's sample name: the folder above ``outs/``, else the outs-like folder's own name."""
+    return outs.parent.name if outs.name == "outs" else outs.name
+
+
+def visium_runs(path: str | os.PathLike) -> dict[str, Path]:
+    """``{sample name: outs folder}`` of a folder whose subfolders are Space Ranger runs.
+
+    A folder such as ``visium_mouse_brain/`` holding ``A1/`` and ``B1/`` (each an ``outs/``-like
+    folder, or holding ``outs/``) is a multi-sample data set; empty when ``path`` is itself a run.
+    """
+    path = Path(path)
+    if not path.is_dir() or find_outs(path) is not None:
+        return {}
+    runs: dict[str, Path] = {}
+    for child in sorted(path.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            outs = find_outs(child)
+            if outs is not None:
+                runs[run_name(outs)] = outs
+    return runs
+
+
+def resolve_run(path: str | os.PathLike, sample: str | None) -> Path:
+    """The outs folder to read: ``path`` itself, or the run ``sample`` of a multi-run folder."""
+    outs = find_outs(Path(path))
+    if outs is not None:
+        name = run_name(outs)
+        if sample is not None and sample != name:
+            raise InputError(f"unknown sample {sample!r}", path=outs, hint=f"available samples: {name}")
+        return outs
+    runs = visium_runs(path)
+    if not runs:
+        raise InputError("not a Space Ranger outs/ folder (no spatial/tissue_positions*.csv)", path=path,
+                         hint="give the outs/ folder of a Visium run, or a folder holding several of them")
+    if sample is None:
+        if len(runs) > 1:
+            raise InputError(f"this folder holds {len(runs)} Visium runs ({', '.join(runs)})", path=path,
+                             hint="choose one with --sample")
+        sample = next(iter(runs))
+    if sample not in runs:
+        raise InputError(f"unknown sample {sample!r}", path=path, hint=f"available samples: {', '.join(runs)}")
+    return runs[sample]
 
 
 def read_positions(path: Path) -> pd.DataFrame:
@@ -133,14 +181,9 @@ def scaled_image(arr: np.ndarray, scalef: float, identity: str, source: str, kin
 
 def read_visium(path: str | os.PathLike, sample: str | None = None, slide: str | os.PathLike | None = None,
                 mpp: float | None = None, progress=None) -> SpatialSample:
-    outs = find_outs(Path(path))
-    if outs is None:
-        raise InputError("not a Space Ranger outs/ folder (no spatial/tissue_positions*.csv)", path=path,
-                         hint="give the outs/ folder of a Visium run")
+    outs = resolve_run(path, sample)
     spatial = outs / "spatial"
-    name = outs.parent.name if outs.name == "outs" else outs.name
-    if sample is not None and sample != name:
-        raise InputError(f"unknown sample {sample!r}", path=outs, hint=f"available samples: {name}")
+    name = run_name(outs)
     provenance: dict[str, Any] = {"reader": "visium", "root": str(outs)}
     pos_file = next(spatial / f for f in _POSITION_FILES if (spatial / f).is_file())
     positions = read_positions(pos_file)
@@ -257,9 +300,8 @@ def read_visium(path: str | os.PathLike, sample: str | None = None, slide: str |
     )
     spots = drop_spots_outside(spots, image, pos_file, scale_note, provenance)
     rows = bc.get_indexer(spots.index)
-    expr = make_expression(counts[rows], spots.index, genes, spots, path=mat_path)
-    if len(gene_ids) == expr.n_vars:
-        expr.var["gene_ids"] = list(gene_ids)
+    expr = make_expression(counts[rows], spots.index, genes, spots, path=mat_path, gene_ids=gene_ids)
+    provenance["duplicate_symbols"] = int((expr.var[Key.N_FEATURES] > 1).sum())
     provenance.update(
         {
             "image": str(image_path),
@@ -294,4 +336,4 @@ def _check_scalef_ratio(spatial: Path, sf: dict[str, float], sf_file: Path) -> N
         )
 
 
-__all__ = ["read_visium", "find_outs", "read_positions", "read_scalefactors", "scaled_image", "FORMAT"]
+__all__ = ["read_visium", "find_outs", "visium_runs", "resolve_run", "run_name", "read_positions", "read_scalefactors", "scaled_image", "FORMAT"]
