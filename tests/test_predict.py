@@ -111,6 +111,22 @@ def test_gene_subset_keeps_the_requested_order(visium, ckpt, panel):
     np.testing.assert_allclose(sub.X, full[:, [panel[7], panel[2]]].X, atol=1e-6)
 
 
+def test_genes_by_feature_id(demo, ckpt, panel):
+    """--genes accepts the sample's feature ids (var['gene_ids']) as well as symbols."""
+    import dataclasses
+
+    from napari_comtip.constants import Key
+
+    expr = demo.expression.copy()
+    expr.var[Key.GENE_IDS] = [f"ENSG{i:011d}" for i in range(expr.n_vars)]
+    sample = dataclasses.replace(demo, expression=expr)
+    fid = expr.var.loc[panel[5], Key.GENE_IDS]
+    sub = predict_sample(sample, checkpoint=ckpt, device="cpu", mode="retrieval", genes=f"{fid},{panel[1]}")
+    assert list(sub.var_names) == [panel[5], panel[1]]
+    with pytest.raises(InputError, match="ENSG99999999999"):
+        predict_sample(sample, checkpoint=ckpt, device="cpu", mode="retrieval", genes=["ENSG99999999999"])
+
+
 def test_unknown_gene_lists_close_matches(ckpt, panel):
     gene = panel[0]
     typo = gene[:-1] + ("X" if gene[-1] != "X" else "Y")

@@ -123,7 +123,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="CoMTIP checkpoint (.pt); default: the one bundled with the package")
     p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
-    p.add_argument("--genes", default=None, help="comma-separated gene symbols (default: the whole panel)")
+    p.add_argument("--genes", default=None, help="comma-separated gene symbols or feature ids, e.g. Gfap or ENSMUSG00000020932 (default: the whole panel)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--reference", default=None, help="reference dataset for retrieval/probe (default: the checkpoint's bank)")
@@ -318,7 +318,7 @@ def _run_loso(args: argparse.Namespace) -> int:
 def _add_view(sub) -> None:
     p = sub.add_parser("view", help="open napari with the slide and the Predict widget docked")
     _add_sample_args(p, path_required=False)
-    p.add_argument("--gene", default=None, help="gene to show")
+    p.add_argument("--gene", default=None, help="gene to show (symbol or feature id)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")

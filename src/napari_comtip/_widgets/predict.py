@@ -408,6 +408,11 @@ class PredictWidget(QWidget):
             self._error("no prediction yet: press Run first")
             return None
         gene = gene.strip()
+        expr = self.prediction.sample.expression
+        if expr is not None:  # a feature id (e.g. ENSMUSG...) names its symbol
+            from ..io.expression import symbols_for
+
+            gene = symbols_for([gene], expr.var)[0]
         match = [g for g in self.prediction.genes if g.upper() == gene.upper()]
         try:
             if not match:

@@ -315,8 +315,8 @@ def predict_sample(
     """Predict log-normalised expression for every spot of ``sample`` (see the module docstring).
 
     ``checkpoint``: a path, a loaded checkpoint, or None (the bundled one). ``mode``:
-    ``"retrieval"``, ``"probe"`` or ``"zero-shot"``. ``genes``: symbols (default: the whole
-    panel). ``reference``/``reference_samples``: dataset(s) to build the retrieval bank or fit
+    ``"retrieval"``, ``"probe"`` or ``"zero-shot"``. ``genes``: symbols or the sample's feature
+    ids (default: the whole panel). ``reference``/``reference_samples``: dataset(s) to build the retrieval bank or fit
     the probe from (default: what the checkpoint stores). ``embeddings``: precomputed
     :class:`~napari_comtip.engine.inference.Embeddings` of this sample with this checkpoint (the
     widget's cache; with ``probe`` they must include features). ``k``: neighbours for retrieval;
@@ -344,6 +344,11 @@ def predict_sample(
     model = ck.model
     panel = [str(g) for g in ck.gene_panel]
     ck_label = Path(_ckpt_path(ck)).name if _ckpt_path(ck) else "the checkpoint"
+    if genes is not None and sample.expression is not None:  # feature ids (e.g. ENSMUSG...) -> symbols
+        from ..io.expression import symbols_for
+
+        genes = symbols_for([g for g in genes.split(",") if g.strip()] if isinstance(genes, str) else genes,
+                            sample.expression.var)
     gene_idx = resolve_genes(genes, panel, ck_label)
     gene_names = [panel[i] for i in gene_idx]
 
