@@ -119,3 +119,14 @@ def test_slide_without_resolution_predicts_on_a_grid(make_napari_viewer, qtbot, 
 
     d, _ = cKDTree(pred.sample.centers_rc()).query(demo.centers_rc())
     assert np.mean(d < 100.0 / demo.mpp) > 0.9
+
+
+def test_folder_of_visium_runs_opens_the_first_and_names_the_others(make_napari_viewer, shared_data, notifications):
+    brain = shared_data / "visium_mouse_brain"
+    viewer = make_napari_viewer()
+    viewer.open(str(brain), plugin="napari-comtip")
+    assert [ly.name for ly in viewer.layers] == ["A1 tissue", "A1 spots"]
+    img, pts, sample = _check_aligned(viewer)
+    assert len(pts.data) == 2399 and img.scale[-1] > 1.0  # hires-only: stretched to full-resolution pixels
+    info = [m for sev, m in notifications if "B1" in m]
+    assert info and "opened A1" in info[0] and str(brain / "B1") in info[0] and "--sample" in info[0]
