@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# A bug inside a CLI command must reach the test as its real exception, not as "internal error".
+os.environ.setdefault("COMTIP_RAISE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

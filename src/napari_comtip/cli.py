@@ -2,7 +2,8 @@
 
 Every user-facing action of the plugin has a subcommand here, and both call the same core
 functions. Errors a user can fix (:class:`~napari_comtip.errors.ComtipError`) are printed as one
-line ``error: ...`` and exit with status 2, without a traceback.
+line ``error: ...`` and exit with status 2, without a traceback; anything unexpected prints one
+``internal error: ...`` line and logs its traceback (see :mod:`napari_comtip._cli_support`).
 
 Each subcommand has one ``_add_<name>`` function (its arguments) and one ``_run_<name>``
 function (its handler). Heavy imports happen inside the handlers so ``comtip --help`` is fast.
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from ._cli_support import float_above, int_at_least, run_guarded
 from .constants import Cohort, Default
-from .errors import ComtipError
 
 
 # --------------------------------------------------------------------------- helpers
@@ -33,8 +33,8 @@ def _add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True, 
         p.add_argument("path", nargs="?", default=None, help="dataset folder, .h5ad, HEST folder or slide file")
     p.add_argument("--sample", default=None, help="sample/section name inside a multi-sample dataset (e.g. C2 for her2st)")
     p.add_argument("--slide", default=None, help="full-resolution slide to use instead of the one found next to the data")
-    p.add_argument("--pitch-um", type=float, default=None, help="spot pitch in micrometres for a bare slide grid (default: Visium, 100)")
-    p.add_argument("--mpp", type=float, default=None, help="override microns per pixel of the full-resolution image")
+    p.add_argument("--pitch-um", type=float_above(0), default=None, help="spot pitch in micrometres for a bare slide grid (default: Visium, 100)")
+    p.add_argument("--mpp", type=float_above(0), default=None, help="override microns per pixel of the full-resolution image")
 
 
 def _load_sample_from_args(args: argparse.Namespace, progress=None):
@@ -125,7 +125,7 @@ def _add_predict(sub) -> None:
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--genes", default=None, help="comma-separated gene symbols or feature ids, e.g. Gfap or ENSMUSG00000020932 (default: the whole panel)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int_at_least(1), default=None)
     p.add_argument("--reference", default=None, help="reference dataset for retrieval/probe (default: the checkpoint's bank)")
     p.add_argument("--reference-sample", action="append", default=None, help="sample name(s) inside --reference")
     p.add_argument("--out", required=True, help="output .h5ad; for a cohort, the output folder")
@@ -239,10 +239,10 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, config)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.add_argument("--max-steps", type=int_at_least(1), default=None, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=int_at_least(1), default=None, help="override the config's epochs")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int_at_least(0), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.mask_ratio=0.6")
 
@@ -264,7 +264,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--reference", default=None)
     p.add_argument("--reference-sample", action="append", default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int_at_least(1), default=None)
     p.add_argument("--json", action="store_true")
 
 
@@ -290,8 +290,8 @@ def _add_loso(sub) -> None:
     p.add_argument("--arms", default=None, help="comma-separated arms (default: all)")
     p.add_argument("--out", required=True, help="folder for runs and the results table")
     p.add_argument("--results-md", default=None, help="also write the markdown table here (e.g. docs/results.md)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int_at_least(1), default=None)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--reevaluate", action="store_true",
                    help="score the stored fold checkpoints again with the current predictors (no retraining)")
@@ -324,7 +324,7 @@ def _add_view(sub) -> None:
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--device", default="auto")
     p.add_argument("--screenshot", default=None, help="predict, render, save this PNG and exit")
-    p.add_argument("--batch-size", type=int, default=None, help="encoder batch size (default: per device)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="encoder batch size (default: per device)")
     p.add_argument("--canvas-only", action="store_true", help="screenshot only the canvas, not the whole window")
     p.add_argument("--size", default="1400x900", help="window size WIDTHxHEIGHT in pixels (default 1400x900)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --screenshot file")
@@ -376,20 +376,11 @@ def _one_line_warnings() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not args.debug:
         _one_line_warnings()
-    handler = _COMMANDS[args.command][1]
-    try:
-        return handler(args)
-    except ComtipError as exc:
-        if args.debug or os.environ.get("COMTIP_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # pragma: no cover - interactive
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(_COMMANDS[args.command][1], args, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

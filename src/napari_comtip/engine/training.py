@@ -42,6 +42,7 @@ import torch
 
 from ..constants import Default
 from ..errors import Cancelled, ConfigError, InputError, TrainingError
+from ..model.config_checks import check_ranges
 from ..model.text import sample_gene_subsets, spot_rank
 from .context import CONTEXTS, context_features_grouped, fit_context_probe
 from .data import Augment, DataConfig, TrainingSet, build_training_set, expressed_sentences
@@ -202,7 +203,7 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
         model_cfg = ComtipConfig.from_dict(_merge(base.to_dict(), model_over))
     except ConfigError as exc:
         msg = str(exc).rstrip(".")
-        msg = re.sub(r"unknown config key '([^']+)'", r"unknown config key 'model.\1'", msg)
+        msg = re.sub(r"config key '([^']+)'", r"config key 'model.\1'", msg)
         raise ConfigError(msg, path=path) from None
     data = DataConfig()
     _apply_section(data, d.get("data") or {}, "data", path)
@@ -214,6 +215,11 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
     if training.probe_context not in CONTEXTS:
         raise ConfigError(f"training.probe_context must be one of {', '.join(CONTEXTS)}, got {training.probe_context!r}",
                           path=path)
+    for section, obj in (("data.", data), ("training.", training)):
+        try:
+            check_ranges(obj, prefix=section)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).rstrip("."), path=path) from None
     if training.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"training.amp must be auto, bf16 or off, got {training.amp!r}", path=path)
     return RunConfig(preset=preset, model=model_cfg, data=data, training=training,
@@ -238,9 +244,18 @@ def load_run_config(path: str | os.PathLike | None, overrides: Iterable[str] | d
         if not isinstance(d, dict):
             raise ConfigError("a config file must be a YAML mapping", path=p)
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    if over:
-        d = _merge(d, over)
-    return run_config_from_dict(d, path=path)
+    # an error names its real source: the file (or preset) when it is bad alone, else --set
+    source = path if path is not None else f"preset {d.get('preset') or 'tiny'}"
+    if not over:
+        cfg = run_config_from_dict(d, path=source)
+    else:
+        try:
+            cfg = run_config_from_dict(_merge(d, over), path="--set")
+        except ConfigError:
+            run_config_from_dict(d, path=source)  # raises when the file is the culprit
+            raise
+    cfg.source = None if path is None else str(path)
+    return cfg
 
 
 def save_run_config(cfg: RunConfig, path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..constants import Default
 from ..errors import ConfigError
+from .config_checks import check_ranges
 
 #: Version of the network definition. Bump it when a change makes old weights meaningless.
 MODEL_VERSION = 1
@@ -181,6 +182,7 @@ class ComtipConfig:
         _choice("vision.pool", v.pool, POOLS_VISION)
         _choice("mask.loss", self.mask.loss, MFM_LOSSES)
         _choice("text.subset_sizes", t.subset_sizes, SUBSET_SIZES)
+        check_ranges(self)  # every numeric key against the table in config_checks.py
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}", hint="use e.g. 0.5")
         if t.width % t.heads:
