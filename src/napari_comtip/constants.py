@@ -16,6 +16,7 @@ class Key:
     LOGNORM: Final = "lognorm"  # layer: library-size normalised (TARGET_SUM) then log1p
     COUNTS: Final = "counts"  # layer: raw UMI counts (X also holds them on read)
     SPATIAL: Final = "spatial"  # obsm: spot centres (x, y) in full-resolution pixels; uns: scanpy image dict
+    UNCERTAINTY: Final = "uncertainty"  # layer of a prediction: per spot and gene, how unsure the predictor is (its own spread, log-normalised units)
     EMBEDDING: Final = "X_comtip"  # obsm: image embeddings in the shared space
     GENE_IDS: Final = "gene_ids"  # var: feature id(s) of a gene, ";"-joined when duplicated symbols were summed
     N_FEATURES: Final = "n_features"  # var: how many features (matrix columns) were summed into the gene
