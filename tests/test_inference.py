@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from napari_comtip.constants import Key
-from napari_comtip.engine import inference
-from napari_comtip.engine.inference import Embeddings, embed_sample, embeddings_cache_root
+from napari_comtip.engine import embedding_cache, inference
+from napari_comtip.engine.embedding_cache import embeddings_cache_root
+from napari_comtip.engine.inference import Embeddings, embed_sample
 from napari_comtip.errors import Cancelled, InputError
 from napari_comtip.io.image import MultiscaleImage
 from napari_comtip.io.patches import patch_geometry, read_patch
@@ -216,8 +217,8 @@ def test_cache_hit_skips_the_encoder(tiny_model):
     assert again.cached and counter.images == 0
     np.testing.assert_array_equal(again.image, first.image)
     sig = json.loads((first.cache_path / "signature.json").read_text())
-    assert sig["coords_sha256"] == inference.coords_digest(s)
-    assert sig["weights_digest"] == inference.weights_digest(tiny_model)
+    assert sig["coords_sha256"] == embedding_cache.coords_digest(s)
+    assert sig["weights_digest"] == embedding_cache.weights_digest(tiny_model)
     assert sig["patch_um"] == tiny_model.config.patch_um and sig["img_size"] == tiny_model.img_size
     # features were not cached: asking for them recomputes (once), then they are cached too
     counter = _ForwardCounter(tiny_model)
@@ -275,11 +276,11 @@ def test_moved_spots_or_changed_weights_use_another_entry(tiny_model):
     # fine-tuning the weights in place (an optimizer step) changes the digest
     p = tiny_model.image_proj.bias
     saved = p.detach().clone()
-    old_digest = inference.weights_digest(tiny_model)
+    old_digest = embedding_cache.weights_digest(tiny_model)
     with torch.no_grad():
         p.add_(0.01)
     try:
-        assert inference.weights_digest(tiny_model) != old_digest
+        assert embedding_cache.weights_digest(tiny_model) != old_digest
         assert not embed_sample(s, tiny_model, device="cpu", cache=True).cached
     finally:
         with torch.no_grad():

@@ -43,8 +43,6 @@ polled between batches and raises :class:`~napari_comtip.errors.Cancelled`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -64,14 +62,13 @@ import torch
 from ..constants import Default
 from ..errors import Cancelled, InputError
 from .device import resolve_device
+from .embedding_cache import Sink, embedding_signature, entry_path, load_entry, publish_entry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..io.record import SpatialSample
 
 log = logging.getLogger(__name__)
 
-#: Version of the cache layout and of what is hashed into a signature; bump to invalidate.
-CACHE_FORMAT = 1
 
 Progress = Callable[[int, "int | None", "str | None"], None]
 Cancel = Callable[[], bool]
@@ -101,53 +98,6 @@ class Embeddings:
     @property
     def n_spots(self) -> int:
         return int(self.image.shape[0])
-
-
-# =========================================================================== model helpers
-def model_img_size(model: torch.nn.Module) -> int:
-    """The encoder's square input side in pixels (``config.vision.img_size``)."""
-    return int(model.config.vision.img_size)
-
-
-def model_patch_um(model: torch.nn.Module) -> float:
-    """The physical side of a spot patch the model was trained with (``config.patch_um``)."""
-    return float(model.config.patch_um)
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's weights (names, shapes, dtypes, bytes), 16 hex digits.
-
-    This is the "checkpoint digest" of the embedding cache: it identifies the weights actually
-    in memory, so a model that was fine-tuned after loading never reuses its old embeddings.
-    The digest is memoised on the module and recomputed when any tensor's in-place version
-    counter moves (an optimizer step, ``load_state_dict``) or a tensor is replaced.
-    """
-    state = model.state_dict()
-    stamp = tuple((k, id(v), v._version) for k, v in state.items())
-    memo = model.__dict__.get("_comtip_weights_digest")
-    if memo is not None and memo[0] == stamp:
-        return memo[1]
-    h = hashlib.sha256()
-    for k, v in state.items():
-        t = v.detach()
-        h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        t = t.to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(t.numpy().tobytes() if t.numel() else b"")
-    digest = h.hexdigest()[:16]
-    model.__dict__["_comtip_weights_digest"] = (stamp, digest)
-    return digest
-
-
-def coords_digest(sample: "SpatialSample") -> str:
-    """SHA-256 of the spot centres (row, col, float64, in spot order), 16 hex digits."""
-    rc = np.ascontiguousarray(sample.centers_rc(), dtype=np.float64)
-    h = hashlib.sha256(str(rc.shape).encode())
-    h.update(rc.tobytes())
-    return h.hexdigest()[:16]
 
 
 def precision_for(device: torch.device) -> str:
@@ -216,153 +166,6 @@ def default_cpu_streams(device: torch.device) -> int:
     if device.type != "cpu":
         return 1
     return max(1, min(int(Default.CPU_STREAMS_MAX), int(torch.get_num_threads())))
-
-
-def embedding_signature(sample: "SpatialSample", model: torch.nn.Module, *, precision: str) -> dict[str, Any]:
-    """The fields an embedding cache entry must match before it is reused."""
-    return {
-        "format": CACHE_FORMAT,
-        "sample_identity": str(sample.identity),
-        "coords_sha256": coords_digest(sample),
-        "n_spots": int(sample.n_spots),
-        "mpp": float(sample.mpp),
-        "weights_digest": weights_digest(model),
-        "patch_um": model_patch_um(model),
-        "img_size": model_img_size(model),
-        "pad_value": int(Default.PAD_VALUE),
-        "precision": precision,
-    }
-
-
-def _cache_key(signature: dict[str, Any]) -> str:
-    blob = json.dumps(signature, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
-
-
-def _safe_name(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
-    return keep[:40] or "sample"
-
-
-def embeddings_cache_root() -> Path:
-    from ..io.cache import cache_dir
-
-    root = Path(cache_dir("embeddings"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-# =========================================================================== cache entries
-_ARRAYS = ("image", "features")
-
-
-def _load_entry(path: Path, signature: dict[str, Any], *, features: bool, stream: bool) -> dict[str, np.ndarray] | None:
-    """Arrays of a cache entry if its stored signature and shapes match, else ``None`` (with a log line)."""
-    sig_file = path / "signature.json"
-    if not sig_file.is_file():
-        return None
-    try:
-        stored = json.loads(sig_file.read_text())
-    except (OSError, ValueError):
-        log.warning("embedding cache %s: unreadable signature, recomputing", path)
-        return None
-    if not isinstance(stored, dict):
-        return None
-    meta = stored.pop("arrays", {})
-    computed = stored.pop("computed", {})
-    if stored != signature:
-        diff = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
-        log.warning("embedding cache %s: signature differs in %s, recomputing", path, ", ".join(diff))
-        return None
-    wanted = ["image"] + (["features"] if features else [])
-    out: dict[str, np.ndarray] = {}
-    for name in wanted:
-        f = path / f"{name}.npy"
-        if name not in meta or not f.is_file():
-            return None  # e.g. features requested but only image embeddings were cached
-        try:
-            arr = np.load(f, mmap_mode="r")
-        except (OSError, ValueError):
-            log.warning("embedding cache %s: %s.npy unreadable, recomputing", path, name)
-            return None
-        if arr.shape != (signature["n_spots"], meta[name]) or arr.dtype != np.float32:
-            log.warning("embedding cache %s: %s.npy has shape %s, recomputing", path, name, arr.shape)
-            return None
-        out[name] = arr if stream else np.array(arr)
-    out["_computed"] = computed if isinstance(computed, dict) else {}
-    return out
-
-
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
-    if hasattr(os, "pwrite"):
-        while data:
-            k = os.pwrite(fd, data, pos)
-            data, pos = data[k:], pos + k
-    else:  # pragma: no cover - Windows
-        os.lseek(fd, pos, os.SEEK_SET)
-        os.write(fd, data)
-
-
-class _Sink:
-    """Preallocated outputs: numpy arrays in memory, or ``.npy`` files written with ``pwrite``."""
-
-    def __init__(self, n: int, directory: Path | None):
-        self.n = n
-        self.dir = directory
-        self.arrays: dict[str, np.ndarray] = {}
-        self.files: dict[str, tuple[int, int, int]] = {}  # name -> (fd, data offset, row bytes)
-
-    def allocate(self, name: str, dim: int) -> None:
-        if self.dir is None:
-            self.arrays[name] = np.empty((self.n, dim), dtype=np.float32)
-            return
-        path = self.dir / f"{name}.npy"
-        with open(path, "wb") as f:
-            np.lib.format.write_array_header_1_0(
-                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                    "shape": (self.n, dim)})
-            offset = f.tell()
-            f.truncate(offset + self.n * dim * 4)
-        fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
-        self.files[name] = (fd, offset, dim * 4)
-
-    def has(self, name: str) -> bool:
-        return name in self.arrays or name in self.files
-
-    def write(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
-        """Store ``values`` (len(rows), dim) at the output rows ``rows`` (any order)."""
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        rows = np.asarray(rows, dtype=np.int64)
-        if self.dir is None:
-            self.arrays[name][rows] = values
-            return
-        fd, offset, row = self.files[name]
-        # runs of consecutive rows become one positional write each
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-            _pwrite_all(fd, values[a:b].tobytes(), offset + int(rows[a]) * row)
-
-    def close(self) -> None:
-        for fd, _, _ in self.files.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.files = {k: (-1, o, r) for k, (_, o, r) in self.files.items()}
-
-    def save(self, directory: Path) -> dict[str, int]:
-        """Make sure every array exists as ``directory/<name>.npy``; return their widths."""
-        dims = {}
-        for name, arr in self.arrays.items():
-            np.save(directory / f"{name}.npy", arr)
-            dims[name] = int(arr.shape[1])
-        for name, (_, _, row) in self.files.items():
-            dims[name] = row // 4
-        return dims
-
-    def result(self, directory: Path | None) -> dict[str, np.ndarray]:
-        if self.dir is None:
-            return dict(self.arrays)
-        assert directory is not None
-        return {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in self.files}
 
 
 # =========================================================================== tile-cached reading
@@ -932,7 +735,6 @@ def embed_sample(
         raise InputError(f"read_processes must be 0 or more, got {read_processes}")
     precision = precision_for(dev)
     signature = embedding_signature(sample, model, precision=precision)
-    key = _cache_key(signature)
 
     # width of the outputs is only known after the first batch; estimate for the streaming decision
     est_dim = int(getattr(model.config, "embed_dim", 256)) + (1024 if features else 0)
@@ -941,10 +743,9 @@ def embed_sample(
 
     entry: Path | None = None
     if cache or stream:
-        root = embeddings_cache_root()
-        entry = root / f"{_safe_name(sample.name)}-{key}"
+        entry = entry_path(sample.name, signature)
     if cache and entry is not None and entry.is_dir():
-        arrays = _load_entry(entry, signature, features=features, stream=stream)
+        arrays = load_entry(entry, signature, features=features, stream=stream)
         if arrays is not None:
             if progress is not None:
                 progress(n, n, "embeddings from cache")
@@ -960,7 +761,7 @@ def embed_sample(
     if cache or stream:
         tmp_dir = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
         tmp_dir.mkdir(parents=True)
-    sink = _Sink(n, tmp_dir if stream else None)
+    sink = Sink(n, tmp_dir if stream else None)
     reader = None
     view = None
     batches = None
@@ -1068,14 +869,9 @@ def embed_sample(
         sink.close()
         arrays_dims = sink.save(tmp_dir) if tmp_dir is not None and cache else None
         if cache and tmp_dir is not None:
-            meta = dict(signature)
-            meta["arrays"] = arrays_dims
-            meta["computed"] = {"device": str(dev), "batch_size": int(enc.chunk),
-                                "seconds": round(time.perf_counter() - t_start, 3)}
-            (tmp_dir / "signature.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            os.replace(tmp_dir, entry)
+            publish_entry(tmp_dir, entry, signature, arrays_dims,
+                          {"device": str(dev), "batch_size": int(enc.chunk),
+                           "seconds": round(time.perf_counter() - t_start, 3)})
             result_dir: Path | None = entry
         else:
             result_dir = tmp_dir
@@ -1106,6 +902,5 @@ def embed_sample(
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-__all__ = ["Embeddings", "embed_sample", "embedding_signature", "weights_digest", "coords_digest",
-           "default_batch_size", "default_cpu_streams", "default_read_processes", "usable_cores", "precision_for",
-           "embeddings_cache_root", "CACHE_FORMAT"]
+__all__ = ["Embeddings", "embed_sample", "default_batch_size", "default_cpu_streams", "default_read_processes",
+           "usable_cores", "precision_for"]
