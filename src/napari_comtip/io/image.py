@@ -135,6 +135,16 @@ def _as_rgb_level(arr):
     return _RGBLevel(arr)
 
 
+def tile_error(path, level: int, tile: tuple[int, int], exc: BaseException,
+               last: tuple[int, int] | None = None) -> InputError:
+    """The one-line error for a slide tile that cannot be decoded: file, level, tile (row, col)."""
+    where = f"tile {tile}" if last is None or tuple(last) == tuple(tile) else f"tiles {tile}..{tuple(last)}"
+    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return InputError(f"cannot decode {where} (row, col) of level {level} ({cause})", path=path,
+                      hint="the slide is damaged or truncated; re-export or re-download it")
+
+
 # --------------------------------------------------------------------------- the image
 class MultiscaleImage:
     """A pyramid of (H, W, 3) uint8 levels addressed in full-resolution pixels (see module docs)."""
@@ -243,7 +253,15 @@ class MultiscaleImage:
         r0, c0 = max(int(row0), 0), max(int(col0), 0)
         r1, c1 = min(int(row0) + height, H), min(int(col0) + width, W)
         if r1 > r0 and c1 > c0:
-            block = np.asarray(lv[r0:r1, c0:c1])
+            try:
+                block = np.asarray(lv[r0:r1, c0:c1])
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a codec failed on a tile of a damaged file
+                chunks = getattr(lv, "chunks", None)
+                th, tw = (int(chunks[0]), int(chunks[1])) if chunks and len(chunks) >= 2 else (H, W)
+                raise tile_error(self.source, level, (r0 // th, c0 // tw), exc,
+                                 last=((r1 - 1) // th, (c1 - 1) // tw)) from None
             if block.ndim == 3 and block.shape[2] != 3:
                 block = to_rgb_uint8(block)
             out[r0 - int(row0):r1 - int(row0), c0 - int(col0):c1 - int(col0)] = block
