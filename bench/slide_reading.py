@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from napari_comtip.engine._process_reader import ProcessPatchReader
     from napari_comtip.engine.readers import PatchReader, default_read_processes, default_read_workers
     from napari_comtip.io.tiles import TileCachedImage
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
     from napari_comtip.io.patches import patch_geometry, read_patch
 
     n = args.n or (1500 if args.quick else 6000)

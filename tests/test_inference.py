@@ -405,7 +405,7 @@ def _random_windows(image, rng, n=40):
 
 @pytest.mark.parametrize("max_bytes", [None, 300_000])  # default, and a cache that must evict
 def test_tile_cache_gives_the_pixels_of_a_tiled_tiff(tmp_path, max_bytes):
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(0)
     image, mpp = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
@@ -426,7 +426,7 @@ def test_tile_cache_gives_the_pixels_of_a_tiled_tiff(tmp_path, max_bytes):
 def test_tile_cache_slab_slots_are_reused_safely_across_threads(tmp_path):
     """Cached tiles live in a slab of a few slots that are reused on eviction: reads from several
     threads at once still give exactly the image's pixels (hits are copied under the lock)."""
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(3)
     image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
@@ -448,7 +448,7 @@ def test_tile_cache_slab_slots_are_reused_safely_across_threads(tmp_path):
 
 
 def test_tile_cache_slots_have_the_full_tile_shape_even_if_an_edge_tile_comes_first(tmp_path):
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(4)
     image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng, side=(1000, 1300)))
@@ -499,7 +499,7 @@ def test_tile_cache_on_chunked_zarr_levels(tmp_path):
 
 
 def test_embedding_a_tiff_slide_equals_direct_reading(tmp_path, tiny_model):
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(2)
     image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
@@ -515,7 +515,7 @@ def test_embedding_a_tiff_slide_equals_direct_reading(tmp_path, tiny_model):
 
 # --------------------------------------------------------------------------- reader processes (GPU path)
 def _tiff_sample(tmp_path, n=30, seed=5):
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(seed)
     image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))

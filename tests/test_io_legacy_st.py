@@ -262,7 +262,7 @@ def test_missing_image_and_multi_sample_needs_a_name(demo_copy):
 
 def test_truncated_real_her2st_jpeg_with_exif_thumbnail(her2st_dir, tmp_path):
     """The her2st JPEGs carry an EXIF thumbnail (its own end marker): a cut file is still refused."""
-    from napari_comtip.io.image import decode_image
+    from napari_comtip.io.decode import decode_image
 
     src = sample_files(her2st_dir, "C2")["image"]
     data = src.read_bytes()

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import errors
 from ..constants import Default
-from ..io.image import reopen_image
+from ..io.slide import reopen_image
 from ..io.patches import read_patch
 from ..io.tiles import TileCachedImage
 from .readers import PatchReader

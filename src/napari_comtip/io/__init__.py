@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
-from .image import IMAGE_SUFFIXES, MultiscaleImage
+from .decode import IMAGE_SUFFIXES
+from .image import MultiscaleImage
 from .patches import iter_patch_batches, patch_geometry, read_patch
 from .record import SpatialSample
 

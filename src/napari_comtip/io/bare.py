@@ -21,7 +21,8 @@ import pandas as pd
 
 from ..constants import Default, Key
 from ..errors import InputError
-from .image import MultiscaleImage, open_image
+from .image import MultiscaleImage
+from .slide import open_image
 from .record import SpatialSample, mpp_with_override
 
 FORMAT = "bare"

@@ -26,7 +26,8 @@ import pandas as pd
 from ..constants import Default, Key
 from ..errors import InputError
 from .expression import make_expression
-from .image import IMAGE_SUFFIXES, open_image
+from .decode import IMAGE_SUFFIXES
+from .slide import open_image
 from .record import SpatialSample, drop_spots_outside, mpp_with_override
 
 FORMAT = "legacy-st"
