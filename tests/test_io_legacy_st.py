@@ -12,7 +12,8 @@ import scipy.sparse as sp
 
 from napari_comtip.constants import Default, Key
 from napari_comtip.errors import InputError
-from napari_comtip.io import bundled_sample_path, list_samples, load_sample, read_patch
+from napari_comtip.io import bundled_sample_path, list_samples, load_sample
+from napari_comtip.io.patches import read_patch
 from napari_comtip.io.legacy_st import estimate_pitch_px, read_counts, read_selection, sample_files
 
 # selected spots, selected spots without a counts row (verified against the files)
