@@ -9,6 +9,15 @@ import pytest
 pytestmark = pytest.mark.gui
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _model_stack_first():
+    """The model stack (and triton) is imported before this module's viewers map Mesa's LLVM, as the
+    widgets do (``_compat.py``): the GUI tests after this one import it, which would crash otherwise."""
+    from napari_comtip._widgets._compat import preload_model_stack
+
+    preload_model_stack()
+
+
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory):
     from _damaged_slides import make_damaged_slides
