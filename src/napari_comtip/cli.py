@@ -21,6 +21,10 @@ from . import __version__
 from ._cli_support import float_above, int_at_least, run_guarded
 from .constants import Cohort, Default
 
+#: the help of every --checkpoint option (names: `comtip checkpoints`)
+CHECKPOINT_HELP = ("a bundled checkpoint's name (see `comtip checkpoints`, e.g. comtip-tiny-mouse-brain) or the path "
+                   "of a CoMTIP .pt file; default: the bundled comtip-tiny-her2st")
+
 
 # --------------------------------------------------------------------------- helpers
 def _add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True, many: bool = False) -> None:
@@ -121,7 +125,7 @@ def _add_predict(sub) -> None:
     _add_sample_args(p, many=True)
     p.add_argument("--manifest", default=None,
                    help="cohort CSV with columns path and optional sample, slide, mpp, pitch_um, out (one row per sample)")
-    p.add_argument("--checkpoint", default=None, help="CoMTIP checkpoint (.pt); default: the one bundled with the package")
+    p.add_argument("--checkpoint", default=None, metavar="NAME|PATH", help=CHECKPOINT_HELP)
     p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--genes", default=None, help="comma-separated gene symbols or feature ids, e.g. Gfap or ENSMUSG00000020932 (default: the whole panel)")
@@ -257,7 +261,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="per-gene Pearson correlation of predictions on a held-out sample")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, metavar="NAME|PATH", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True)
     p.add_argument("--sample", default=None)
     p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
@@ -320,7 +324,7 @@ def _add_view(sub) -> None:
     p = sub.add_parser("view", help="open napari with the slide and the Predict widget docked")
     _add_sample_args(p, path_required=False)
     p.add_argument("--gene", default=None, help="gene to show (symbol or feature id)")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, metavar="NAME|PATH", help=CHECKPOINT_HELP)
     p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--device", default="auto")
@@ -337,6 +341,49 @@ def _run_view(args: argparse.Namespace) -> int:
     return int(view_from_args(args) or 0)
 
 
+# --------------------------------------------------------------------------- checkpoints
+def _add_checkpoints(sub) -> None:
+    p = sub.add_parser("checkpoints", help="list the bundled checkpoints (names for --checkpoint) and their "
+                       "held-out evaluation")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects (name, path, data, n_genes, "
+                   "recipe, species, default, evaluation, ...)")
+
+
+def _run_checkpoints(args: argparse.Namespace) -> int:
+    from .model.catalogue import list_bundled
+
+    records = list_bundled()
+    if args.json:
+        print(json.dumps(records, default=str))
+        return 0
+    print(_checkpoints_table(records))
+    return 0
+
+
+def _checkpoints_table(records: list[dict]) -> str:
+    """The human-readable ``comtip checkpoints`` listing: one table row per checkpoint, then notes."""
+
+    def score(r: dict, mode: str) -> str:
+        m = (r["evaluation"].get("predictors") or {}).get(mode) or {}
+        return f"{m['pcc_heg50']:.3f} / {m['pcc_hvg50']:.3f}" if "pcc_heg50" in m else "-"
+
+    head = ("name", "species", "technology", "genes", "recipe", f"{Default.PREDICT_MODE} HEG/HVG-50", "zero-shot HEG/HVG-50", "MB")
+    rows = [(r["name"] + (" *" if r["default"] else ""), r["species"] or "?", r["technology"] or "?", str(r["n_genes"]),
+             r["recipe"] or "?", score(r, Default.PREDICT_MODE), score(r, "zero-shot"), f"{r['size_mb']:.1f}")
+            for r in records]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines += [f"{r['name']}: trained on {r['data']}; model card {r['model_card']}" for r in records]
+    lines += ["* = the default (used when --checkpoint is not given). Scores: mean per-gene Pearson r on held-out "
+              "sections (leave-one-section-out of the same recipe, stored in the file; HEG/HVG-50 = the 50 most "
+              "expressed / most variable genes).",
+              "Use one with --checkpoint NAME (predict, evaluate, view) or choose it in the Predict widget; a path to "
+              "a .pt file works too."]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 _COMMANDS = {
     "inspect": (_add_inspect, _run_inspect),
@@ -345,6 +392,7 @@ _COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "benchmark-loso": (_add_loso, _run_loso),
     "view": (_add_view, _run_view),
+    "checkpoints": (_add_checkpoints, _run_checkpoints),
 }
 
 
