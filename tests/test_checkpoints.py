@@ -105,6 +105,24 @@ def test_which_bundled_checkpoint_has_a_gene():
     assert catalogue.bundled_with_gene("NOT-A-GENE") == []
 
 
+def test_a_sample_of_another_species_is_pointed_to_the_fitting_checkpoint(shared_data):
+    mouse_genes = catalogue.gene_panel_of(MOUSE) + ["Xist", "Gm42418"]
+    b = catalogue.better_bundled_for(mouse_genes, HER2ST)
+    assert b["name"] == MOUSE and b["species"] == "mouse" and b["own_species"] == "human" and b["shared"] == 1237
+    assert catalogue.better_bundled_for(mouse_genes, MOUSE) is None  # the right one already
+    assert catalogue.better_bundled_for(catalogue.gene_panel_of(HER2ST), HER2ST) is None
+    assert catalogue.better_bundled_for([f"ENSG{i:011d}" for i in range(100)], HER2ST) is None  # no fit anywhere
+    # through predict: a real mouse-brain section with the (default) human checkpoint warns, naming the fix
+    from napari_comtip.engine.predict import predict_sample
+    from napari_comtip.io import load_sample
+
+    a1 = load_sample(shared_data / "visium_mouse_brain", sample="A1")
+    with pytest.warns(UserWarning, match="sample 'A1' measures only .* comtip-tiny-her2st \\(human\\).*"
+                                         "use --checkpoint comtip-tiny-mouse-brain"):
+        with pytest.raises(InputError, match="has it as Mbp"):
+            predict_sample(a1, genes=["Mbp"], device="cpu")
+
+
 # --------------------------------------------------------------------------- the Checkpoint object
 def test_load_by_name_gives_the_typed_object():
     ck = load_checkpoint(MOUSE)
@@ -151,7 +169,8 @@ def test_cli_predict_with_a_bundled_name(tmp_path, capsys):
     out = tmp_path / "demo.h5ad"
     rc = main(["predict", "@demo", "--checkpoint", HER2ST, "--genes", "erbb2,KRT19", "--device", "cpu",
                "--out", str(out)])
-    assert rc == 0 and "wrote 187 spots x 2 genes" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert rc == 0 and "wrote 187 spots x 2 genes" in captured.out and "another species" not in captured.err
     ad = anndata.read_h5ad(out)
     prov = ad.uns["comtip"]
     assert list(ad.var_names) == ["ERBB2", "KRT19"]  # symbols match case-insensitively

@@ -17,6 +17,9 @@ def checkpoint_box() -> QComboBox:
     box = QComboBox()
     box.setEditable(True)
     box.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+    # narrow whatever the items: a long path must not widen the dock (the full text scrolls)
+    box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    box.setMinimumContentsLength(6)
     box.lineEdit().setPlaceholderText("bundled name or path of a .pt file")
     box.setToolTip("a checkpoint bundled with the plugin (comtip checkpoints lists them), or a CoMTIP .pt file "
                    "(Browse…, or type its path)")

@@ -236,6 +236,24 @@ def _h5ad_safe(obj: Any, depth: int = 0) -> Any:
     return str(obj)
 
 
+def _warn_if_other_species(sample: "SpatialSample", ck: "Checkpoint") -> None:
+    """Warn when the sample's measured genes barely meet the checkpoint's panel but fit another
+    bundled checkpoint (a model of another species or tissue), naming that one."""
+    import warnings
+
+    from ..model.catalogue import better_bundled_for
+
+    if sample.expression is None:
+        return
+    b = better_bundled_for(sample.expression.var_names, ck.path)
+    if b is not None:
+        own = f"{ck.label} ({b['own_species']})" if b["own_species"] else ck.label
+        warnings.warn(f"sample '{sample.name}' measures only {b['own_shared']} of the {b['own_genes']} genes of {own} "
+                      f"but {b['shared']} of the {b['n_genes']} of the bundled {b['name']} ({b['species']}): "
+                      f"a model of another species or tissue? use --checkpoint {b['name']} "
+                      f"(the Predict widget: its Checkpoint list)", UserWarning, stacklevel=3)
+
+
 def _warn_if_unreliable(ck: "Checkpoint", mode: str) -> None:
     """Warn when the checkpoint's own held-out evaluation (``extras["evaluation"]``, written by
     its maintainers, see docs/model-card.md) says this predictor's output does not track the
@@ -306,6 +324,7 @@ def predict_sample(
 
         genes = symbols_for([g for g in genes.split(",") if g.strip()] if isinstance(genes, str) else genes,
                             sample.expression.var)
+    _warn_if_other_species(sample, ck)
     gene_idx = resolve_genes(genes, panel, ck_label, checkpoint_path=ck.path)
     gene_names = [panel[i] for i in gene_idx]
 

@@ -100,4 +100,28 @@ def bundled_with_gene(gene: str, *, exclude: str | os.PathLike | None = None) ->
     return found
 
 
-__all__ = ["bundled_with_gene", "checkpoint_info", "gene_panel_of", "list_bundled"]
+def better_bundled_for(genes, checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """When the measured ``genes`` of a sample barely meet ``checkpoint``'s panel (< 10 %) but
+    cover most (>= 50 %) of a bundled checkpoint's panel (a model of another species or tissue):
+    ``{"name", "species", "shared", "n_genes", "own_shared", "own_genes", "own_species"}`` of the best such
+    bundled checkpoint; else None."""
+    measured = {str(g) for g in genes}
+    own = gene_panel_of(checkpoint)
+    own_shared = len(measured.intersection(own))
+    if not measured or own_shared >= 0.1 * len(own):
+        return None
+    me = os.path.realpath(resolve_checkpoint(checkpoint))
+    best = None
+    for b in BUNDLED:
+        if not b.path.is_file() or os.path.realpath(b.path) == me:
+            continue
+        panel = gene_panel_of(b.name)
+        shared = len(measured.intersection(panel))
+        if shared >= 0.5 * len(panel) and (best is None or shared / len(panel) > best["shared"] / best["n_genes"]):
+            best = {"name": b.name, "species": b.species, "shared": shared, "n_genes": len(panel)}
+    if best is None:
+        return None
+    return dict(best, own_shared=own_shared, own_genes=len(own), own_species=checkpoint_info(checkpoint)["species"])
+
+
+__all__ = ["better_bundled_for", "bundled_with_gene", "checkpoint_info", "gene_panel_of", "list_bundled"]
