@@ -178,6 +178,21 @@ def test_cli_predict_with_a_bundled_name(tmp_path, capsys):
     assert prov["checkpoint_digest"] == checkpoint_digest(default_checkpoint_path())
 
 
+def test_cli_evaluate_and_a_cohort_take_a_bundled_name(tmp_path, capsys):
+    assert main(["evaluate", "--data", "@demo", "--checkpoint", HER2ST, "--device", "cpu", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["checkpoint"] == str(default_checkpoint_path()) and metrics["n_genes"] > 1000
+    assert metrics["pcc_hvg50"] > 0.1  # @demo is (a crop of) one of its training sections
+    out = tmp_path / "cohort"
+    assert main(["predict", "@demo", "--checkpoint", MOUSE, "--genes", "Mbp", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    import anndata
+
+    (h5,) = out.glob("*.h5ad")
+    assert anndata.read_h5ad(h5).uns["comtip"]["checkpoint_name"] == MOUSE
+
+
 def test_cli_unknown_checkpoint_name_lists_the_names(tmp_path, capsys):
     out = tmp_path / "x.h5ad"
     rc = main(["predict", "@demo", "--checkpoint", "comtip-tiny-brain", "--device", "cpu", "--out", str(out)])

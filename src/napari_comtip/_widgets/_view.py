@@ -78,7 +78,10 @@ def view_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``comtip view`` (see the module docstring)."""
     from ..io import DEMO_ALIAS, load_sample
 
+    from ..model.bundled import resolve_checkpoint
+
     size = _parse_size(getattr(args, "size", None))
+    resolve_checkpoint(args.checkpoint)  # an unknown name or missing file: one line, before any window opens
     path = args.path or DEMO_ALIAS
     sample = load_sample(path, sample=args.sample, slide=args.slide, pitch_um=args.pitch_um, mpp=args.mpp)
     shot = None
