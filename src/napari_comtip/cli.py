@@ -350,38 +350,11 @@ def _add_checkpoints(sub) -> None:
 
 
 def _run_checkpoints(args: argparse.Namespace) -> int:
-    from .model.catalogue import list_bundled
+    from .model.catalogue import format_table, list_bundled
 
     records = list_bundled()
-    if args.json:
-        print(json.dumps(records, default=str))
-        return 0
-    print(_checkpoints_table(records))
+    print(json.dumps(records, default=str) if args.json else format_table(records))
     return 0
-
-
-def _checkpoints_table(records: list[dict]) -> str:
-    """The human-readable ``comtip checkpoints`` listing: one table row per checkpoint, then notes."""
-
-    def score(r: dict, mode: str) -> str:
-        m = (r["evaluation"].get("predictors") or {}).get(mode) or {}
-        return f"{m['pcc_heg50']:.3f} / {m['pcc_hvg50']:.3f}" if "pcc_heg50" in m else "-"
-
-    head = ("name", "species", "technology", "genes", "recipe", f"{Default.PREDICT_MODE} HEG/HVG-50", "zero-shot HEG/HVG-50", "MB")
-    rows = [(r["name"] + (" *" if r["default"] else ""), r["species"] or "?", r["technology"] or "?", str(r["n_genes"]),
-             r["recipe"] or "?", score(r, Default.PREDICT_MODE), score(r, "zero-shot"), f"{r['size_mb']:.1f}")
-            for r in records]
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines += [f"{r['name']}: trained on {r['data']}; model card {r['model_card']}" for r in records]
-    lines += ["* = the default (used when --checkpoint is not given). Scores: mean per-gene Pearson r on held-out "
-              "sections (leave-one-section-out of the same recipe, stored in the file; HEG/HVG-50 = the 50 most "
-              "expressed / most variable genes).",
-              "Use one with --checkpoint NAME (predict, evaluate, view) or choose it in the Predict widget; a path to "
-              "a .pt file works too."]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main

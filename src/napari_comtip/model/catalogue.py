@@ -4,7 +4,8 @@
 memory-mapped, never read) and keeps the result per process, keyed by the file's path, size and
 modification time. :func:`list_bundled` gives one record per bundled checkpoint (the table of
 :mod:`model.bundled` joined with what each file says about itself). :func:`bundled_with_gene`
-answers "which bundled checkpoint predicts this gene?" for error messages.
+answers "which bundled checkpoint predicts this gene?" for error messages; :func:`format_table`
+is the human-readable listing of ``comtip checkpoints``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..constants import Default
 from ..io.cache import file_identity
 from .bundled import BUNDLED, DEFAULT_NAME, bundled_entry, checkpoint_name, resolve_checkpoint
 from .checkpoint import read_checkpoint
@@ -124,4 +126,29 @@ def better_bundled_for(genes, checkpoint: str | os.PathLike) -> dict[str, Any] |
     return dict(best, own_shared=own_shared, own_genes=len(own), own_species=checkpoint_info(checkpoint)["species"])
 
 
-__all__ = ["better_bundled_for", "bundled_with_gene", "checkpoint_info", "gene_panel_of", "list_bundled"]
+def format_table(records: list[dict[str, Any]]) -> str:
+    """The human-readable ``comtip checkpoints`` listing: one table row per checkpoint, then notes."""
+
+    def score(r: dict, mode: str) -> str:
+        m = (r["evaluation"].get("predictors") or {}).get(mode) or {}
+        return f"{m['pcc_heg50']:.3f} / {m['pcc_hvg50']:.3f}" if "pcc_heg50" in m else "-"
+
+    head = ("name", "species", "technology", "genes", "recipe", f"{Default.PREDICT_MODE} HEG/HVG-50",
+            "zero-shot HEG/HVG-50", "MB")
+    rows = [(r["name"] + (" *" if r["default"] else ""), r["species"] or "?", r["technology"] or "?", str(r["n_genes"]),
+             r["recipe"] or "?", score(r, Default.PREDICT_MODE), score(r, "zero-shot"), f"{r['size_mb']:.1f}")
+            for r in records]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines += [f"{r['name']}: trained on {r['data']}; model card {r['model_card']}" for r in records]
+    lines += ["* = the default (used when --checkpoint is not given). Scores: mean per-gene Pearson r on held-out "
+              "sections (leave-one-section-out of the same recipe, stored in the file; HEG/HVG-50 = the 50 most "
+              "expressed / most variable genes).",
+              "Use one with --checkpoint NAME (predict, evaluate, view) or choose it in the Predict widget; a path to "
+              "a .pt file works too."]
+    return "\n".join(lines)
+
+
+__all__ = ["better_bundled_for", "bundled_with_gene", "format_table", "checkpoint_info", "gene_panel_of", "list_bundled"]
