@@ -59,6 +59,10 @@ def test_dropdown_lists_the_bundled_names_and_predicts_with_the_mouse_one(make_n
     assert pred.provenance["checkpoint_name"] == "comtip-tiny-mouse-brain" and pred.adata.n_vars == 1237
     view = widget.show_gene("Nrgn")  # a neuronal marker with a strong pattern across the band
     assert view.measured and view.pearson_r > 0.2, view.pearson_r
+    # a human gene: the notification names the bundled checkpoint that has it
+    assert widget.show_gene("ERBB2") is None
+    assert "not in the checkpoint's panel (1237 genes)" in widget.last_error
+    assert "comtip-tiny-her2st has it as ERBB2" in widget.last_error and "under Checkpoint" in widget.last_error
 
     # a file still works: Browse… (here set_checkpoint, what it calls) adds it to the list and chooses it
     own = tmp_path / "my-model.pt"

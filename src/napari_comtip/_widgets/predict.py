@@ -423,8 +423,7 @@ class PredictWidget(QWidget):
         match = [g for g in self.prediction.genes if g.upper() == gene.upper()]
         try:
             if not match:
-                raise InputError(f"gene '{gene}' is not in the checkpoint's panel "
-                                 f"({self.prediction.adata.n_vars} genes)", hint="pick one from the list (type to search)")
+                raise self._not_in_panel(gene)
             view = self.display.show(self.prediction, match[0])
         except ComtipError as exc:
             self._error(str(exc))
@@ -439,6 +438,17 @@ class PredictWidget(QWidget):
         else:
             self.pcc_label.setText(f"{view.gene}: not measured on this slide (colour scale {lo:.2f}–{hi:.2f})")
         return view
+
+    def _not_in_panel(self, gene: str) -> InputError:
+        """A gene outside the panel; names the bundled checkpoint that has it (another species or panel)."""
+        from ..model.catalogue import bundled_with_gene
+
+        ck = self.prediction.checkpoint
+        other = (bundled_with_gene(gene, exclude=ck) if ck else [])[:1]
+        has = f"; the bundled checkpoint {other[0][0]} has it as {other[0][1]}" if other else ""
+        return InputError(f"gene '{gene}' is not in the checkpoint's panel ({self.prediction.adata.n_vars} genes){has}",
+                          hint=f"choose {other[0][0]} under Checkpoint and press Run" if other
+                          else "pick one from the list (type to search)")
 
     def _toggle_heatmap(self, on: bool) -> None:
         self.display.heatmap = bool(on)
