@@ -51,7 +51,6 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +61,7 @@ import torch
 from ..constants import Default
 from ..errors import Cancelled, InputError
 from ..io.tiles import TileCachedImage, spatial_order
+from ..progress import Cancel, Progress
 from .device import resolve_device
 from .embedding_cache import Sink, embedding_signature, entry_path, load_entry, publish_entry
 from .encoder import CpuStreams, Encoder
@@ -73,8 +73,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-Progress = Callable[[int, "int | None", "str | None"], None]
-Cancel = Callable[[], bool]
 
 
 # =========================================================================== result record

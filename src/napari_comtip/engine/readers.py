@@ -15,16 +15,13 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from ..constants import Default
-
-Cancel = Callable[[], bool]
-
+from ..progress import Cancel
 
 # =========================================================================== how many readers
 def usable_cores() -> int:

@@ -15,21 +15,18 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..constants import Default
+from ..progress import Progress
 from .cache import cache_dir, file_identity, identity_key
 from .decode import decode_image
 from .image import MultiscaleImage, build_pyramid_levels
 
 #: Bumped when the layout of cached pyramids changes (old caches are then rebuilt).
 PYRAMID_CACHE_VERSION = 1
-
-ProgressFn = Callable[[int, "int | None", "str | None"], None]
-
 
 def _zarr_open_read(path: Path):
     import zarr
@@ -66,7 +63,7 @@ def open_cached_pyramid(folder: Path, identity: str, source: str) -> MultiscaleI
                            kind="cached pyramid", info={"cache": str(folder), "decoded": False})
 
 
-def build_cached_pyramid(path: Path, identity: str, folder: Path, progress: ProgressFn | None,
+def build_cached_pyramid(path: Path, identity: str, folder: Path, progress: Progress | None,
                           rgb: np.ndarray | None = None) -> MultiscaleImage:
     t0 = time.perf_counter()
     if progress:

@@ -14,20 +14,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..constants import Default
 from ..errors import InputError
+from ..progress import Progress
 from .cache import file_identity
 from .decode import TIFFSLIDE_SUFFIXES, decode_image, image_size
 from .image import MultiscaleImage
 from .pyramid import build_cached_pyramid, open_cached_pyramid, pyramid_cache_path
-
-ProgressFn = Callable[[int, "int | None", "str | None"], None]
-
 
 # --------------------------------------------------------------------------- TIFF structure
 _TRUNCATED_HINT = "the copy or download is incomplete or the file is damaged; copy it again or re-export it"
@@ -147,7 +144,7 @@ def _open_tiffslide(path: Path) -> tuple[MultiscaleImage | None, float | None] |
 
 
 # --------------------------------------------------------------------------- entry point
-def open_image(path: str | os.PathLike, progress: ProgressFn | None = None) -> tuple[MultiscaleImage, float | None]:
+def open_image(path: str | os.PathLike, progress: Progress | None = None) -> tuple[MultiscaleImage, float | None]:
     """Open any supported slide/image as a :class:`MultiscaleImage`.
 
     Returns ``(image, mpp)`` where ``mpp`` is the microns per pixel recorded in the file (TIFF
