@@ -394,7 +394,7 @@ def test_every_predictor_fills_the_uncertainty_layer(visium, ckpt, panel, tmp_pa
 
 def test_a_probe_stored_before_uncertainty_still_predicts(visium, ckpt, panel, tmp_path):
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-    for k in ("cov", "resid_var", "n_train", "resid_rule"):
+    for k in ("cov", "resid_var", "n_train", "resid_rule", "var_weight", "var_bias"):
         blob["probe"].pop(k)
     old = tmp_path / "old.pt"
     torch.save(blob, old)

@@ -66,7 +66,7 @@ def test_probe_spread_grows_far_from_the_training_features():
     probe = fit_probe(x, y, alpha=1.0)
     assert probe.has_spread and probe.cov.shape == (8, 8) and probe.resid_var.shape == (3,)
     near = x[:5]
-    far = 6.0 * np.sign(x[:5])  # the same directions, far outside the training cloud
+    far = 30.0 * np.sign(x[:5])  # the same directions, far outside the training cloud
     p, sd = probe_predict(probe, near, return_std=True)
     assert p.shape == sd.shape == (5, 3) and (sd > 0).all()
     assert np.allclose(p, probe_predict(probe, near))
@@ -84,9 +84,26 @@ def test_probe_spread_is_stored_and_old_probes_predict_without_it():
     assert isinstance(d["cov"], torch.Tensor) and d["resid_rule"] == "leave-one-out" and d["n_train"] == len(x)
     back = Probe.from_dict(d)
     assert np.allclose(probe_predict(back, x[:4], return_std=True)[1], probe_predict(probe, x[:4], return_std=True)[1])
-    old = {k: v for k, v in d.items() if k not in ("cov", "resid_var", "n_train", "resid_rule")}
+    old = {k: v for k, v in d.items() if k not in ("cov", "resid_var", "n_train", "resid_rule", "var_weight", "var_bias")}
     pred, sd = probe_predict(old, x[:4], return_std=True)
     assert sd is None and np.allclose(pred, probe_predict(probe, x[:4]))
+
+
+def test_probe_spread_follows_noise_that_depends_on_the_tissue():
+    rng = np.random.default_rng(2)
+    n = 600
+    x = rng.normal(size=(n, 5))
+    scale = np.exp(0.8 * x[:, 0])  # the noise of both genes grows with feature 0 (e.g. a tissue type)
+    y = x @ rng.normal(size=(5, 2)) + scale[:, None] * rng.normal(size=(n, 2))
+    probe = fit_probe(x[:400], y[:400], alpha=None)
+    _, sd = probe_predict(probe, x[400:], return_std=True)
+    from scipy.stats import spearmanr
+
+    for g in range(2):
+        assert spearmanr(sd[:, g], scale[400:]).statistic > 0.8
+    # its mean level is the held-out residual variance
+    _, sd_tr = probe_predict(probe, x[:400], return_std=True)
+    assert np.allclose(np.mean(sd_tr ** 2, 0), probe.resid_var, rtol=0.1)
 
 
 def test_context_probe_residual_variance_comes_from_the_spatial_blocks():
@@ -107,7 +124,7 @@ def test_colour_texture_floor_spread():
     floor = RidgeFloor().fit(x, y)
     p, sd = floor.predict(x[:5], return_std=True)
     assert np.allclose(p, floor.predict(x[:5])) and sd.shape == (5, 3) and (sd > 0).all()
-    _, sd_far = floor.predict(6.0 * np.sign(x[:5]), return_std=True)
+    _, sd_far = floor.predict(30.0 * np.sign(x[:5]), return_std=True)
     assert (sd_far > sd).all()
 
 

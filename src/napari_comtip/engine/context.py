@@ -205,6 +205,5 @@ def fit_context_probe(x: np.ndarray, y: np.ndarray, context: str, centres: np.nd
     probe.alpha_rule = f"{N_BLOCKS} spatial blocks per section"
     # the residual variance of the spread: held-out contiguous tissue, not leave-one-out (which a
     # spot's correlated neighbours make optimistic, as for the penalty)
-    probe.resid_var = gene_mse[a].astype(np.float32)
-    probe.resid_rule = probe.alpha_rule
+    probe.set_resid_var(gene_mse[a], probe.alpha_rule)
     return probe

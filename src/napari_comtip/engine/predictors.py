@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..constants import Default
 from ..errors import ConfigError, InputError
+from .ridge_spread import loo_gene_mse, predictive_std, ridge_cov, variance_head
 
 PREDICTORS = ("zero-shot", "retrieval", "probe")
 WEIGHTINGS = ("mean", "inverse_distance", "inverse_square")
@@ -212,15 +213,27 @@ class Probe:
     alpha: float
     genes: list[str] | None = None
     alpha_scores: dict[float, float] | None = None  # LOO error per candidate alpha (when chosen automatically)
-    # the predictive spread (docs/model.md, "Uncertainty"); None in probes stored before it existed
+    # the predictive spread (engine/ridge_spread.py); None in probes stored before it existed
     cov: np.ndarray | None = None  # (F, F) (Z^T Z + alpha I)^-1 of the standardised training features Z
     resid_var: np.ndarray | None = None  # (G,) each gene's held-out residual variance at the chosen alpha
     n_train: int | None = None  # training spots (the intercept's share of the spread, 1 / n)
     resid_rule: str | None = None  # how resid_var was measured
+    var_weight: np.ndarray | None = None  # (F, G) the log-variance model (its mean: log resid_var)
+    var_bias: np.ndarray | None = None  # (G,)
+    var_clip: np.ndarray | None = None  # (2, G) its range on the training spots
 
     @property
     def has_spread(self) -> bool:
         return self.cov is not None and self.resid_var is not None
+
+    def set_resid_var(self, resid_var: np.ndarray, rule: str) -> None:
+        """Another held-out residual variance (e.g. of spatial blocks): the variance model keeps its shape."""
+        new = np.asarray(resid_var, np.float64)
+        if self.var_bias is not None and self.resid_var is not None:
+            ratio = np.maximum(new, 1e-12) / np.maximum(np.asarray(self.resid_var, np.float64), 1e-12)
+            self.var_bias = (self.var_bias + np.log(ratio)).astype(np.float32)
+        self.resid_var = new.astype(np.float32)
+        self.resid_rule = rule
 
     def to_dict(self) -> dict:
         """Tensors and primitives (can be stored in a checkpoint's ``probe`` entry)."""
@@ -228,6 +241,8 @@ class Probe:
             "cov": torch.from_numpy(np.ascontiguousarray(self.cov, np.float32)),
             "resid_var": torch.from_numpy(np.ascontiguousarray(self.resid_var, np.float32)),
             "n_train": int(self.n_train or 0), "resid_rule": str(self.resid_rule or ""),
+            **({} if self.var_weight is None else {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), np.float32))
+                                                   for k in ("var_weight", "var_bias", "var_clip")}),
         }
         return {**spread,
             "weight": torch.from_numpy(self.weight),
@@ -248,7 +263,9 @@ class Probe:
         has = d.get("cov") is not None and d.get("resid_var") is not None
         return cls(arr(d["weight"]), arr(d["bias"]), arr(d["mean"]), arr(d["std"]), float(d["alpha"]), d.get("genes"),
                    cov=arr(d["cov"]) if has else None, resid_var=arr(d["resid_var"]) if has else None,
-                   n_train=int(d.get("n_train") or 0) or None, resid_rule=d.get("resid_rule") or None)
+                   n_train=int(d.get("n_train") or 0) or None, resid_rule=d.get("resid_rule") or None,
+                   **{k: arr(d[k]) if has and d.get("var_weight") is not None else None
+                      for k in ("var_weight", "var_bias", "var_clip")})
 
 
 def loo_ridge_alpha(xs: np.ndarray, yc: np.ndarray, alphas: Sequence[float] = Default.PROBE_ALPHAS,
@@ -267,37 +284,6 @@ def loo_ridge_alpha(xs: np.ndarray, yc: np.ndarray, alphas: Sequence[float] = De
     scores = {float(a): float(np.mean(loo_gene_mse(u, s, yc, float(a), uty=uty))) for a in alphas}
     best = min(scores, key=lambda k: scores[k])
     return best, scores
-
-
-def loo_gene_mse(u: np.ndarray, s: np.ndarray, yc: np.ndarray, alpha: float, *, uty: np.ndarray | None = None) -> np.ndarray:
-    """Exact leave-one-out mean squared error (G,) of each gene for penalty ``alpha``, from the SVD
-    ``(U, S)`` of the standardised features and the centred targets ``yc`` (Allen's PRESS)."""
-    yc = np.asarray(yc, np.float64)
-    uty = u.T @ yc if uty is None else uty
-    d = s * s / (s * s + float(alpha))
-    h = (u * u) @ d  # diagonal of the hat matrix
-    loo = (yc - u @ (d[:, None] * uty)) / np.maximum(1.0 - h, 1e-6)[:, None]
-    return np.mean(loo * loo, axis=0)
-
-
-def ridge_cov(s: np.ndarray, vt: np.ndarray, alpha: float) -> np.ndarray:
-    """(Z^T Z + alpha I)^-1 (F, F) from the SVD (S, V^T) of the standardised training features Z.
-    Directions the training spots do not span get the prior's 1 / alpha (alpha 0: floored at 1e-8)."""
-    a = max(float(alpha), 1e-8)
-    cov = (vt.T * (1.0 / (s * s + a))) @ vt
-    if vt.shape[0] < vt.shape[1]:
-        cov += (np.eye(vt.shape[1]) - vt.T @ vt) / a
-    return cov
-
-
-def ridge_predictive_std(z: np.ndarray, cov: np.ndarray, resid_var: np.ndarray, n_train: int | None = None) -> np.ndarray:
-    """The ridge's predictive standard deviation (N, G) at standardised features ``z`` (N, F):
-    ``sqrt(s2_g * (1 + 1/n + z^T (Z^T Z + alpha I)^-1 z))`` (the posterior predictive of a Gaussian
-    prior on the weights with precision alpha / s2_g: noise, intercept and weights' uncertainty)."""
-    z = np.asarray(z, np.float64)
-    lev = np.einsum("nf,nf->n", z @ np.asarray(cov, np.float64), z).clip(min=0.0)
-    extra = 1.0 / n_train if n_train else 0.0
-    return np.sqrt(np.asarray(resid_var, np.float64)[None, :] * (1.0 + extra + lev[:, None])).astype(np.float32)
 
 
 def fit_probe(features, expr, alpha: float | None = Default.PROBE_ALPHA, genes: Sequence[str] | None = None) -> Probe:
@@ -336,6 +322,8 @@ def fit_probe(features, expr, alpha: float | None = Default.PROBE_ALPHA, genes: 
     else:
         a = xs @ xs.T + alpha * np.eye(n)
         w = xs.T @ _solve(a, yc)
+    resid_var = loo_gene_mse(u, sv, yc, alpha)
+    var_w, var_b, var_c = variance_head(u, sv, vt, yc - xs @ w, resid_var)
     return Probe(
         weight=w.astype(np.float32),
         bias=y_mean.astype(np.float32),
@@ -345,9 +333,12 @@ def fit_probe(features, expr, alpha: float | None = Default.PROBE_ALPHA, genes: 
         genes=None if genes is None else [str(g) for g in genes],
         alpha_scores=scores,
         cov=ridge_cov(sv, vt, alpha).astype(np.float32),
-        resid_var=loo_gene_mse(u, sv, yc, alpha).astype(np.float32),
+        resid_var=resid_var.astype(np.float32),
         n_train=int(n),
         resid_rule="leave-one-out",
+        var_weight=var_w.astype(np.float32),
+        var_bias=var_b.astype(np.float32),
+        var_clip=var_c.astype(np.float32),
     )
 
 
@@ -361,7 +352,7 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def probe_predict(probe: Probe | dict, features, return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Apply a fitted probe to features (N, F) -> (N, G) float32.
 
-    ``return_std``: also its predictive standard deviation (:func:`ridge_predictive_std`), or
+    ``return_std``: also its predictive standard deviation (:func:`engine.ridge_spread.predictive_std`), or
     ``None`` for a probe stored without the state it needs (``Probe.has_spread``)."""
     if isinstance(probe, dict):
         probe = Probe.from_dict(probe)
@@ -374,8 +365,9 @@ def probe_predict(probe: Probe | dict, features, return_std: bool = False) -> np
         return pred
     if not probe.has_spread:
         return pred, None
-    return pred, ridge_predictive_std(z, probe.cov, probe.resid_var, probe.n_train)
+    return pred, predictive_std(z, probe.cov, probe.resid_var, probe.n_train, probe.var_weight, probe.var_bias,
+                                probe.var_clip)
 
 
-__all__ = ["PREDICTORS", "Probe", "fit_probe", "loo_gene_mse", "loo_ridge_alpha", "probe_predict", "retrieval", "ridge_cov",
-           "ridge_predictive_std", "zero_shot", "zero_shot_sentence_embeddings"]
+__all__ = ["PREDICTORS", "Probe", "fit_probe", "loo_gene_mse", "loo_ridge_alpha", "probe_predict", "retrieval",
+           "zero_shot", "zero_shot_sentence_embeddings"]
