@@ -522,11 +522,14 @@ def _uncertainty_note(mode: str, params: dict[str, Any], probe, available: bool)
     if mode == "retrieval":
         note["what"] = f"spread (standard deviation) of the {params.get('k')} retrieved neighbours' values around their mean"
     elif mode == "zero-shot":
-        note["what"] = (f"spread (standard deviation) of the zero-shot softmax over the {params.get('grid')}-value grid, "
-                        "mapped through the per-gene calibration line")
+        note["what"] = (f"spread (standard deviation) of the zero-shot softmax over the {params.get('grid')}-value grid "
+                        "(through the model's per-gene calibration line, when it has one)")
     elif available:
-        note["what"] = ("the ridge probe's predictive standard deviation sqrt(s2_g (1 + 1/n + z' (Z'Z + alpha I)^-1 z)), "
-                        f"s2_g = each gene's held-out residual variance ({getattr(probe, 'resid_rule', None) or 'cross-validation'})")
+        rule = getattr(probe, "resid_rule", None) or "cross-validation"
+        s2 = (f"the gene's residual variance at the spot from a ridge of the log squared training residuals, its mean "
+              f"the held-out residual variance ({rule})" if getattr(probe, "var_weight", None) is not None
+              else f"the gene's held-out residual variance ({rule})")
+        note["what"] = f"the ridge probe's predictive standard deviation sqrt(s2_g (1 + 1/n + z' (Z'Z + alpha I)^-1 z)), s2_g = {s2}"
     else:
         note["what"] = ("not available: this probe was stored before probes kept their predictive spread; re-fit it "
                         "(engine.training.refit_probe) or pass --reference to fit one here")
