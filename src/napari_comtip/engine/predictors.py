@@ -28,7 +28,6 @@ from ..constants import Default
 from ..errors import ConfigError, InputError
 from .ridge_spread import loo_gene_mse, predictive_std, ridge_cov, variance_head
 
-PREDICTORS = ("zero-shot", "retrieval", "probe")
 WEIGHTINGS = ("mean", "inverse_distance", "inverse_square")
 
 
@@ -369,5 +368,5 @@ def probe_predict(probe: Probe | dict, features, return_std: bool = False) -> np
                                 probe.var_clip)
 
 
-__all__ = ["PREDICTORS", "Probe", "fit_probe", "loo_gene_mse", "loo_ridge_alpha", "probe_predict", "retrieval",
-           "zero_shot", "zero_shot_sentence_embeddings"]
+__all__ = ["Probe", "fit_probe", "loo_gene_mse", "loo_ridge_alpha", "probe_predict", "retrieval", "zero_shot",
+           "zero_shot_sentence_embeddings"]

@@ -20,7 +20,7 @@ from .checkpoint import (
 from .comtip import CoMTIP, clip_loss
 from .config import MODEL_VERSION, PRESETS, ComtipConfig, get_preset
 from .factory import build_model, embed_gene_names
-from .text import permute_values, sample_gene_subsets
+from .sentences import permute_values, sample_gene_subsets
 
 __all__ = [
     "FORMAT_VERSION",
