@@ -15,8 +15,8 @@ For standardised features z of a spot, the spread of gene g is
   whose noise does not depend on the tissue gets a flat model), and its level is set so that its
   mean over the training spots equals the gene's **held-out** residual variance (leave-one-out,
   or the spatial blocks of a probe in context). On her2st leave-one-section-out folds the constant-variance form ranked the
-  errors of a gene across spots barely above chance (rho about 0.05 for the probe in context),
-  the variance model at 0.25-0.39 (docs/results.md). It is clipped to the range it takes on the
+  errors of a gene across spots at chance or below (rho -0.32 to 0.08), the variance model at
+  0.20-0.40 (docs/results.md, "Uncertainty"). It is clipped to the range it takes on the
   training spots, so that far-away features cannot make it explode or vanish: there the leverage
   term speaks.
 """
