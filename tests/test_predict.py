@@ -373,3 +373,33 @@ def test_bundled_checkpoint_predicts_the_demo_section(demo, tmp_path, capsys):
     assert evaluate_predictions(ad, demo.expression)["pcc_hvg50"] > 0.1
     rc = main(["predict", "@demo", "--out", str(tmp_path / "d.h5ad"), "--genes", "ERBB2", "--device", "cpu"])
     assert rc == 0 and "wrote 187 spots x 1 genes" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- uncertainty
+def test_every_predictor_fills_the_uncertainty_layer(visium, ckpt, panel, tmp_path):
+    genes = panel[:5]
+    for mode in ("retrieval", "probe", "zero-shot"):
+        ad = predict_sample(visium, checkpoint=ckpt, mode=mode, genes=genes, device="cpu")
+        u = ad.layers[Key.UNCERTAINTY]
+        assert u.shape == ad.shape and u.dtype == np.float32 and np.isfinite(u).all() and (u >= 0).all(), mode
+        assert u.std() > 0, mode  # it varies over spots and genes
+        note = ad.uns[Key.PROVENANCE]["uncertainty"]
+        assert note["layer"] == Key.UNCERTAINTY and "standard deviation" in note["what"], note
+    out = tmp_path / "u.h5ad"
+    written = predict_to_file(visium, out, checkpoint=ckpt, mode="probe", genes=genes, device="cpu")
+    back = anndata.read_h5ad(out)
+    assert np.array_equal(back.layers[Key.UNCERTAINTY], written.layers[Key.UNCERTAINTY])
+    assert "leave-one-out" in back.uns[Key.PROVENANCE]["uncertainty"]["what"]
+
+
+def test_a_probe_stored_before_uncertainty_still_predicts(visium, ckpt, panel, tmp_path):
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for k in ("cov", "resid_var", "n_train", "resid_rule", "var_weight", "var_bias"):
+        blob["probe"].pop(k)
+    old = tmp_path / "old.pt"
+    torch.save(blob, old)
+    new = predict_sample(visium, checkpoint=ckpt, mode="probe", genes=panel[:3], device="cpu")
+    ad = predict_sample(visium, checkpoint=old, mode="probe", genes=panel[:3], device="cpu")
+    assert np.allclose(ad.X, new.X, atol=1e-5) and Key.UNCERTAINTY not in ad.layers
+    note = ad.uns[Key.PROVENANCE]["uncertainty"]
+    assert note["layer"] == "" and "not available" in note["what"] and "--reference" in note["what"]

@@ -71,6 +71,7 @@ class Default:
     HEATMAP_MAX_SIDE: Final = 2048  # the raster heatmap never gets larger than this per side (16 MB index)
     HEATMAP_TILE_PITCHES: Final = 0.71  # raster fills up to this many spot pitches around a spot
     HEATMAP_OPACITY: Final = 0.55  # the raster heatmap lets the tissue show through
+    UNCERTAINTY_COLORMAP: Final = "viridis"  # colormap of a prediction's uncertainty map (not the expression's)
     SPOT_OPACITY: Final = 0.75  # spots coloured by value (drawn over the raster heatmap)
     SIDE_BY_SIDE_GAP: Final = 0.04  # gap between the predicted and measured views (fraction of width)
     READER_MIN_PLAIN_IMAGE_SIDE: Final = 2048  # smaller .jpg/.png files are left to napari's own reader
