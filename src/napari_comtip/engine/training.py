@@ -686,6 +686,9 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if not resume and not overwrite and _is_run_folder(out):
         raise InputError("the output folder already holds a training run", path=out,
                          hint="pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    from ..io.writers import check_writable
+
+    check_writable(out, what="run folder", create=True)  # a real probe: read-only or full shows now, not after the work
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
