@@ -73,3 +73,14 @@ def test_evaluate_predictions_refuses_disjoint_spots():
     b = _adata(np.ones((3, 2)), ["x", "y", "z"], ["G1", "G2"])
     with pytest.raises(InputError, match="spot ids"):
         evaluate_predictions(a, b)
+
+
+def test_comtip_evaluate_takes_genes_like_predict(capsys):
+    """`comtip evaluate --genes` (docs/cli.md: the options of predict) scores only those genes."""
+    import json
+
+    from napari_comtip.cli import main
+
+    assert main(["evaluate", "--data", "@demo", "--genes", "ERBB2, KRT19", "--device", "cpu", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["n_genes"] == 2 and m["n_spots"] == 187 and np.isfinite(m["pcc_all"])

@@ -262,6 +262,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--sample", default=None)
     p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
+    p.add_argument("--genes", default=None, help="comma-separated gene symbols or feature ids to score (default: the whole panel)")
     p.add_argument("--reference", default=None)
     p.add_argument("--reference-sample", action="append", default=None)
     p.add_argument("--device", default="auto")
