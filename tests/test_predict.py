@@ -271,6 +271,17 @@ def test_predict_to_file_writes_h5ad_and_csv(tmp_path, visium, ckpt, panel):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.csv", "pred.h5ad"]
 
 
+def test_bare_slide_grid_pitch_in_provenance_and_csv(tmp_path, demo, ckpt):
+    from napari_comtip.io import load_sample
+
+    bare = load_sample(demo.provenance["image"], pitch_um=300, mpp=demo.mpp)
+    out, csv = tmp_path / "bare.h5ad", tmp_path / "bare.csv"
+    predict_to_file(bare, out, checkpoint=ckpt, device="cpu", mode="retrieval", csv=csv)
+    grid = anndata.read_h5ad(out).uns[Key.PROVENANCE]["sample"]["grid"]
+    assert grid["pitch_um"] == 300 and grid["pitch_px"] == pytest.approx(300 / demo.mpp)
+    assert "# bare-slide grid: pitch 300 um (spot diameter 165 um)" in csv.read_text().splitlines()
+
+
 def test_existing_output_needs_overwrite(tmp_path, visium, ckpt):
     out = tmp_path / "pred.h5ad"
     out.write_bytes(b"precious")
