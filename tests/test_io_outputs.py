@@ -188,3 +188,28 @@ def test_checkpoint_on_a_full_disk_keeps_the_last_good_one(small_disk):
     assert _sha(path) == good
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler.bin", "final.pt"]
     assert load_checkpoint(path).gene_panel == GENES
+
+
+@pytest.mark.slow
+def test_pretrain_on_a_full_disk_keeps_the_last_good_state(tmp_path, capsys, monkeypatch):
+    """The real command: a 60 MB disk holds one training state (39 MB) but not two; the second save
+    fails as one line naming it, the first stays loadable, no temp is left."""
+    from pathlib import Path
+
+    from napari_comtip.cli import main
+
+    from _disks import tmpfs
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("COMTIP_RAISE", raising=False)
+    with tmpfs(tmp_path / "disk", "60m") as disk:
+        code = main(["pretrain", "--config", str(repo / "training" / "configs" / "tiny.yaml"),
+                     "--data", str(repo / "src" / "napari_comtip" / "sample_data" / "her2st_C2"),
+                     "--out", str(disk / "run"), "--max-steps", "2", "--set", "training.checkpoint_every=1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, err[-3:]
+        assert err[-1].startswith(f"error: {disk / 'run' / 'checkpoints'}/step-000000") and "No space left on device" in err[-1]
+        states = sorted((disk / "run" / "checkpoints").iterdir())
+        assert [p.name for p in states] == ["step-0000001.pt"], states
+        blob = torch.load(states[0], map_location="cpu", weights_only=True)
+        assert blob["step"] == 1

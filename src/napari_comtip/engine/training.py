@@ -955,9 +955,12 @@ def _fmt(v) -> str:
 
 
 def _append_metrics(path: Path, m: dict) -> None:
-    with open(path, "a") as f:
-        f.write(",".join(_fmt(m[c]) for c in METRIC_COLUMNS) + "\n")
-        f.flush()
+    try:
+        with open(path, "a") as f:
+            f.write(",".join(_fmt(m[c]) for c in METRIC_COLUMNS) + "\n")
+            f.flush()
+    except OSError as exc:  # a full disk: one line naming the file (the CLI prints it)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:

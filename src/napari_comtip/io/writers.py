@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..constants import Key
-from ..errors import InputError
+from ..errors import ComtipError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -124,6 +124,8 @@ def _size(n: float) -> str:
 
 def _disk_error(exc: BaseException, out: Path) -> OSError | None:
     """The clean ``OSError(errno, cause, out)`` of a failed write, or None when it is not the disk's fault."""
+    if isinstance(exc, ComtipError):  # a user error (e.g. Cancelled) is not the disk's
+        return None
     code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
     if not code and isinstance(exc, OSError):
         m = re.search(r"errno = (\d+)", str(exc))  # h5py: "file write failed: ..., errno = 28, ..."
