@@ -84,3 +84,21 @@ def test_comtip_evaluate_takes_genes_like_predict(capsys):
     assert main(["evaluate", "--data", "@demo", "--genes", "ERBB2, KRT19", "--device", "cpu", "--json"]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert m["n_genes"] == 2 and m["n_spots"] == 187 and np.isfinite(m["pcc_all"])
+
+
+def test_widget_r_is_the_evaluate_r_of_that_gene():
+    """One Pearson function: the widget's r of a gene (pearson_r) equals comtip evaluate's per-gene PCC."""
+    from napari_comtip.engine.evaluation import pearson_r
+
+    rng = np.random.default_rng(3)
+    true = rng.gamma(1.0, 1.0, size=(40, 5))
+    pred = true + rng.normal(0, 0.8, size=true.shape)
+    r = gene_pcc(pred, true)
+    for j in range(true.shape[1]):
+        assert pearson_r(pred[:, j], true[:, j]) == pytest.approx(r[j], abs=1e-12)
+    # a spot missing from one side (NaN) is left out, like a spot the prediction does not share
+    p, t = pred[:, 0].copy(), true[:, 0].copy()
+    p[3] = np.nan
+    keep = np.arange(40) != 3
+    assert pearson_r(p, t) == pytest.approx(gene_pcc(pred[keep, :1], true[keep, :1])[0], abs=1e-12)
+    assert np.isnan(pearson_r(np.ones(40), t))

@@ -1,12 +1,12 @@
 """The "Predict expression" dock widget.
 
-Choose a slide (and optionally another spots layer), a checkpoint, a predictor, a device and a
-batch size; *Run* embeds every spot patch off the GUI thread (progress bar, *Cancel*) and
-predicts the checkpoint's whole gene panel through the same engine call as ``comtip predict``.
-Then pick a gene (type to search): the predicted layers are recoloured at once, the measured
-expression (when the slide has it) is shown beside on the same colour scale, with the gene's
-Pearson r. *Export* writes the prediction as ``.h5ad`` (the format of ``comtip predict``) or CSV,
-atomically and never over an input.
+Choose a slide (and optionally another spots layer), a checkpoint (a bundled one by name, or a
+.pt file), a predictor, a device and a batch size; *Run* embeds every spot patch off the GUI
+thread (progress bar, *Cancel*) and predicts the checkpoint's whole gene panel through the same
+engine call as ``comtip predict``. Then pick a gene (type to search): the predicted layers are
+recoloured at once, the measured expression (when the slide has it) is shown beside on the same
+colour scale, with the gene's Pearson r. *Export* writes the prediction as ``.h5ad`` (the format
+of ``comtip predict``) or CSV, atomically and never over an input.
 
 Image embeddings are cached per (slide, spot grid, checkpoint, patch size) in
 :class:`~napari_comtip._widgets._session.PredictSession`: changing the gene re-runs nothing,
@@ -22,18 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Points
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+    QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
     QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
-from ..constants import Default, Key
+from ..constants import PREDICT_MODES, Default, Key
 from ..errors import Cancelled, ComtipError, InputError
+from ..progress import CancelToken
 from . import _layers as L
+from ._checkpoints import checkpoint_box as _checkpoint_box
 from ._compat import preload_model_stack
 from ._display import ExpressionDisplay, GeneView
-from ._session import MODES, Prediction, PredictSession
+from ._progress import ProgressRelay, notify_error, notify_info, notify_warning
+from ._session import Prediction, PredictSession
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -46,30 +49,6 @@ _OWN_SPOTS = "(spots of the slide)"
 @dataclasses.dataclass
 class _Failure:
     error: ComtipError
-
-
-class _Relay(QObject):
-    """Carries ``progress(done, total, message)`` from the worker thread to the GUI thread."""
-
-    progress = Signal(int, int, str)
-
-
-def _notify_error(msg: str) -> None:
-    from napari.utils.notifications import show_error
-
-    show_error(msg)
-
-
-def _notify_warning(msg: str) -> None:
-    from napari.utils.notifications import show_warning
-
-    show_warning(msg)
-
-
-def _notify_info(msg: str) -> None:
-    from napari.utils.notifications import show_info
-
-    show_info(msg)
 
 
 def spots_from_points(layer, sample: "SpatialSample") -> "SpatialSample":
@@ -95,8 +74,8 @@ class PredictWidget(QWidget):
         self.cohort_result = None  # the last "Predict all samples" run (engine.cohort.CohortResult)
         self.last_error: str | None = None  # the last message shown as an error notification
         self._bare_samples: dict[tuple[str, float], "SpatialSample"] = {}
-        self._cancel_requested = False
-        self._relay = _Relay()
+        self._cancel = CancelToken()
+        self._relay = ProgressRelay()
         self._relay.progress.connect(self._on_progress)
         self._build()
         self._refresh_layers()
@@ -105,7 +84,7 @@ class PredictWidget(QWidget):
 
     def _error(self, msg: str) -> None:
         self.last_error = msg
-        _notify_error(msg)
+        notify_error(msg)
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -121,16 +100,15 @@ class PredictWidget(QWidget):
         self.mpp_spin.setSingleStep(0.05)
         self.mpp_spin.setSpecialValueText("from the slide")
         self.mpp_spin.setToolTip("microns per pixel, needed only for an image layer not opened by this plugin")
-        self.checkpoint_edit = QLineEdit()
-        self.checkpoint_edit.setPlaceholderText("bundled checkpoint")
-        self.checkpoint_edit.setToolTip("CoMTIP checkpoint (.pt); leave empty for the one bundled with the plugin")
+        self.checkpoint_box = _checkpoint_box()
         browse = QPushButton("Browse…")
+        browse.setToolTip("choose a checkpoint file (.pt), e.g. the model.pt of a run of Pretrain")
         browse.clicked.connect(self._browse_checkpoint)
         ck_row = QHBoxLayout()
-        ck_row.addWidget(self.checkpoint_edit)
+        ck_row.addWidget(self.checkpoint_box, 1)
         ck_row.addWidget(browse)
         self.mode_box = QComboBox()
-        self.mode_box.addItems(list(MODES))
+        self.mode_box.addItems(list(PREDICT_MODES))
         self.mode_box.setCurrentText(Default.PREDICT_MODE)
         self.mode_box.setToolTip("zero-shot: no reference data; retrieval: average of the most similar "
                                  "reference spots; probe: ridge regression on image features")
@@ -282,12 +260,19 @@ class PredictWidget(QWidget):
         if path:
             self.set_checkpoint(path)
 
-    def set_checkpoint(self, path: str | os.PathLike | None) -> None:
-        """Use ``path`` for the next Run (None: the bundled checkpoint)."""
-        self.checkpoint_edit.setText("" if path is None else str(path))
+    def set_checkpoint(self, checkpoint: str | os.PathLike | None) -> None:
+        """Use ``checkpoint`` (a bundled name or a file; None: the default bundled one) for the next Run."""
+        from ..model.bundled import DEFAULT_NAME
+
+        text = DEFAULT_NAME if checkpoint is None or not str(checkpoint).strip() else str(checkpoint).strip()
+        if self.checkpoint_box.findText(text) < 0:
+            self.checkpoint_box.addItem(text)
+            self.checkpoint_box.setItemData(self.checkpoint_box.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
+        self.checkpoint_box.setCurrentText(text)
 
     def checkpoint(self) -> str | None:
-        return self.checkpoint_edit.text().strip() or None
+        """The chosen checkpoint: a bundled name or a path (None: the field is empty, the default one)."""
+        return self.checkpoint_box.currentText().strip() or None
 
     # ------------------------------------------------------------------ run / cancel
     def run(self):
@@ -304,7 +289,7 @@ class PredictWidget(QWidget):
         preload_model_stack()
         ckpt, mode, device = self.checkpoint(), self.mode_box.currentText(), self.device_box.currentText()
         batch = self.batch_spin.value() or None
-        self._cancel_requested = False
+        self._cancel.clear()
         self.last_error = None
         relay = self._relay
 
@@ -312,9 +297,7 @@ class PredictWidget(QWidget):
             try:
                 sample = get_sample()  # a bare slide is gridded here, off the GUI thread
                 return self.session.predict(sample, ckpt, mode=mode, device=device, batch_size=batch,
-                                            progress=lambda d, t=None, m=None: relay.progress.emit(
-                                                int(d), -1 if t is None else int(t), m or ""),
-                                            cancel=lambda: self._cancel_requested)
+                                            progress=relay.callback(), cancel=self._cancel)
             except ComtipError as exc:  # shown as a notification, not a traceback; wrapped because
                 return _Failure(exc)    # a worker that *returns* an exception re-raises it
 
@@ -337,7 +320,7 @@ class PredictWidget(QWidget):
     def cancel(self) -> None:
         """Ask the running prediction to stop at the next batch."""
         if self.worker is not None:
-            self._cancel_requested = True
+            self._cancel.set()
             self.status_label.setText("cancelling …")
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
@@ -352,7 +335,7 @@ class PredictWidget(QWidget):
             result = result.error
         if isinstance(result, Cancelled):
             self.status_label.setText("cancelled")
-            _notify_info(str(result))
+            notify_info(str(result))
             return
         if isinstance(result, ComtipError):
             self.status_label.setText("failed: see the notification")
@@ -382,7 +365,7 @@ class PredictWidget(QWidget):
                                   f"{prediction.seconds:.1f} s ({reused})"
                                   + "".join(f"\nwarning: {w}" for w in prediction.warnings))
         for w in prediction.warnings:
-            _notify_warning(w)
+            notify_warning(w)
         previous = self.gene_box.currentText()
         genes = sorted(prediction.genes, key=str.upper)
         self.gene_box.blockSignals(True)
@@ -416,8 +399,7 @@ class PredictWidget(QWidget):
         match = [g for g in self.prediction.genes if g.upper() == gene.upper()]
         try:
             if not match:
-                raise InputError(f"gene '{gene}' is not in the checkpoint's panel "
-                                 f"({self.prediction.adata.n_vars} genes)", hint="pick one from the list (type to search)")
+                raise self._not_in_panel(gene)
             view = self.display.show(self.prediction, match[0])
         except ComtipError as exc:
             self._error(str(exc))
@@ -432,6 +414,17 @@ class PredictWidget(QWidget):
         else:
             self.pcc_label.setText(f"{view.gene}: not measured on this slide (colour scale {lo:.2f}–{hi:.2f})")
         return view
+
+    def _not_in_panel(self, gene: str) -> InputError:
+        """A gene outside the panel; names the bundled checkpoint that has it (another species or panel)."""
+        from ..model.catalogue import bundled_with_gene
+
+        ck = self.prediction.checkpoint
+        other = (bundled_with_gene(gene, exclude=ck) if ck else [])[:1]
+        has = f"; the bundled checkpoint {other[0][0]} has it as {other[0][1]}" if other else ""
+        return InputError(f"gene '{gene}' is not in the checkpoint's panel ({self.prediction.adata.n_vars} genes){has}",
+                          hint=f"choose {other[0][0]} under Checkpoint and press Run" if other
+                          else "pick one from the list (type to search)")
 
     def _toggle_heatmap(self, on: bool) -> None:
         self.display.heatmap = bool(on)
@@ -494,7 +487,7 @@ class PredictWidget(QWidget):
         except OSError as exc:  # disk full, read-only folder: one line naming the file
             self._error(f"{exc.filename or out}: {exc.strerror or exc}")
             return None
-        _notify_info(f"wrote {self.prediction.adata.n_obs} spots x {self.prediction.adata.n_vars} genes to {written}")
+        notify_info(f"wrote {self.prediction.adata.n_obs} spots x {self.prediction.adata.n_vars} genes to {written}")
         return Path(written)
 
     def export_csv(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
@@ -514,7 +507,7 @@ class PredictWidget(QWidget):
         except OSError as exc:
             self._error(f"{exc.filename or out}: {exc.strerror or exc}")
             return None
-        _notify_info(f"wrote {written}")
+        notify_info(f"wrote {written}")
         return Path(written)
 
 

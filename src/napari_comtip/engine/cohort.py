@@ -35,10 +35,10 @@ import numpy as np
 
 from ..constants import Cohort, Key
 from ..errors import Cancelled, ComtipError, InputError
+from ..progress import Cancel, Progress
 from ..io.manifest import CohortItem, check_items
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, "int | None", "str | None"], None]
 
 
 @dataclass
@@ -159,7 +159,7 @@ def predict_cohort(
     overwrite: bool = False,
     progress: Progress | None = None,
     sample_progress: Callable[[str], Progress | None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Cancel | None = None,
     distributed: bool = True,
 ) -> CohortResult:
     """Predict every item (see the module docstring); rank 0's result holds every rank's rows.
@@ -171,7 +171,7 @@ def predict_cohort(
     """
     from ..constants import Default
     from .device import resolve_device
-    from .predict import _ckpt_digest, get_checkpoint, predict_to_file, resolve_genes
+    from .predict import get_checkpoint, predict_to_file, resolve_genes
 
     out_dir = Path(out_dir).expanduser()
     check_items(items, out_dir)
@@ -184,9 +184,9 @@ def predict_cohort(
 
         dev = torch.device("cuda", dist.local_rank)
     ck = get_checkpoint(checkpoint)
-    digest = _ckpt_digest(ck) or ""
+    digest = ck.digest
     panel = [str(g) for g in ck.gene_panel]
-    gene_names = [panel[i] for i in resolve_genes(genes, panel, "the checkpoint")] if genes is not None else None
+    gene_names = [panel[i] for i in resolve_genes(genes, panel, ck.label, checkpoint_path=ck.path)] if genes is not None else None
     genes_requested = "all" if gene_names is None else ",".join(gene_names)
 
     ordered = shard(items, 0, 1)
@@ -295,10 +295,10 @@ def _dist_from_env(device: str):
         return None
     import torch
 
-    from .training import _init_dist
+    from .distributed import init_dist
 
     want_cuda = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
-    return _init_dist(torch.device("cuda") if want_cuda else torch.device("cpu"))
+    return init_dist(torch.device("cuda") if want_cuda else torch.device("cpu"))
 
 
 __all__ = ["predict_cohort", "CohortResult", "shard", "stale_reason", "read_summary", "csv_path_for"]

@@ -89,7 +89,7 @@ def provenance_lines(adata: "anndata.AnnData") -> list[str]:
     mpp = _mpp(prov)
     ckpt = str(prov.get("checkpoint") or "")
     digest = str(prov.get("checkpoint_digest") or "")
-    name = Path(ckpt).name if ckpt else "unknown"
+    name = str(prov.get("checkpoint_name") or (Path(ckpt).name if ckpt else "unknown"))
     target = f"{Default.TARGET_SUM:.0f}"
     lines = [
         f"napari-comtip prediction of {sample.get('name', '?')} ({sample.get('format', '?')})",

@@ -7,12 +7,14 @@ Import the public API from here::
 
 from __future__ import annotations
 
+from .bundled import bundled_names, default_checkpoint_path, resolve_checkpoint
+from .catalogue import checkpoint_info, list_bundled
 from .checkpoint import (
     FORMAT_VERSION,
     Bank,
-    LoadedCheckpoint,
+    Checkpoint,
+    StoredProbe,
     checkpoint_digest,
-    default_checkpoint_path,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -20,25 +22,30 @@ from .checkpoint import (
 from .comtip import CoMTIP, clip_loss
 from .config import MODEL_VERSION, PRESETS, ComtipConfig, get_preset
 from .factory import build_model, embed_gene_names
-from .text import permute_values, sample_gene_subsets
+from .sentences import permute_values, sample_gene_subsets
 
 __all__ = [
     "FORMAT_VERSION",
     "MODEL_VERSION",
     "PRESETS",
     "Bank",
+    "Checkpoint",
     "CoMTIP",
     "ComtipConfig",
-    "LoadedCheckpoint",
+    "StoredProbe",
     "build_model",
+    "bundled_names",
     "checkpoint_digest",
+    "checkpoint_info",
     "clip_loss",
     "default_checkpoint_path",
     "embed_gene_names",
     "get_preset",
+    "list_bundled",
     "load_checkpoint",
     "permute_values",
     "read_checkpoint",
+    "resolve_checkpoint",
     "sample_gene_subsets",
     "save_checkpoint",
 ]

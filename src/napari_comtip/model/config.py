@@ -154,7 +154,7 @@ class ComtipConfig:
         """Build a config from a (possibly partial) dict; unknown keys raise ConfigError."""
         cfg = cls()
         if d:
-            _update(cfg, d, prefix="")
+            apply_mapping(cfg, d, prefix="")
         cfg.validate()
         return cfg
 
@@ -168,7 +168,7 @@ class ComtipConfig:
             for p in parts[:-1]:
                 cur = cur.setdefault(p, {})
             cur[parts[-1]] = value
-            _update(new, nested, prefix="")
+            apply_mapping(new, nested, prefix="")
         new.validate()
         return new
 
@@ -242,7 +242,11 @@ def _to_primitive(obj: Any) -> Any:
     return obj
 
 
-def _update(target: Any, d: dict[str, Any], prefix: str) -> None:
+def apply_mapping(target: Any, d: dict[str, Any], prefix: str = "") -> None:
+    """Set the fields of the dataclass ``target`` from ``d`` (nested dataclasses recursively), each
+    value coerced to its field's type ('0.5' -> 0.5, 'yes' -> True, 'abc' for an int refused);
+    ``prefix`` names the section in messages. The one coercion rule of every config section
+    (the model here, ``data``/``training`` in ``engine/run_config.py``)."""
     if not isinstance(d, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(target)}
@@ -253,7 +257,7 @@ def _update(target: Any, d: dict[str, Any], prefix: str) -> None:
             raise ConfigError(f"unknown config key {full!r}", hint=f"known keys here: {known}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
-            _update(current, value, prefix=f"{full}.")
+            apply_mapping(current, value, prefix=f"{full}.")
         elif key == "freeze":
             setattr(target, key, _coerce_freeze(full, value))
         elif key == "overrides":
