@@ -260,11 +260,26 @@ def test_predict_to_file_writes_h5ad_and_csv(tmp_path, visium, ckpt, panel):
     np.testing.assert_array_equal(back.X, ad.X)
     np.testing.assert_array_equal(back.obsm[Key.SPATIAL], visium.centers_xy())
     assert back.uns[Key.PROVENANCE]["checkpoint_digest"] == ad.uns[Key.PROVENANCE]["checkpoint_digest"]
-    table = pd.read_csv(csv)
-    assert list(table.columns[:3]) == ["spot_id", "x", "y"] and list(table.columns[3:]) == panel
+    head = [ln for ln in csv.read_text().splitlines() if ln.startswith("#")]
+    assert any("log1p(counts / library size x 10000)" in ln for ln in head) and all("," not in ln for ln in head)
+    table = pd.read_csv(csv, comment="#")
+    assert list(table.columns[:5]) == ["spot_id", "x_px", "y_px", "x_um", "y_um"] and list(table.columns[5:]) == panel
     assert table["spot_id"].tolist() == visium.spot_ids
-    np.testing.assert_allclose(table[panel].to_numpy(), ad.X, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(table[["x_px", "y_px"]].to_numpy(), visium.centers_xy(), atol=0.005)
+    np.testing.assert_allclose(table["x_um"], np.round(table["x_px"] * visium.mpp, 1), atol=0.051)
+    np.testing.assert_allclose(table[panel].to_numpy(), ad.X, atol=5.1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.csv", "pred.h5ad"]
+
+
+def test_bare_slide_grid_pitch_in_provenance_and_csv(tmp_path, demo, ckpt):
+    from napari_comtip.io import load_sample
+
+    bare = load_sample(demo.provenance["image"], pitch_um=300, mpp=demo.mpp)
+    out, csv = tmp_path / "bare.h5ad", tmp_path / "bare.csv"
+    predict_to_file(bare, out, checkpoint=ckpt, device="cpu", mode="retrieval", csv=csv)
+    grid = anndata.read_h5ad(out).uns[Key.PROVENANCE]["sample"]["grid"]
+    assert grid["pitch_um"] == 300 and grid["pitch_px"] == pytest.approx(300 / demo.mpp)
+    assert "# bare-slide grid: pitch 300 um (spot diameter 165 um)" in csv.read_text().splitlines()
 
 
 def test_existing_output_needs_overwrite(tmp_path, visium, ckpt):

@@ -239,6 +239,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--sample", default=None)
     p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
+    p.add_argument("--genes", default=None, help="comma-separated gene symbols or feature ids to score (default: the whole panel)")
     p.add_argument("--reference", default=None)
     p.add_argument("--reference-sample", action="append", default=None)
     p.add_argument("--device", default="auto")
@@ -252,7 +253,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_sample(load_sample(args.data, sample=args.sample), checkpoint=args.checkpoint, mode=args.mode,
                               device=args.device, batch_size=args.batch_size, reference=args.reference,
-                              reference_samples=args.reference_sample, progress=tqdm_progress("encoding"))
+                              reference_samples=args.reference_sample, progress=tqdm_progress("encoding"),
+                              genes=[g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None)
     if args.json:
         print(json.dumps(metrics, default=float))
     else:

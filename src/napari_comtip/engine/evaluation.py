@@ -145,16 +145,18 @@ def evaluate_predictions(pred_adata, true_adata) -> dict[str, Any]:
 
 def evaluate_sample(sample, checkpoint=None, mode: str = "retrieval", *, device: str = "auto",
                     batch_size: int | None = None, reference=None, reference_samples=None,
-                    progress: Progress | None = None, cancel: Cancel | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, cancel: Cancel | None = None,
+                    genes=None) -> dict[str, Any]:
     """Predict ``sample`` through :func:`engine.predict.predict_sample` (the path users run) and
-    score it against the sample's own measured expression."""
+    score it against the sample's own measured expression (``genes``: only these, as ``--genes``
+    of ``predict``; the top-50 sets are then taken among them)."""
     if sample.expression is None:
         raise InputError(f"sample {sample.name!r} has no measured expression to evaluate against",
                          path=sample.provenance.get("source"),
                          hint="evaluate on a dataset with counts (e.g. a her2st section)")
     from .predict import predict_sample
 
-    pred = predict_sample(sample, checkpoint=checkpoint, mode=mode, device=device, batch_size=batch_size,
+    pred = predict_sample(sample, checkpoint=checkpoint, mode=mode, genes=genes, device=device, batch_size=batch_size,
                           reference=reference, reference_samples=reference_samples,
                           progress=progress, cancel=cancel)
     out = evaluate_predictions(pred, sample.expression)

@@ -270,6 +270,11 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
     from .run_config import load_run_config
 
     out = Path(out)
+    from ..io.writers import check_writable
+
+    check_writable(out, what="benchmark folder", create=True)  # before any training (nothing made yet)
+    if results_md:
+        check_writable(Path(results_md).expanduser().parent, what="folder of --results-md")
     out.mkdir(parents=True, exist_ok=True)
     cfg = config if config is not None and not isinstance(config, (str, os.PathLike)) else load_run_config(
         config or _default_config_path())

@@ -46,6 +46,8 @@ import pandas as pd
 from ..constants import PREDICT_MODES, Default, Key
 from ..errors import InputError
 from ..progress import Cancel, Progress
+from ..io.export_csv import prediction_table  # noqa: F401 - the CSV table, exported from here too
+from ..io.writers import check_writable
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -475,7 +477,8 @@ def predict_sample(
         "mpp": float(sample.mpp),
         "mpp_source": str(sample.mpp_source),
         "sample": {"name": sample.name, "format": sample.format, "identity": sample.identity,
-                   "source": str(sample.provenance.get("root") or sample.provenance.get("image") or "")},
+                   "source": str(sample.provenance.get("root") or sample.provenance.get("image") or ""),
+                   **({"grid": sample.provenance["grid"]} if "grid" in sample.provenance else {})},
         "inputs": inputs,
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -524,17 +527,8 @@ def check_outputs(out: str | os.PathLike, csv: str | os.PathLike | None = None, 
         csv_path = _check_target(Path(csv), overwrite, guard)
         if csv_path.resolve() == out.resolve():
             raise InputError("--csv and --out name the same file", path=csv_path, hint="give the CSV its own name")
-
-
-def prediction_table(adata: "anndata.AnnData") -> pd.DataFrame:
-    """Spots x genes with ``spot_id``, ``x``, ``y`` first (what ``--csv`` writes)."""
-    xy = np.asarray(adata.obsm[Key.SPATIAL])
-    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    df = pd.DataFrame(X, columns=list(map(str, adata.var_names)))
-    df.insert(0, "y", xy[:, 1])
-    df.insert(0, "x", xy[:, 0])
-    df.insert(0, "spot_id", list(map(str, adata.obs_names)))
-    return df
+        check_writable(csv_path.parent)
+    check_writable(out.parent)  # a real probe file and some free space (io/writers.py)
 
 
 def predict_to_file(
@@ -560,7 +554,7 @@ def predict_to_file(
     ``overwrite`` and an input of the prediction (slide, counts, checkpoint, reference) is never
     a valid output.
     """
-    from ..io.writers import write_csv_atomic, write_h5ad_atomic
+    from ..io.writers import write_prediction
     from ..model.bundled import resolve_checkpoint
     from ..model.checkpoint import Checkpoint
 
@@ -577,9 +571,7 @@ def predict_to_file(
                            batch_size=batch_size, reference=reference, reference_samples=reference_samples,
                            progress=progress, cancel=cancel, embeddings=embeddings, **kwargs)
     prov_inputs = list(adata.uns[Key.PROVENANCE].get("inputs", []))
-    write_h5ad_atomic(adata, out, overwrite=overwrite, protect=prov_inputs)
-    if csv_path is not None:
-        write_csv_atomic(prediction_table(adata), csv_path, overwrite=overwrite, protect=prov_inputs, index=False)
+    write_prediction(adata, out, csv_path, overwrite=overwrite, protect=prov_inputs)  # both or neither
     return adata
 
 

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from ..constants import Default, Key
 from ..errors import InputError
 from .cache import file_identity
-from .expression import make_expression, quiet_duplicate_names
+from .expression import make_expression, quiet_duplicate_names, warn_non_integer
 from .image import is_blank, open_image, to_rgb_uint8
 from .record import SpatialSample, drop_spots_outside, mpp_with_override
 
@@ -75,11 +75,7 @@ def _counts(adata, path: Path, provenance: dict) -> tuple[sp.csr_matrix, list[st
         X, src = adata.X, "X"
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     provenance["counts_from"] = src
-    data = X.data
-    if data.size and data.dtype.kind == "f" and np.isfinite(data).all() and not np.allclose(data, np.round(data)):
-        msg = f"{src} holds non-integer values; they are used as counts as given"
-        warnings.warn(msg, stacklevel=3)
-        provenance.setdefault("warnings", []).append(msg)
+    warn_non_integer(X, path, src, provenance)  # the rule of every reader (io/expression.py)
     var = adata.raw.var if src == "raw.X" else adata.var
     ids = var[Key.GENE_IDS].astype(str).tolist() if Key.GENE_IDS in var.columns else None
     if genes and sum(g.startswith("ENS") for g in genes[:50]) > 25:
