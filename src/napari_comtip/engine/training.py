@@ -183,35 +183,45 @@ def parse_overrides(items: Iterable[str] | None) -> dict:
     return out
 
 
+def _section(d: dict, name: str, path) -> dict:
+    sec = d.get(name) or {}
+    if not isinstance(sec, dict):
+        raise ConfigError(f"section {name!r} must be a mapping", path=path)
+    return sec
+
+
 def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
     """Build a :class:`RunConfig`; unknown keys raise :class:`ConfigError` naming key and file."""
-    from ..model.config import get_preset
+    from ..model.presets import DEFAULT_PRESET, preset_sections
 
     d = dict(d or {})
     for k in d:
         if k not in _TOP_KEYS:
             raise ConfigError(f"unknown config key {k!r}", path=path,
                               hint=f"top-level keys are {', '.join(_TOP_KEYS)}")
-    preset = str(d.get("preset") or "tiny")
-    base = get_preset(preset)
+    preset = str(d.get("preset") or DEFAULT_PRESET)
+    try:
+        base = preset_sections(preset)  # the preset's model, data and training sections (package data)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).rstrip("."), path=path) from None
     model_over = d.get("model") or {}
     if not isinstance(model_over, dict):
         raise ConfigError("section 'model' must be a mapping", path=path)
     try:
         from ..model.config import ComtipConfig
 
-        model_cfg = ComtipConfig.from_dict(_merge(base.to_dict(), model_over))
+        model_cfg = ComtipConfig.from_dict(_merge(base["model"], model_over))
     except ConfigError as exc:
         msg = str(exc).rstrip(".")
         msg = re.sub(r"config key '([^']+)'", r"config key 'model.\1'", msg)
         raise ConfigError(msg, path=path) from None
     data = DataConfig()
-    _apply_section(data, d.get("data") or {}, "data", path)
+    _apply_section(data, _merge(base["data"], _section(d, "data", path)), "data", path)
     if data.sentence_sampler not in ("expressed", "uniform"):
         raise ConfigError(f"data.sentence_sampler must be 'expressed' or 'uniform', got {data.sentence_sampler!r}",
                           path=path)
     training = TrainingConfig()
-    _apply_section(training, d.get("training") or {}, "training", path)
+    _apply_section(training, _merge(base["training"], _section(d, "training", path)), "training", path)
     if training.probe_context not in CONTEXTS:
         raise ConfigError(f"training.probe_context must be one of {', '.join(CONTEXTS)}, got {training.probe_context!r}",
                           path=path)
@@ -226,11 +236,17 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
                      source=None if path is None else str(path))
 
 
-def load_run_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict | None = None) -> RunConfig:
-    """Read a YAML training config (or start from the ``tiny`` preset when ``path`` is None)."""
+def load_run_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict | None = None, *,
+                    preset: str | None = None) -> RunConfig:
+    """Read a YAML training config, or take the named ``preset`` (the ``tiny`` one when neither is given)."""
     import yaml
 
     d: dict = {}
+    if preset is not None:
+        if path is not None:
+            raise ConfigError("give --preset or --config, not both",
+                              hint=f"a config file starts from a preset with a line 'preset: {preset}'")
+        d = {"preset": str(preset)}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -245,7 +261,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: Iterable[str] | d
             raise ConfigError("a config file must be a YAML mapping", path=p)
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     # an error names its real source: the file (or preset) when it is bad alone, else --set
-    source = path if path is not None else f"preset {d.get('preset') or 'tiny'}"
+    source = path if path is not None else ("--preset" if preset is not None else "the default preset")
     if not over:
         cfg = run_config_from_dict(d, path=source)
     else:
@@ -974,7 +990,7 @@ def pretrain_from_args(args: argparse.Namespace) -> int:
         sets.append(f"training.epochs={args.epochs}")
     if getattr(args, "seed", None) is not None:
         sets.append(f"training.seed={args.seed}")
-    cfg = load_run_config(args.config, sets)
+    cfg = load_run_config(getattr(args, "config", None), sets, preset=getattr(args, "preset", None))
     check_out_dir(Path(args.out), args.resume, args.overwrite)
     specs = resolve_data_specs(args.data, args.sample)
     bar = TqdmCallback() if int(os.environ.get("RANK", "0")) == 0 else None

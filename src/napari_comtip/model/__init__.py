@@ -18,8 +18,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .comtip import CoMTIP, clip_loss
-from .config import MODEL_VERSION, PRESETS, ComtipConfig, get_preset
+from .config import MODEL_VERSION, ComtipConfig
 from .factory import build_model, embed_gene_names
+from .presets import PRESETS, describe_presets, get_preset, preset_names
 from .text import permute_values, sample_gene_subsets
 
 __all__ = [
@@ -34,10 +35,12 @@ __all__ = [
     "checkpoint_digest",
     "clip_loss",
     "default_checkpoint_path",
+    "describe_presets",
     "embed_gene_names",
     "get_preset",
     "load_checkpoint",
     "permute_values",
+    "preset_names",
     "read_checkpoint",
     "sample_gene_subsets",
     "save_checkpoint",
