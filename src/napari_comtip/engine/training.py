@@ -86,6 +86,8 @@ class TrainingConfig:
     probe_alpha: float = 0.0  # ridge penalty of the stored probe; 0 = choose by leave-one-out on the training spots
     probe_context: str = Default.PROBE_CONTEXT  # the probe's input (engine/context.py): none, section, neighbours
     emb_std_every: int = 1  # compute img_emb_std every N steps (it costs no extra forward pass)
+    feature_cache: bool = True  # a fixed ViT (model.vision.freeze: true): its features once per patch view (engine/feature_cache.py)
+    feature_views: int = 4  # augmented views per patch with the feature cache; epoch e uses view e mod this
     fp16_final: bool = True  # store model.pt weights in fp16
 
     def to_dict(self) -> dict[str, Any]:
@@ -495,13 +497,13 @@ class _StepModule(torch.nn.Module):
         if self.training:
             self._captured.append(out.detach())
 
-    def forward(self, images, gene_idx, values, mask, extra_images=None):
+    def forward(self, images, gene_idx, values, mask, extra_images=None, pooled: bool = False):
         self._captured.clear()
-        out = dict(self.model(images, gene_idx, values, mask))
+        out = dict(self.model(images, gene_idx, values, mask, pooled=pooled))
         if self._captured:
             out["img_emb"] = torch.nn.functional.normalize(self._captured[0].float(), dim=-1)
         self._captured.clear()
-        if extra_images is not None and extra_images.shape[0] > 0 and self.w_mfm > 0:
+        if extra_images is not None and extra_images.shape[0] > 0 and self.w_mfm > 0 and self.model.vision.generator is not None:
             vision = self.model.vision
             with torch.no_grad():
                 full = vision.forward_tokens(extra_images)
@@ -539,8 +541,9 @@ class _BatchSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, ts: TrainingSet, cfg: "RunConfig", epoch: int, steps_per_epoch: int, dist: _Dist,
-                 augment: Augment):
+                 augment: Augment, pixels: bool = True):
         self.ts, self.cfg, self.epoch, self.spe, self.dist, self.aug = ts, cfg, epoch, steps_per_epoch, dist, augment
+        self.pixels = pixels  # False (feature cache): item 0 is the spot indices, the cache has the images
         seed = cfg.training.seed
         perm = torch.randperm(ts.n_spots, generator=_gen(_step_seed(seed, epoch, 0, 1)))
         self.order = perm[dist.rank::dist.world]  # this rank's share of the epoch
@@ -554,9 +557,12 @@ class _BatchSet(torch.utils.data.Dataset):
         idx = self.order[i * B:(i + 1) * B].numpy()
         idx_sorted = np.sort(idx)
         g = _gen(_step_seed(self.cfg.training.seed, step, self.dist.rank, 2))
-        pos = {v: k for k, v in enumerate(idx_sorted)}
-        patches = np.asarray(self.ts.patches[idx_sorted])[[pos[v] for v in idx]]
-        imgs = self.aug(torch.from_numpy(patches), g)
+        if self.pixels:
+            pos = {v: k for k, v in enumerate(idx_sorted)}
+            patches = np.asarray(self.ts.patches[idx_sorted])[[pos[v] for v in idx]]
+            imgs = self.aug(torch.from_numpy(patches), g)
+        else:
+            imgs = torch.from_numpy(idx.astype(np.int64))
         expr = torch.from_numpy(np.asarray(self.ts.expr[idx]))
         if self.cfg.model.text.value_transform == "spot_rank":
             expr = spot_rank(expr)
@@ -571,7 +577,7 @@ class _BatchSet(torch.utils.data.Dataset):
             values = torch.cat([values, torch.from_numpy(self.ts.library_z[idx]).to(values.dtype).view(n, 1)], 1)
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], 1)
         extra = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
-        if self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
+        if self.pixels and self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
             u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
             us = np.sort(u)
             extra = self.aug(torch.from_numpy(np.asarray(self.ts.unlabelled[us])), g)
@@ -835,6 +841,9 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
         _init_metrics(out / METRICS_FILE, keep_until=step if state is not None else None)
     augment = Augment(cfg.data)
     last_good = list_checkpoints(out)[-1][1] if list_checkpoints(out) else None
+    from .feature_cache import open_feature_cache  # a fixed ViT: its features once per patch view
+
+    fcache = open_feature_cache(model, ts, cfg, dev, use_bf16=use_bf16)
 
     def save_state(at_step: int, epoch: int) -> Path | None:
         nonlocal last_good
@@ -862,20 +871,23 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
     while step < total and not stopped:
         epoch = step // spe
         start_i = step - epoch * spe
-        ds = _BatchSet(ts, cfg, epoch, spe, dist, augment)
+        ds = _BatchSet(ts, cfg, epoch, spe, dist, augment, pixels=fcache is None)
         sampler = range(start_i, min(spe, start_i + (total - step)))
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, sampler=sampler, num_workers=tc.num_workers,
             pin_memory=dev.type == "cuda", persistent_workers=False)
         for imgs, gene_idx, values, mask, extra in loader:
             ts0 = time.time()
-            imgs = imgs.to(dev, non_blocking=True)
-            x = model.preprocess(imgs)
-            xe = model.preprocess(extra.to(dev, non_blocking=True)) if extra.shape[0] else None
+            if fcache is not None:  # imgs are spot indices: cached pooled features of their view
+                x, xe = fcache.features(imgs.numpy(), epoch), None
+            else:
+                imgs = imgs.to(dev, non_blocking=True)
+                x = model.preprocess(imgs)
+                xe = model.preprocess(extra.to(dev, non_blocking=True)) if extra.shape[0] else None
             gene_idx, values, mask = gene_idx.to(dev), values.to(dev), mask.to(dev)
             torch.manual_seed(_step_seed(tc.seed, step, dist.rank, 3))  # model-internal randomness
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outd = train_mod(x, gene_idx, values, mask, xe)
+                outd = train_mod(x, gene_idx, values, mask, xe, pooled=fcache is not None)
             loss = outd["loss"]
             bad = not bool(torch.isfinite(loss.detach()).item())
             if dist.any_true(bad):
@@ -924,6 +936,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
             "elapsed_s": elapsed0 + time.time() - t0, "world_size": dist.world, "device": str(dev),
             "run_config": cfg.to_dict(), "panel_rule": panel_rule_text(cfg.data),
             "selection_rule": "final weights after the fixed step budget",
+            "feature_cache": fcache.stats() if fcache is not None else None,
         }
         _save_final(final, model, cfg, panel, extras, fp16=tc.fp16_final)
         for cb in callbacks:
