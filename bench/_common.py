@@ -68,7 +68,7 @@ def model_config(name: str):
     from napari_comtip.model import get_preset
 
     if name == "recipe":
-        from napari_comtip.engine.training import load_run_config
+        from napari_comtip.engine.run_config import load_run_config
 
         cfg = load_run_config(REPO / "training" / "configs" / "tiny.yaml").model
     else:

@@ -53,7 +53,9 @@ def main(argv=None) -> int:
                    help="her2st-style data set (default: ../shared/data/her2st)")
     p.add_argument("--samples", default=None, help=f"comma-separated sections (default {','.join(SECTIONS)}; quick: 3)")
     p.add_argument("--repeats", type=int, default=None, help="runs of each (default 2; quick 1)")
-    p.add_argument("--mode", default="probe", help="predictor (default probe)")
+    from napari_comtip.constants import PREDICT_MODES
+
+    p.add_argument("--mode", default="probe", choices=PREDICT_MODES, help="predictor (default probe)")
     args = p.parse_args(argv)
     samples = args.samples.split(",") if args.samples else list(SECTIONS[1:] if args.quick else SECTIONS)
     repeats = args.repeats or (1 if args.quick else 2)

@@ -56,7 +56,9 @@ def main(argv=None) -> int:
 
     from napari_comtip.engine.data import build_training_set
     from napari_comtip.engine.device import resolve_device
-    from napari_comtip.engine.training import load_run_config, pretrain, read_metrics
+    from napari_comtip.engine.run_config import load_run_config
+    from napari_comtip.engine.run_folder import read_metrics
+    from napari_comtip.engine.training import pretrain
     from napari_comtip.io import load_sample
     from napari_comtip.model import build_model
 
@@ -99,12 +101,12 @@ def main(argv=None) -> int:
     spe = max(1, ts.n_spots // B)
     batches = []
     try:
-        from napari_comtip.engine.data import Augment
-        from napari_comtip.engine.training import _BatchSet, _Dist
+        from napari_comtip.engine.batches import Augment, BatchSet
+        from napari_comtip.engine.distributed import Dist
 
         like.training.batch_size = B
         for k in range(warm + steps):
-            imgs, gi, v, m, _ = _BatchSet(ts, like, k // spe, spe, _Dist(), Augment(like.data))[k % spe]
+            imgs, gi, v, m, _ = BatchSet(ts, like, k // spe, spe, Dist(), Augment(like.data))[k % spe]
             batches.append((model.preprocess(imgs.to(dev)), gi.to(dev), v.to(dev), m.to(dev)))
         source = "the trainer's own batches"
     except (ImportError, TypeError, AttributeError):
@@ -174,7 +176,9 @@ def frozen(args, threads: int) -> int:
 
     from napari_comtip.engine.data import build_training_set
     from napari_comtip.engine.device import resolve_device
-    from napari_comtip.engine.training import pretrain, read_metrics, run_config_from_dict
+    from napari_comtip.engine.run_config import run_config_from_dict
+    from napari_comtip.engine.run_folder import read_metrics
+    from napari_comtip.engine.training import pretrain
     from napari_comtip.io import load_sample
 
     dev = resolve_device(args.device)

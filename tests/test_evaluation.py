@@ -73,3 +73,21 @@ def test_evaluate_predictions_refuses_disjoint_spots():
     b = _adata(np.ones((3, 2)), ["x", "y", "z"], ["G1", "G2"])
     with pytest.raises(InputError, match="spot ids"):
         evaluate_predictions(a, b)
+
+
+def test_widget_r_is_the_evaluate_r_of_that_gene():
+    """One Pearson function: the widget's r of a gene (pearson_r) equals comtip evaluate's per-gene PCC."""
+    from napari_comtip.engine.evaluation import pearson_r
+
+    rng = np.random.default_rng(3)
+    true = rng.gamma(1.0, 1.0, size=(40, 5))
+    pred = true + rng.normal(0, 0.8, size=true.shape)
+    r = gene_pcc(pred, true)
+    for j in range(true.shape[1]):
+        assert pearson_r(pred[:, j], true[:, j]) == pytest.approx(r[j], abs=1e-12)
+    # a spot missing from one side (NaN) is left out, like a spot the prediction does not share
+    p, t = pred[:, 0].copy(), true[:, 0].copy()
+    p[3] = np.nan
+    keep = np.arange(40) != 3
+    assert pearson_r(p, t) == pytest.approx(gene_pcc(pred[keep, :1], true[keep, :1])[0], abs=1e-12)
+    assert np.isnan(pearson_r(np.ones(40), t))

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from napari_comtip.engine import training as T
-from napari_comtip.engine.data import Augment, build_training_set
+from napari_comtip.engine.batches import Augment
+from napari_comtip.engine.data import build_training_set
+from napari_comtip.engine.run_config import run_config_from_dict
+from napari_comtip.engine.run_folder import read_metrics
 from napari_comtip.engine.feature_cache import FeatureCache, open_feature_cache, view_images
 from napari_comtip.io import load_sample
 from napari_comtip.model import build_model
@@ -23,7 +26,7 @@ NO_AUG = {"flips": False, "rot90": False, "hed_sigma": 0.0, "hed_bias": 0.0, "br
 
 
 def _run_cfg(**training):
-    return T.run_config_from_dict({
+    return run_config_from_dict({
         "preset": "micro", "model": {"w_mfm": 0.0, "vision": VISION},
         "data": {"n_hvg": 40, "n_mean": 10, "unlabelled": False},
         "training": {"epochs": 2, "batch_size": 16, "checkpoint_every": 1000, "warmup_steps": 1, "threads": 1,
@@ -112,10 +115,10 @@ def test_training_through_the_cache_matches_running_the_vit(setup, tmp_path):
                       "fp16_final": False, "bank": False, "probe": False, "feature_views": 1}}
     runs = {}
     for cached in (True, False):
-        cfg = T.run_config_from_dict({**d, "training": {**d["training"], "feature_cache": cached}})
+        cfg = run_config_from_dict({**d, "training": {**d["training"], "feature_cache": cached}})
         final = T.pretrain(cfg, [], tmp_path / f"run-{cached}", training_set=ts, device="cpu")
         ck = torch.load(final, map_location="cpu", weights_only=True)
-        runs[cached] = (T.read_metrics(tmp_path / f"run-{cached}" / "metrics.csv"), ck)
+        runs[cached] = (read_metrics(tmp_path / f"run-{cached}" / "metrics.csv"), ck)
     (m_c, ck_c), (m_v, ck_v) = runs[True], runs[False]
     assert len(m_c) == len(m_v) >= 4
     np.testing.assert_allclose([r["loss"] for r in m_c], [r["loss"] for r in m_v], rtol=1e-4, atol=1e-5)

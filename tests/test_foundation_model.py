@@ -15,10 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 from napari_comtip.engine import training as T
+from napari_comtip.engine import run_config as RC
 from napari_comtip.errors import ConfigError
 from napari_comtip.model import build_model
 from napari_comtip.model.checkpoint import load_checkpoint, save_checkpoint
-from napari_comtip.model.config import ComtipConfig, get_preset
+from napari_comtip.model.config import ComtipConfig
+from napari_comtip.model.presets import get_preset
 from napari_comtip.model.foundation import apply_freeze, hub_settings, load_vision_weights
 from napari_comtip.model.vision import create_vit
 
@@ -152,7 +154,7 @@ def test_frozen_backbone_is_bit_identical_after_training(tmp_path):
            "data": {"n_hvg": 40, "n_mean": 10, "unlabelled_per_sample": 0},
            "training": {"epochs": 1, "batch_size": 16, "checkpoint_every": 100, "warmup_steps": 1, "threads": 1,
                         "probe_alpha": 0, "fp16_final": False, "bank": False, "probe": False}}
-    cfg = T.run_config_from_dict(run)
+    cfg = RC.run_config_from_dict(run)
     ts = build_training_set([load_sample("@demo")], cfg.data, patch_um=cfg.model.patch_um, img_size=32)
     final = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
     state = torch.load(final, map_location="cpu", weights_only=True)["state_dict"]

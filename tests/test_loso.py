@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_comtip.engine.baselines import RidgeFloor, colour_texture_features
-from napari_comtip.engine.loso import ARMS, arm_overrides
+from napari_comtip.engine.loso_arms import ARMS, arm_overrides
 from napari_comtip.engine.loso_table import BEGIN, END, markers, results_markdown, write_results_md
 from napari_comtip.errors import ConfigError
 
@@ -25,7 +25,7 @@ def test_ridge_floor_recovers_a_linear_map_and_picks_alpha_by_loo():
 
 
 def test_colour_texture_features_on_real_patches():
-    from napari_comtip.engine.data import read_patches
+    from napari_comtip.engine.patch_cache import read_patches
     from napari_comtip.io import load_sample
 
     s = load_sample("@demo")
@@ -92,13 +92,22 @@ def test_arms_cover_the_ablation_grid():
         arm_overrides("bogus")
 
 
+def test_benchmark_scores_every_user_predictor():
+    """The benchmark's predictors include each one a user can choose (one list: constants.PREDICT_MODES)."""
+    from napari_comtip.constants import PREDICT_MODES
+    from napari_comtip.engine.loso_arms import LEARNED_MODES, MODE_ORDER
+
+    assert set(PREDICT_MODES) <= set(LEARNED_MODES) <= set(MODE_ORDER)
+
+
 @pytest.mark.slow
 def test_loso_runs_every_control_on_real_sections_and_reevaluates(her2st_dir, tmp_path):
     """Two real her2st sections, the micro preset for 2 steps: the floor (own features and in
     context), the untrained control and a learned arm with every predictor; a re-evaluation scores
     the stored checkpoints again without training."""
-    from napari_comtip.engine.loso import LEARNED_MODES, run_loso
-    from napari_comtip.engine.training import run_config_from_dict
+    from napari_comtip.engine.loso import run_loso
+    from napari_comtip.engine.loso_arms import LEARNED_MODES
+    from napari_comtip.engine.run_config import run_config_from_dict
 
     cfg = run_config_from_dict({"preset": "micro", "data": {"n_hvg": 40, "n_mean": 10, "unlabelled": False},
                                 "training": {"epochs": 1, "batch_size": 16, "threads": 1}})

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from napari_comtip.cli import main
-from napari_comtip.engine.training import load_run_config
+from napari_comtip.engine.run_config import load_run_config
 from napari_comtip.errors import ConfigError
 from napari_comtip.model import PRESETS, describe_presets, get_preset, preset_names
 from napari_comtip.model.presets import preset_sections

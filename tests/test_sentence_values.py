@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from napari_comtip.engine import training as T
-from napari_comtip.engine.data import DataConfig, build_training_set
+from napari_comtip.engine import run_config as RC
+from napari_comtip.engine.data import build_training_set
+from napari_comtip.engine.run_config import DataConfig
 from napari_comtip.engine.predictors import zero_shot
 from napari_comtip.errors import ConfigError
-from napari_comtip.model.config import get_preset
+from napari_comtip.model.presets import get_preset
 from napari_comtip.model.factory import build_model
 
 
@@ -53,7 +55,7 @@ def test_training_with_the_token_then_zero_shot(tmp_path):
     assert ts.library_z.shape == (ts.n_spots,) and abs(float(ts.library_z.mean())) < 1e-4
     lib = np.log1p(np.asarray(s.expression.X.sum(1)).ravel())
     assert np.corrcoef(ts.library_z, lib)[0, 1] == pytest.approx(1.0)
-    cfg = T.run_config_from_dict({"preset": "micro", "model": {"text": {"library_token": True}},
+    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": {"library_token": True}},
                                   "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
                                   "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
     path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
@@ -65,7 +67,7 @@ def test_training_with_the_token_then_zero_shot(tmp_path):
 
 
 def test_spot_rank_is_a_within_spot_mid_rank():
-    from napari_comtip.model.text import spot_rank
+    from napari_comtip.model.sentences import spot_rank
 
     x = torch.tensor([[0.0, 3.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0], [0.0] * 5])
     r = spot_rank(x)
@@ -82,7 +84,7 @@ def test_spot_rank_training_calibrates_zero_shot_to_lognorm(tmp_path):
 
     s = load_sample("@demo")
     ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
-    cfg = T.run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": "spot_rank"}},
+    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": "spot_rank"}},
                                   "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
                                   "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
     path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")

@@ -16,7 +16,11 @@ import torch
 
 from napari_comtip.constants import Key
 from napari_comtip.engine import training as T
-from napari_comtip.engine.data import DataConfig, build_training_set, select_gene_panel
+from napari_comtip.engine import run_config as RC
+from napari_comtip.engine import run_folder as RF
+from napari_comtip.engine import bank_probe as BP
+from napari_comtip.engine.data import build_training_set, select_gene_panel
+from napari_comtip.engine.run_config import DataConfig
 from napari_comtip.errors import ConfigError, InputError, TrainingError
 
 MICRO = {
@@ -42,31 +46,31 @@ def test_config_unknown_key_names_key_and_file(tmp_path):
           lerning_rate: 0.1
     """)
     with pytest.raises(ConfigError) as e:
-        T.load_run_config(p)
+        RC.load_run_config(p)
     assert "training.lerning_rate" in str(e.value) and str(p) in str(e.value)
     p2 = _write(tmp_path, "model:\n  vision:\n    imgsize: 64\n", "m.yaml")
     with pytest.raises(ConfigError, match=r"model\.vision\.imgsize") as e2:
-        T.load_run_config(p2)
+        RC.load_run_config(p2)
     assert str(p2) in str(e2.value)
     p3 = _write(tmp_path, "trainign: {}\n", "t.yaml")
     with pytest.raises(ConfigError, match="trainign"):
-        T.load_run_config(p3)
+        RC.load_run_config(p3)
 
 
 def test_config_overrides_and_bad_values(tmp_path):
     p = _write(tmp_path, "preset: micro\ntraining:\n  epochs: 2\n")
-    cfg = T.load_run_config(p, ["training.lr=1e-3", "model.vision.img_size=48", "data.unlabelled=false"])
+    cfg = RC.load_run_config(p, ["training.lr=1e-3", "model.vision.img_size=48", "data.unlabelled=false"])
     assert cfg.training.lr == pytest.approx(1e-3) and cfg.training.epochs == 2
     assert cfg.model.vision.img_size == 48 and cfg.data.unlabelled is False
     assert cfg.model.text.width == 64  # the rest of the micro preset is kept
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        T.load_run_config(p, ["training.lr"])
+        RC.load_run_config(p, ["training.lr"])
     with pytest.raises(ConfigError, match="training.epochs"):
-        T.load_run_config(p, ["training.epochs=abc"])
+        RC.load_run_config(p, ["training.epochs=abc"])
     with pytest.raises(ConfigError, match="not valid YAML"):
-        T.load_run_config(_write(tmp_path, "training: [1,\n", "bad.yaml"))
+        RC.load_run_config(_write(tmp_path, "training: [1,\n", "bad.yaml"))
     with pytest.raises(ConfigError, match="not found"):
-        T.load_run_config(tmp_path / "missing.yaml")
+        RC.load_run_config(tmp_path / "missing.yaml")
 
 
 def test_shipped_configs_load():
@@ -76,7 +80,7 @@ def test_shipped_configs_load():
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert {"tiny.yaml", "base.yaml", "multi_gpu.yaml", "loso.yaml"} <= set(names)
     for n in names:
-        T.load_run_config(root / n)
+        RC.load_run_config(root / n)
 
 
 # --------------------------------------------------------------------------- panel rule
@@ -118,7 +122,7 @@ def demo_set():
     from napari_comtip.io import load_sample
 
     sample = load_sample("@demo")
-    cfg = T.run_config_from_dict(MICRO)
+    cfg = RC.run_config_from_dict(MICRO)
     ts = build_training_set([sample], cfg.data, patch_um=cfg.model.patch_um, img_size=cfg.model.vision.img_size)
     return ts
 
@@ -137,11 +141,11 @@ class _Crash(T.Callback):
 
 
 def test_resume_after_kill_gives_the_same_weights(demo_set, tmp_path):
-    cfg = T.run_config_from_dict(MICRO)
+    cfg = RC.run_config_from_dict(MICRO)
     full = T.pretrain(cfg, [], tmp_path / "full", max_steps=6, training_set=demo_set, device="cpu")
     with pytest.raises(RuntimeError, match="killed"):
         T.pretrain(cfg, [], tmp_path / "cut", max_steps=6, training_set=demo_set, device="cpu", callbacks=[_Crash(5)])
-    assert [s for s, _ in T.list_checkpoints(tmp_path / "cut")] == [3]
+    assert [s for s, _ in RF.list_checkpoints(tmp_path / "cut")] == [3]
     resumed = T.pretrain(cfg, [], tmp_path / "cut", max_steps=6, training_set=demo_set, device="cpu", resume=True)
     a = _state(tmp_path / "full" / "checkpoints" / "step-0000006.pt")
     b = _state(tmp_path / "cut" / "checkpoints" / "step-0000006.pt")
@@ -150,10 +154,10 @@ def test_resume_after_kill_gives_the_same_weights(demo_set, tmp_path):
     for k, v in _state(full)["state_dict"].items():
         assert torch.equal(v, _state(resumed)["state_dict"][k]), k
     # metrics.csv of the resumed run has each step once, in order, with the stable columns
-    rows = T.read_metrics(tmp_path / "cut" / "metrics.csv")
+    rows = RF.read_metrics(tmp_path / "cut" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert list(rows[0])[: len(T.METRIC_COLUMNS)] == list(T.METRIC_COLUMNS)
-    full_rows = T.read_metrics(tmp_path / "full" / "metrics.csv")
+    assert list(rows[0])[: len(RF.METRIC_COLUMNS)] == list(RF.METRIC_COLUMNS)
+    full_rows = RF.read_metrics(tmp_path / "full" / "metrics.csv")
     assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
     assert all(np.isfinite(r["img_emb_std"]) and r["img_emb_std"] > 0 for r in rows)
     # the final model carries its bank and a fitted probe, and loads through the model layer
@@ -171,11 +175,11 @@ def test_refit_probe_replaces_only_the_probe(demo_set, tmp_path):
     from napari_comtip.io import load_sample
     from napari_comtip.model.checkpoint import load_checkpoint
 
-    cfg = T.run_config_from_dict({**MICRO, "training": {**MICRO["training"], "probe_alpha": 5000.0}})
+    cfg = RC.run_config_from_dict({**MICRO, "training": {**MICRO["training"], "probe_alpha": 5000.0}})
     path = T.pretrain(cfg, [], tmp_path / "run", max_steps=2, training_set=demo_set, device="cpu")
     before = _state(path)
     assert before["probe"]["alpha"] == 5000.0 and before["probe"]["alpha_rule"] == "given"
-    res = T.refit_probe(path, [load_sample("@demo")], device="cpu", note={"why": "test"})
+    res = BP.refit_probe(path, [load_sample("@demo")], device="cpu", note={"why": "test"})
     after = _state(path)
     # the default context (neighbours) chooses the penalty over spatial blocks; "none" by leave-one-out
     assert after["probe"]["alpha_rule"] == "4 spatial blocks per section" and after["probe"]["alpha"] == res["alpha"]
@@ -188,16 +192,16 @@ def test_refit_probe_replaces_only_the_probe(demo_set, tmp_path):
     upd = after["provenance"]["updates"][-1]
     assert upd["what"] == "probe re-fitted" and upd["why"] == "test" and upd["samples"] == ["C2"]
     assert load_checkpoint(path).probe["alpha"] == res["alpha"]
-    T.refit_probe(path, [load_sample("@demo")], device="cpu", context="none")
+    BP.refit_probe(path, [load_sample("@demo")], device="cpu", context="none")
     assert _state(path)["probe"]["alpha_rule"] == "leave-one-out" and _state(path)["probe"]["context"] == "none"
 
 
 def test_nan_loss_stops_with_training_error_and_keeps_last_checkpoint(demo_set, tmp_path):
-    cfg = T.run_config_from_dict({**MICRO, "training": {**MICRO["training"], "lr": 1e9, "warmup_steps": 0,
+    cfg = RC.run_config_from_dict({**MICRO, "training": {**MICRO["training"], "lr": 1e9, "warmup_steps": 0,
                                                        "checkpoint_every": 1, "grad_clip": 0}})
     with pytest.raises(TrainingError, match="loss became") as e:
         T.pretrain(cfg, [], tmp_path / "nan", max_steps=11, training_set=demo_set, device="cpu")
-    ckpts = T.list_checkpoints(tmp_path / "nan")
+    ckpts = RF.list_checkpoints(tmp_path / "nan")
     assert ckpts, "the last good checkpoint must be kept"
     assert str(ckpts[-1][1]) in str(e.value)
     state = _state(ckpts[-1][1])
@@ -206,7 +210,7 @@ def test_nan_loss_stops_with_training_error_and_keeps_last_checkpoint(demo_set, 
 
 
 def test_refuses_existing_run_folder_and_bad_resume(demo_set, tmp_path):
-    cfg = T.run_config_from_dict(MICRO)
+    cfg = RC.run_config_from_dict(MICRO)
     out = tmp_path / "run"
     T.pretrain(cfg, [], out, max_steps=1, training_set=demo_set, device="cpu")
     (out / "notes.txt").write_text("user file")
@@ -216,7 +220,7 @@ def test_refuses_existing_run_folder_and_bad_resume(demo_set, tmp_path):
         T.pretrain(cfg, [], tmp_path / "empty", resume=True, training_set=demo_set, device="cpu")
     T.pretrain(cfg, [], out, max_steps=1, training_set=demo_set, device="cpu", overwrite=True)
     assert (out / "notes.txt").read_text() == "user file"  # --overwrite removes only run files
-    assert len(T.read_metrics(out / "metrics.csv")) == 1
+    assert len(RF.read_metrics(out / "metrics.csv")) == 1
 
 
 def test_cli_refuses_existing_run_folder_before_loading_data(tmp_path, capsys):
@@ -261,9 +265,9 @@ def test_end_to_end_pretrain_and_evaluate_on_real_her2st(her2st_dir, tmp_path, c
     rc = main(["pretrain", "--config", str(cfg), "--data", str(her2st_dir), "--sample", "C3", "--sample", "C4",
                "--out", str(out), "--max-steps", "6", "--device", "cpu"])
     assert rc == 0
-    saved = T.load_run_config(out / "config.yaml")
+    saved = RC.load_run_config(out / "config.yaml")
     assert saved.data.n_hvg == 200 and saved.training.batch_size == 32
-    assert len(T.read_metrics(out / "metrics.csv")) == 6
+    assert len(RF.read_metrics(out / "metrics.csv")) == 6
     capsys.readouterr()
     for mode in ("retrieval", "probe", "zero-shot"):
         rc = main(["evaluate", "--checkpoint", str(out / "model.pt"), "--data", str(her2st_dir), "--sample", "C2",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from napari_comtip.engine.training import read_metrics
+from napari_comtip.engine.run_folder import read_metrics
 
 
 @pytest.mark.dist

@@ -20,7 +20,8 @@ import time
 
 def main(argv=None) -> int:
     from napari_comtip.engine.data import build_training_set
-    from napari_comtip.engine.training import load_run_config, load_training_samples, resolve_data_specs
+    from napari_comtip.engine.data import load_training_samples, resolve_data_specs
+    from napari_comtip.engine.run_config import load_run_config
     from napari_comtip.errors import ComtipError
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from napari_comtip.constants import Default
     from napari_comtip.engine.loso import _git_commit
-    from napari_comtip.engine.training import refit_probe
+    from napari_comtip.engine.bank_probe import refit_probe
     from napari_comtip.io import list_samples, load_sample
 
     names = args.sample or list_samples(args.data)

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 from . import __version__
 from ._cli_support import float_above, int_at_least, run_guarded
-from .constants import Cohort, Default
+from .constants import PREDICT_MODES, Cohort, Default
+from .progress import tqdm_progress
 
 
 # --------------------------------------------------------------------------- helpers
@@ -41,37 +42,13 @@ def _add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True, 
 def _load_sample_from_args(args: argparse.Namespace, progress=None):
     from .io import load_sample
 
-    return load_sample(
-        args.path,
-        sample=args.sample,
-        slide=args.slide,
-        pitch_um=args.pitch_um,
-        mpp=args.mpp,
-        progress=progress,
-    )
+    return load_sample(args.path, sample=args.sample, slide=args.slide, pitch_um=args.pitch_um, mpp=args.mpp,
+                       progress=progress)
 
 
-def _tqdm_progress(desc: str):
-    """A ``progress(done, total, message)`` callback that drives a tqdm bar on stderr."""
-    from tqdm.auto import tqdm
-
-    bar = {"bar": None}
-
-    def progress(done: int, total: int | None = None, message: str | None = None) -> None:
-        if bar["bar"] is None:
-            bar["bar"] = tqdm(total=total, desc=desc, unit="it", file=sys.stderr, leave=False, disable=None)
-        b = bar["bar"]
-        if total is not None and b.total != total:
-            b.total = total
-        b.n = done
-        if message:
-            b.set_postfix_str(message, refresh=False)
-        b.refresh()
-        if total is not None and done >= total:
-            b.close()
-            bar["bar"] = None
-
-    return progress
+def _gene_list(text: str | None) -> list[str] | None:
+    """``--genes A,B`` -> ``["A", "B"]`` (None: the whole panel)."""
+    return [g.strip() for g in text.split(",") if g.strip()] if text else None
 
 
 # --------------------------------------------------------------------------- inspect
@@ -95,7 +72,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
                       f"samples      {len(names)}: {', '.join(names)}\n"
                       f"inspect one  comtip inspect {args.path} --sample {names[0]}")
             return 0
-    sample = _load_sample_from_args(args, progress=_tqdm_progress("loading"))
+    sample = _load_sample_from_args(args, progress=tqdm_progress("loading"))
     info = sample.summary()
     if args.json:
         print(json.dumps(info, default=str))
@@ -122,7 +99,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--manifest", default=None,
                    help="cohort CSV with columns path and optional sample, slide, mpp, pitch_um, out (one row per sample)")
     p.add_argument("--checkpoint", default=None, help="CoMTIP checkpoint (.pt); default: the one bundled with the package")
-    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
+    p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--genes", default=None, help="comma-separated gene symbols or feature ids, e.g. Gfap or ENSMUSG00000020932 (default: the whole panel)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -148,21 +125,20 @@ def _run_predict(args: argparse.Namespace) -> int:
     args.path = args.path[0]
 
     check_outputs(args.out, args.csv, args.overwrite)  # fail before the slow part
-    sample = _load_sample_from_args(args, progress=_tqdm_progress("loading"))
-    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    sample = _load_sample_from_args(args, progress=tqdm_progress("loading"))
     result = predict_to_file(
         sample,
         out=args.out,
         checkpoint=args.checkpoint,
         mode=args.mode,
-        genes=genes,
+        genes=_gene_list(args.genes),
         device=args.device,
         batch_size=args.batch_size,
         reference=args.reference,
         reference_samples=args.reference_sample,
         csv=args.csv,
         overwrite=args.overwrite,
-        progress=_tqdm_progress("encoding"),
+        progress=tqdm_progress("encoding"),
     )
     print(f"wrote {result.n_obs} spots x {result.n_vars} genes to {args.out} "
           f"(mode {args.mode}, device {result.uns['comtip']['device']})")
@@ -192,31 +168,17 @@ def _run_cohort(args: argparse.Namespace) -> int:
     else:
         items = expand_paths(args.path, args.out, mpp=args.mpp, pitch_um=args.pitch_um)
     check_items(items, args.out)  # everything checkable up front, before the model loads
-    from tqdm.auto import tqdm
-
     from .engine.cohort import predict_cohort
 
     rank = int(os.environ.get("RANK", "0"))
-    bars = {"bar": None}
-
-    def progress(done: int, total: int | None = None, message: str | None = None) -> None:
-        if bars["bar"] is None:
-            bars["bar"] = tqdm(total=total, desc=f"samples (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1"
-                               else "samples", unit="sample", file=sys.stderr, disable=None, position=0)
-        b = bars["bar"]
-        b.n = done
-        if message:
-            b.set_postfix_str(message, refresh=False)
-        b.refresh()
-
-    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
-    result = predict_cohort(items, args.out, checkpoint=args.checkpoint, mode=args.mode, genes=genes,
+    bar = tqdm_progress(f"samples (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else "samples",
+                        unit="sample", leave=True, position=0, close_when_done=False)
+    result = predict_cohort(items, args.out, checkpoint=args.checkpoint, mode=args.mode, genes=_gene_list(args.genes),
                             device=args.device, batch_size=args.batch_size, reference=args.reference,
                             reference_samples=args.reference_sample, csv_tables=args.csv_each,
-                            overwrite=args.overwrite, progress=progress,
-                            sample_progress=lambda name: _tqdm_progress(f"  {name}"))
-    if bars["bar"] is not None:
-        bars["bar"].close()
+                            overwrite=args.overwrite, progress=bar,
+                            sample_progress=lambda name: tqdm_progress(f"  {name}"))
+    bar.close()
     if result.rank != 0:
         return 1 if result.n_failed else 0
     c = result.counts
@@ -253,9 +215,21 @@ def _add_pretrain(sub) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .engine.training import pretrain_from_args
+    from .engine.training import TqdmCallback, pretrain_run
 
-    return int(pretrain_from_args(args) or 0)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    bar = TqdmCallback() if main_rank else None
+    try:
+        final = pretrain_run(args.config, args.data, args.out, samples=args.sample, overrides=args.set,
+                             epochs=args.epochs, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                             max_steps=args.max_steps, device=args.device, callbacks=[bar] if bar else [],
+                             preset=args.preset)
+    finally:
+        if bar is not None:
+            bar.close()
+    if main_rank:
+        print(f"wrote {final}")
+    return 0
 
 
 # --------------------------------------------------------------------------- presets
@@ -271,7 +245,7 @@ def _run_presets(args: argparse.Namespace) -> int:
     if args.name is not None:
         import yaml
 
-        from .engine.training import load_run_config
+        from .engine.run_config import load_run_config
 
         d = load_run_config(None, preset=args.name).to_dict()
         print(json.dumps(d) if args.json else f"# comtip presets {args.name}: the whole resolved recipe\n"
@@ -295,7 +269,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--data", required=True)
     p.add_argument("--sample", default=None)
-    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
+    p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--reference", default=None)
     p.add_argument("--reference-sample", action="append", default=None)
@@ -305,9 +279,12 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .engine.evaluation import evaluate_from_args
+    from .engine.evaluation import evaluate_sample
+    from .io import load_sample
 
-    metrics = evaluate_from_args(args)
+    metrics = evaluate_sample(load_sample(args.data, sample=args.sample), checkpoint=args.checkpoint, mode=args.mode,
+                              device=args.device, batch_size=args.batch_size, reference=args.reference,
+                              reference_samples=args.reference_sample, progress=tqdm_progress("encoding"))
     if args.json:
         print(json.dumps(metrics, default=float))
     else:
@@ -356,7 +333,7 @@ def _add_view(sub) -> None:
     _add_sample_args(p, path_required=False)
     p.add_argument("--gene", default=None, help="gene to show (symbol or feature id)")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--mode", choices=["zero-shot", "retrieval", "probe"], default=Default.PREDICT_MODE,
+    p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--device", default="auto")
     p.add_argument("--screenshot", default=None, help="predict, render, save this PNG and exit")
@@ -367,9 +344,11 @@ def _add_view(sub) -> None:
 
 
 def _run_view(args: argparse.Namespace) -> int:
-    from ._widgets._view import view_from_args
+    from ._widgets._view import view
 
-    return int(view_from_args(args) or 0)
+    return view(args.path, sample=args.sample, slide=args.slide, pitch_um=args.pitch_um, mpp=args.mpp, gene=args.gene,
+                checkpoint=args.checkpoint, mode=args.mode, device=args.device, screenshot=args.screenshot,
+                batch_size=args.batch_size, canvas_only=args.canvas_only, size=args.size, overwrite=args.overwrite)
 
 
 # --------------------------------------------------------------------------- main

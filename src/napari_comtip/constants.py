@@ -93,6 +93,10 @@ class Default:
     EMBED_CHUNK_SPOTS: Final = 8192  # spots per chunk when predicting from streamed embeddings
 
 
+#: The predictors, in the order the widget lists them: ``--mode`` of every command, the Predict
+#: widget's drop-down, ``engine.predict.predict_sample`` and the benchmark (docs/model.md).
+PREDICT_MODES: Final = ("zero-shot", "retrieval", "probe")
+
 # Environment variable that relocates the per-user cache (pyramids, embeddings).
 CACHE_ENV: Final = "NAPARI_COMTIP_CACHE"
 

@@ -8,12 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from napari_comtip.cli import build_parser
+from napari_comtip.cli import _run_view, build_parser
 
 pytestmark = pytest.mark.gui
 
 
 def _args(*argv):
+    """``comtip view ARGV`` as the CLI parses it (handed to ``_run_view``, which maps it onto ``view``)."""
     return build_parser().parse_args(["view", *map(str, argv)])
 
 
@@ -24,11 +25,9 @@ def _inferno_fraction(rgb: np.ndarray) -> float:
 
 
 def test_view_screenshot_renders_the_heatmap_on_the_tissue(qtbot, demo, tiny_checkpoint, artefact_dir):
-    from napari_comtip._widgets._view import view_from_args
-
     out = artefact_dir / "view-demo-erbb2.png"
     out.unlink(missing_ok=True)
-    assert view_from_args(_args("@demo", "--checkpoint", tiny_checkpoint, "--mode", "zero-shot", "--gene", "ERBB2",
+    assert _run_view(_args("@demo", "--checkpoint", tiny_checkpoint, "--mode", "zero-shot", "--gene", "ERBB2",
                                 "--screenshot", out, "--canvas-only", "--size", "1200x800")) == 0
     from PIL import Image
 
@@ -39,17 +38,15 @@ def test_view_screenshot_renders_the_heatmap_on_the_tissue(qtbot, demo, tiny_che
     from napari_comtip.errors import InputError
 
     with pytest.raises(InputError, match="already exists"):
-        view_from_args(_args("@demo", "--checkpoint", tiny_checkpoint, "--screenshot", out))
+        _run_view(_args("@demo", "--checkpoint", tiny_checkpoint, "--screenshot", out))
 
 
 def test_view_errors_are_one_line(tmp_path, tiny_checkpoint):
     from napari_comtip.errors import ComtipError
-    from napari_comtip._widgets._view import view_from_args
-
     with pytest.raises(ComtipError, match="must be a .png"):
-        view_from_args(_args("@demo", "--screenshot", tmp_path / "x.jpg"))
+        _run_view(_args("@demo", "--screenshot", tmp_path / "x.jpg"))
     with pytest.raises(ComtipError, match="window size|--size"):
-        view_from_args(_args("@demo", "--size", "big"))
+        _run_view(_args("@demo", "--size", "big"))
 
 
 @pytest.mark.slow

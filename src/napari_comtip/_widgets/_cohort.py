@@ -60,17 +60,16 @@ def start_cohort(widget: "PredictWidget", out_dir: str | os.PathLike | None = No
 
     ckpt, mode, device = widget.checkpoint(), widget.mode_box.currentText(), widget.device_box.currentText()
     batch = widget.batch_spin.value() or None
-    widget._cancel_requested = False
+    widget._cancel.clear()
     widget.last_error = None
     relay = widget._relay
 
     def job():
         try:
             return predict_cohort(items, out_dir, checkpoint=ckpt, mode=mode, device=device, batch_size=batch,
-                                  distributed=False, cancel=lambda: widget._cancel_requested,
-                                  progress=lambda d, t=None, m=None: relay.progress.emit(
-                                      int(d), -1 if t is None else int(t), f"sample {int(d) + 1}/{t}: {m}"
-                                      if t and d < t else (m or "")))
+                                  distributed=False, cancel=widget._cancel,
+                                  progress=relay.callback(lambda d, t, m: f"sample {int(d) + 1}/{t}: {m}"
+                                                          if t and d < t else (m or "")))
         except ComtipError as exc:
             return exc
 
@@ -90,7 +89,7 @@ def start_cohort(widget: "PredictWidget", out_dir: str | os.PathLike | None = No
 
 
 def _on_returned(widget: "PredictWidget", result) -> None:
-    from .predict import _notify_info
+    from ._progress import notify_info
 
     if isinstance(result, ComtipError):
         widget.status_label.setText("failed: see the notification")
@@ -105,7 +104,7 @@ def _on_returned(widget: "PredictWidget", result) -> None:
     if result.n_failed:
         widget._error(text)
     else:
-        _notify_info(text)
+        notify_info(text)
 
 
 __all__ = ["start_cohort", "dataset_of"]

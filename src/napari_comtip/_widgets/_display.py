@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants import Key
+from ..engine.evaluation import pearson_r
 from . import _layers as L
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,7 +163,7 @@ class ExpressionDisplay:
                 self._raster(L.ROLE_HEAT_MEASURED, sample, meas, limits, f"{mtitle} heatmap", off)
             else:
                 self._remove(L.ROLE_HEAT_MEASURED)
-            r = L.pearson_r(pred, meas)
+            r = pearson_r(pred, meas)
         else:
             for role in (L.ROLE_MEASURED, L.ROLE_HEAT_MEASURED, L.ROLE_TISSUE_COPY):
                 self._remove(role)

@@ -240,19 +240,6 @@ def shared_limits(*arrays: np.ndarray, percentiles=Default.HEATMAP_PERCENTILES) 
     return lo, hi
 
 
-def pearson_r(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation over the spots where both are finite (NaN if either is constant)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return float("nan")
-    a = a[ok] - a[ok].mean()
-    b = b[ok] - b[ok].mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
-
-
 @dataclass
 class Raster:
     """A spot heatmap resampled to a regular grid: ``data[i, j]`` is the value at world
@@ -376,6 +363,6 @@ def values_layer(sample: "SpatialSample", *, name: str, column: str, values: np.
 
 __all__ = [
     "LayerDataTuple", "Raster", "image_scale", "spot_pitch_px", "side_offset", "image_layer",
-    "spot_features", "spots_layer", "sample_layers", "gene_values", "shared_limits", "pearson_r",
+    "spot_features", "spots_layer", "sample_layers", "gene_values", "shared_limits",
     "RasterIndex", "raster_index", "raster_geometry", "rasterize", "heatmap_layer", "values_layer",
 ]

@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine.inference import Embeddings
     from ..io.record import SpatialSample
 
-MODES = ("zero-shot", "retrieval", "probe")
-
 
 @dataclass
 class Prediction:
@@ -109,4 +107,4 @@ class PredictSession:
                           seconds=time.perf_counter() - t0, provenance=prov, warnings=notes)
 
 
-__all__ = ["MODES", "Prediction", "PredictSession"]
+__all__ = ["Prediction", "PredictSession"]

@@ -9,11 +9,11 @@ and the user guide. It needs a display: on a headless machine run it under ``xvf
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from ..constants import Default
 from ..errors import ComtipError, InputError
 
 
@@ -74,17 +74,20 @@ def predict_in_widget(widget, gene: str | None) -> None:
         raise InputError(widget.last_error or f"gene '{gene}' cannot be shown")
 
 
-def view_from_args(args: argparse.Namespace) -> int:
-    """Entry point of ``comtip view`` (see the module docstring)."""
+def view(path: str | os.PathLike | None = None, *, sample: str | None = None, slide: str | None = None,
+         pitch_um: float | None = None, mpp: float | None = None, gene: str | None = None,
+         checkpoint: str | None = None, mode: str = Default.PREDICT_MODE, device: str = "auto",
+         screenshot: str | os.PathLike | None = None, batch_size: int | None = None, canvas_only: bool = False,
+         size: str | None = "1400x900", overwrite: bool = False) -> int:
+    """``comtip view`` (see the module docstring): napari with ``path`` (default: the demo) and the
+    Predict widget; with ``screenshot``, predict ``gene``, save the PNG and close. Exit status 0."""
     from ..io import DEMO_ALIAS, load_sample
 
-    size = _parse_size(getattr(args, "size", None))
-    path = args.path or DEMO_ALIAS
-    sample = load_sample(path, sample=args.sample, slide=args.slide, pitch_um=args.pitch_um, mpp=args.mpp)
+    win = _parse_size(size)
+    loaded = load_sample(path or DEMO_ALIAS, sample=sample, slide=slide, pitch_um=pitch_um, mpp=mpp)
     shot = None
-    if args.screenshot:
-        shot = _screenshot_target(args.screenshot, getattr(args, "overwrite", False),
-                                  [str(p) for p in sample.provenance.get("inputs", [])])
+    if screenshot:
+        shot = _screenshot_target(screenshot, overwrite, [str(p) for p in loaded.provenance.get("inputs", [])])
     _check_display()
     from ._compat import preload_model_stack
 
@@ -93,29 +96,29 @@ def view_from_args(args: argparse.Namespace) -> int:
 
     from ._layers import sample_layers
 
-    viewer = napari.Viewer(show=True, title=f"napari-comtip: {sample.name}")
-    viewer.window.resize(*size)
-    for data, kwargs, kind in sample_layers(sample):
+    viewer = napari.Viewer(show=True, title=f"napari-comtip: {loaded.name}")
+    viewer.window.resize(*win)
+    for data, kwargs, kind in sample_layers(loaded):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     _, widget = viewer.window.add_plugin_dock_widget("napari-comtip", "Predict expression")
-    widget.set_checkpoint(args.checkpoint)
-    widget.mode_box.setCurrentText(args.mode)
-    if args.device not in [widget.device_box.itemText(i) for i in range(widget.device_box.count())]:
+    widget.set_checkpoint(checkpoint)
+    widget.mode_box.setCurrentText(mode)
+    if device not in [widget.device_box.itemText(i) for i in range(widget.device_box.count())]:
         from ..engine.device import resolve_device
 
-        resolve_device(args.device)  # raises the one-line error for a device that does not exist
-        widget.device_box.addItem(args.device)
-    widget.device_box.setCurrentText(args.device)
-    if getattr(args, "batch_size", None):
-        widget.batch_spin.setValue(int(args.batch_size))
+        resolve_device(device)  # raises the one-line error for a device that does not exist
+        widget.device_box.addItem(device)
+    widget.device_box.setCurrentText(device)
+    if batch_size:
+        widget.batch_spin.setValue(int(batch_size))
 
     if shot is None:
-        if args.gene:
-            predict_in_widget(widget, args.gene)
+        if gene:
+            predict_in_widget(widget, gene)
         napari.run()
         return 0
     try:
-        predict_in_widget(widget, args.gene)
+        predict_in_widget(widget, gene)
         viewer.reset_view()
         from qtpy.QtWidgets import QApplication
 
@@ -123,15 +126,14 @@ def view_from_args(args: argparse.Namespace) -> int:
             QApplication.processEvents()
         from ..io.writers import atomic_replace
 
-        canvas_only = bool(getattr(args, "canvas_only", False))
-        atomic_replace(shot, lambda tmp: viewer.screenshot(tmp, canvas_only=canvas_only), suffix=".png")
+        atomic_replace(shot, lambda tmp: viewer.screenshot(tmp, canvas_only=bool(canvas_only)), suffix=".png")
     finally:
         viewer.close()
-    view = widget.last_view
-    r = "" if view is None or not view.measured else f", Pearson r {view.pearson_r:.3f} vs measured"
-    print(f"wrote {shot} ({sample.name}, {view.gene if view else '?'}, {widget.prediction.mode}, "
+    shown = widget.last_view
+    r = "" if shown is None or not shown.measured else f", Pearson r {shown.pearson_r:.3f} vs measured"
+    print(f"wrote {shot} ({loaded.name}, {shown.gene if shown else '?'}, {widget.prediction.mode}, "
           f"ran on {widget.prediction.device}{r})")
     return 0
 
 
-__all__ = ["view_from_args", "predict_in_widget", "wait_for"]
+__all__ = ["view", "predict_in_widget", "wait_for"]

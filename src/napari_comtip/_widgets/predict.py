@@ -22,18 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Points
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
     QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
-from ..constants import Default, Key
+from ..constants import PREDICT_MODES, Default, Key
 from ..errors import Cancelled, ComtipError, InputError
+from ..progress import CancelToken
 from . import _layers as L
 from ._compat import preload_model_stack
 from ._display import ExpressionDisplay, GeneView
-from ._session import MODES, Prediction, PredictSession
+from ._progress import ProgressRelay, notify_error, notify_info, notify_warning
+from ._session import Prediction, PredictSession
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -46,30 +48,6 @@ _OWN_SPOTS = "(spots of the slide)"
 @dataclasses.dataclass
 class _Failure:
     error: ComtipError
-
-
-class _Relay(QObject):
-    """Carries ``progress(done, total, message)`` from the worker thread to the GUI thread."""
-
-    progress = Signal(int, int, str)
-
-
-def _notify_error(msg: str) -> None:
-    from napari.utils.notifications import show_error
-
-    show_error(msg)
-
-
-def _notify_warning(msg: str) -> None:
-    from napari.utils.notifications import show_warning
-
-    show_warning(msg)
-
-
-def _notify_info(msg: str) -> None:
-    from napari.utils.notifications import show_info
-
-    show_info(msg)
 
 
 def spots_from_points(layer, sample: "SpatialSample") -> "SpatialSample":
@@ -95,8 +73,8 @@ class PredictWidget(QWidget):
         self.cohort_result = None  # the last "Predict all samples" run (engine.cohort.CohortResult)
         self.last_error: str | None = None  # the last message shown as an error notification
         self._bare_samples: dict[tuple[str, float], "SpatialSample"] = {}
-        self._cancel_requested = False
-        self._relay = _Relay()
+        self._cancel = CancelToken()
+        self._relay = ProgressRelay()
         self._relay.progress.connect(self._on_progress)
         self._build()
         self._refresh_layers()
@@ -105,7 +83,7 @@ class PredictWidget(QWidget):
 
     def _error(self, msg: str) -> None:
         self.last_error = msg
-        _notify_error(msg)
+        notify_error(msg)
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -130,7 +108,7 @@ class PredictWidget(QWidget):
         ck_row.addWidget(self.checkpoint_edit)
         ck_row.addWidget(browse)
         self.mode_box = QComboBox()
-        self.mode_box.addItems(list(MODES))
+        self.mode_box.addItems(list(PREDICT_MODES))
         self.mode_box.setCurrentText(Default.PREDICT_MODE)
         self.mode_box.setToolTip("zero-shot: no reference data; retrieval: average of the most similar "
                                  "reference spots; probe: ridge regression on image features")
@@ -304,7 +282,7 @@ class PredictWidget(QWidget):
         preload_model_stack()
         ckpt, mode, device = self.checkpoint(), self.mode_box.currentText(), self.device_box.currentText()
         batch = self.batch_spin.value() or None
-        self._cancel_requested = False
+        self._cancel.clear()
         self.last_error = None
         relay = self._relay
 
@@ -312,9 +290,7 @@ class PredictWidget(QWidget):
             try:
                 sample = get_sample()  # a bare slide is gridded here, off the GUI thread
                 return self.session.predict(sample, ckpt, mode=mode, device=device, batch_size=batch,
-                                            progress=lambda d, t=None, m=None: relay.progress.emit(
-                                                int(d), -1 if t is None else int(t), m or ""),
-                                            cancel=lambda: self._cancel_requested)
+                                            progress=relay.callback(), cancel=self._cancel)
             except ComtipError as exc:  # shown as a notification, not a traceback; wrapped because
                 return _Failure(exc)    # a worker that *returns* an exception re-raises it
 
@@ -337,7 +313,7 @@ class PredictWidget(QWidget):
     def cancel(self) -> None:
         """Ask the running prediction to stop at the next batch."""
         if self.worker is not None:
-            self._cancel_requested = True
+            self._cancel.set()
             self.status_label.setText("cancelling …")
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
@@ -352,7 +328,7 @@ class PredictWidget(QWidget):
             result = result.error
         if isinstance(result, Cancelled):
             self.status_label.setText("cancelled")
-            _notify_info(str(result))
+            notify_info(str(result))
             return
         if isinstance(result, ComtipError):
             self.status_label.setText("failed: see the notification")
@@ -382,7 +358,7 @@ class PredictWidget(QWidget):
                                   f"{prediction.seconds:.1f} s ({reused})"
                                   + "".join(f"\nwarning: {w}" for w in prediction.warnings))
         for w in prediction.warnings:
-            _notify_warning(w)
+            notify_warning(w)
         previous = self.gene_box.currentText()
         genes = sorted(prediction.genes, key=str.upper)
         self.gene_box.blockSignals(True)
@@ -491,7 +467,7 @@ class PredictWidget(QWidget):
         except ComtipError as exc:
             self._error(str(exc))
             return None
-        _notify_info(f"wrote {self.prediction.adata.n_obs} spots x {self.prediction.adata.n_vars} genes to {written}")
+        notify_info(f"wrote {self.prediction.adata.n_obs} spots x {self.prediction.adata.n_vars} genes to {written}")
         return Path(written)
 
     def export_csv(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
@@ -509,7 +485,7 @@ class PredictWidget(QWidget):
         except ComtipError as exc:
             self._error(str(exc))
             return None
-        _notify_info(f"wrote {written}")
+        notify_info(f"wrote {written}")
         return Path(written)
 
 

@@ -27,9 +27,9 @@ from qtpy.QtWidgets import (
 from ..constants import Default
 from ._compat import guard_triton
 
-guard_triton()  # engine.training imports the model stack (see _compat.py)
-from ..engine.training import CONFIG_FILE as RUN_CONFIG
-from ..engine.training import FINAL_FILE, METRICS_FILE
+guard_triton()  # engine.run_folder imports torch (see _compat.py)
+from ..engine.run_folder import CONFIG_FILE as RUN_CONFIG
+from ..engine.run_folder import FINAL_FILE, METRICS_FILE
 from ..model.presets import DEFAULT_PRESET, preset_names, preset_purpose
 from ._loss_plot import LossPlot, read_metrics_rows
 

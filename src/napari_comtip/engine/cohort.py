@@ -35,10 +35,10 @@ import numpy as np
 
 from ..constants import Cohort, Key
 from ..errors import Cancelled, ComtipError, InputError
+from ..progress import Cancel, Progress
 from ..io.manifest import CohortItem, check_items
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, "int | None", "str | None"], None]
 
 
 @dataclass
@@ -159,7 +159,7 @@ def predict_cohort(
     overwrite: bool = False,
     progress: Progress | None = None,
     sample_progress: Callable[[str], Progress | None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Cancel | None = None,
     distributed: bool = True,
 ) -> CohortResult:
     """Predict every item (see the module docstring); rank 0's result holds every rank's rows.
@@ -295,10 +295,10 @@ def _dist_from_env(device: str):
         return None
     import torch
 
-    from .training import _init_dist
+    from .distributed import init_dist
 
     want_cuda = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
-    return _init_dist(torch.device("cuda") if want_cuda else torch.device("cpu"))
+    return init_dist(torch.device("cuda") if want_cuda else torch.device("cpu"))
 
 
 __all__ = ["predict_cohort", "CohortResult", "shard", "stale_reason", "read_summary", "csv_path_for"]

@@ -1,6 +1,9 @@
-"""Training data: gene panel rule, on-disk patch cache, augmentation, gene sentences.
+"""Training data: what to train on, the gene panel rule, the training set of a run.
 
 Pieces, each usable alone:
+
+* :class:`DataSpec` / :func:`resolve_data_specs` / :func:`load_training_samples` -- the samples
+  of ``comtip pretrain --data ... --sample ...``;
 
 * :func:`select_gene_panel` -- the documented panel rule (stored in every checkpoint):
   genes present in *all* training sections and detected in at least ``min_spot_frac`` of the
@@ -8,66 +11,27 @@ Pieces, each usable alone:
   log-normalised training spots, plus the top ``n_mean`` by mean log-normalised expression
   (union; HVGs first by rank, then the added high-mean genes by rank). With the defaults
   (1000 + 250) this gives about 1,240 genes on her2st, the panel size of peers.md.
-* :class:`PatchCache` -- spot patches (and unlabelled tissue patches) cut once from the slide
-  and stored as ``.npy`` under ``cache_dir("patches")``, keyed by the sample's image identity,
-  the exact patch centres, ``patch_um`` and the output size; epochs then never decode slides.
 * :func:`tissue_centres` -- centres of unlabelled tissue patches between and around the spots
   (for vision-only MFM batches).
-* :class:`Augment` -- seeded flips, 90 degree rotations, HED stain jitter and
-  brightness/contrast/saturation jitter on uint8 patch batches (staining differs strongly
-  between patients, peers.md).
-* :func:`expressed_sentences` -- gene sentences weighted towards expressed genes (names+values).
+* :func:`build_training_set` -- panel, spot patches and tissue patches in memory
+  (:class:`TrainingSet`); the patches come from the on-disk cache of ``engine/patch_cache.py``.
+
+The ``data:`` config section is :class:`engine.run_config.DataConfig`; augmentation and the
+gene sentences of a step are in ``engine/batches.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ..constants import Key
 from ..errors import InputError
-
-ProgressFn = Callable[[int, "int | None", "str | None"], None]
-
-
-# --------------------------------------------------------------------------- data config
-@dataclass
-class DataConfig:
-    """The ``data:`` section of a training config (see training/configs/*.yaml)."""
-
-    n_hvg: int = 1000  # panel: top-N by normalised dispersion
-    n_mean: int = 250  # panel: plus top-N by mean log-normalised expression
-    min_spot_frac: float = 0.01  # panel: gene detected in at least this fraction of training spots
-    min_shared_genes: float = 0.5  # a training sample must carry this fraction of the panel
-    unlabelled: bool = True  # vision-only tissue patches for the MFM term
-    unlabelled_per_sample: int = 1500  # cap on unlabelled tissue patches per sample
-    unlabelled_batch: int = 32  # vision-only patches per step
-    tissue_frac: float = 0.5  # unlabelled patch must be at least this fraction tissue
-    # augmentation
-    flips: bool = True
-    rot90: bool = True
-    hed_sigma: float = 0.05  # HED stain jitter: per-channel scale ~ 1 + N(0, sigma)
-    hed_bias: float = 0.02  # and shift ~ N(0, bias) in optical density
-    brightness: float = 0.15
-    contrast: float = 0.15
-    saturation: float = 0.15
-    # gene sentences (names+values mode); lengths / single-gene share come from model.text
-    sentence_sampler: str = "expressed"  # "expressed": weighted towards expressed genes; "uniform": the model's sampler
-    expressed_weight: float = 10.0  # "expressed": sampling weight of an expressed gene (a zero has 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
+from ..progress import Cancel, Progress
+from .patch_cache import PatchCache
+from .run_config import DataConfig
 
 # --------------------------------------------------------------------------- gene panel
 def _dense(m) -> np.ndarray:
@@ -167,85 +131,6 @@ def panel_matrix(adata, panel: Sequence[str], sample_name: str = "", path=None,
     return out
 
 
-# --------------------------------------------------------------------------- patch cache
-def _cache_root() -> Path:
-    from ..io.cache import cache_dir
-
-    return Path(cache_dir("patches"))
-
-
-def _patch_key(identity: str, centres_rc: np.ndarray, patch_um: float, out_px: int, mpp: float, kind: str) -> str:
-    h = hashlib.sha1()
-    h.update(json.dumps({"id": identity, "patch_um": float(patch_um), "out_px": int(out_px),
-                         "mpp": round(float(mpp), 6), "kind": kind, "v": 1}).encode())
-    h.update(np.round(np.asarray(centres_rc, dtype=np.float64), 3).tobytes())
-    return h.hexdigest()[:24]
-
-
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    from ..io.writers import atomic_replace
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
-            np.save(f, arr)
-
-    atomic_replace(path, write, ".npy")
-
-
-def read_patches(sample, centres_rc: np.ndarray, patch_um: float, out_px: int, *,
-                 progress: ProgressFn | None = None, cancel=None, num_workers: int = 2) -> np.ndarray:
-    """Cut (N, out_px, out_px, 3) uint8 patches of ``patch_um`` centred on ``centres_rc``."""
-    from ..errors import Cancelled
-    from ..io.patches import patch_geometry, read_patch
-
-    side = patch_geometry(sample.mpp, patch_um, out_px)
-    n = len(centres_rc)
-    out = np.empty((n, out_px, out_px, 3), dtype=np.uint8)
-
-    def one(i: int) -> None:
-        out[i] = read_patch(sample.image, tuple(centres_rc[i]), side, out_px)
-
-    chunk = 64
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        for s in range(0, n, chunk):
-            if cancel is not None and cancel():
-                raise Cancelled("patch extraction cancelled")
-            list(pool.map(one, range(s, min(n, s + chunk))))
-            if progress is not None:
-                progress(min(n, s + chunk), n, f"patches {sample.name}")
-    return out
-
-
-class PatchCache:
-    """Patches of a sample computed once and stored on disk (``.npy``), then memory-mapped."""
-
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root) if root is not None else None
-
-    def _dir(self) -> Path:
-        return self.root if self.root is not None else _cache_root()
-
-    def get(self, sample, centres_rc: np.ndarray, patch_um: float, out_px: int, kind: str = "spots", *,
-            progress: ProgressFn | None = None, cancel=None) -> np.ndarray:
-        key = _patch_key(sample.identity, centres_rc, patch_um, out_px, sample.mpp, kind)
-        path = self._dir() / f"{kind}-{key}.npy"
-        if path.exists():
-            try:
-                arr = np.load(path, mmap_mode="r")
-                if arr.shape == (len(centres_rc), out_px, out_px, 3):
-                    return arr
-            except (ValueError, OSError):
-                pass  # a damaged cache file is rebuilt
-        arr = read_patches(sample, centres_rc, patch_um, out_px, progress=progress, cancel=cancel)
-        _save_npy_atomic(path, arr)
-        return np.load(path, mmap_mode="r")
-
-    def spots(self, sample, patch_um: float, out_px: int, **kw) -> np.ndarray:
-        return self.get(sample, sample.centers_rc(), patch_um, out_px, "spots", **kw)
-
-
 def tissue_mask(thumb: np.ndarray) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail, relative to the slide's own background.
 
@@ -306,93 +191,6 @@ def tissue_centres(sample, patch_um: float, *, max_n: int = 1500, tissue_frac: f
     return cand
 
 
-# --------------------------------------------------------------------------- augmentation
-# Ruifrok & Johnston H&E-DAB stain matrix (as skimage.color.rgb_from_hed)
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
-_RGB_FROM_HED[2] = np.cross(_RGB_FROM_HED[0], _RGB_FROM_HED[1])
-_RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
-
-
-class Augment:
-    """Seeded augmentation of (B, H, W, 3) uint8 patch batches; returns uint8.
-
-    Every random draw comes from the ``torch.Generator`` passed in, so a step's augmentation
-    depends only on (seed, step): resuming a run reproduces it exactly.
-    """
-
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
-        self.hed_from_rgb = torch.tensor(_HED_FROM_RGB, dtype=torch.float32)
-        self.rgb_from_hed = torch.tensor(_RGB_FROM_HED, dtype=torch.float32)
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        c = self.cfg
-        B = x.shape[0]
-        if B == 0:
-            return x
-        if c.flips:
-            f = torch.rand(B, generator=gen) < 0.5
-            if f.any():
-                x = x.clone()
-                x[f] = torch.flip(x[f], dims=[2])
-        if c.rot90:
-            k = torch.randint(0, 4, (B,), generator=gen)
-            x = torch.stack([torch.rot90(x[i], int(k[i]), dims=(0, 1)) for i in range(B)])
-        need_colour = c.hed_sigma > 0 or c.hed_bias > 0 or c.brightness > 0 or c.contrast > 0 or c.saturation > 0
-        if not need_colour:
-            return x.contiguous()
-        xf = x.float() / 255.0
-        if c.hed_sigma > 0 or c.hed_bias > 0:
-            od = -torch.log(torch.clamp(xf, min=1e-6) * (255.0 / 256.0) + 1.0 / 256.0)  # optical density
-            hed = od @ self.hed_from_rgb
-            scale = 1 + c.hed_sigma * torch.randn(B, 1, 1, 3, generator=gen)
-            bias = c.hed_bias * torch.randn(B, 1, 1, 3, generator=gen)
-            hed = hed * scale + bias
-            od = hed @ self.rgb_from_hed
-            xf = torch.clamp((torch.exp(-od) - 1.0 / 256.0) * (256.0 / 255.0), 0, 1)
-        if c.brightness > 0:
-            xf = xf * (1 + c.brightness * (2 * torch.rand(B, 1, 1, 1, generator=gen) - 1))
-        if c.contrast > 0:
-            m = xf.mean(dim=(1, 2, 3), keepdim=True)
-            xf = (xf - m) * (1 + c.contrast * (2 * torch.rand(B, 1, 1, 1, generator=gen) - 1)) + m
-        if c.saturation > 0:
-            grey = (xf * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True)
-            xf = (xf - grey) * (1 + c.saturation * (2 * torch.rand(B, 1, 1, 1, generator=gen) - 1)) + grey
-        return torch.clamp(xf * 255.0 + 0.5, 0, 255).to(torch.uint8)
-
-
-# --------------------------------------------------------------------------- gene sentences
-def expressed_sentences(expr: torch.Tensor, text_cfg, weight: float, gen: torch.Generator,
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training sentences for ``names+values`` mode, weighted towards expressed genes.
-
-    A panel of ~1,200 genes is mostly zeros in any one spot: uniform subsets of 32 genes carry
-    almost no signal for the contrastive loss. Here each spot's genes are drawn without
-    replacement with weight ``weight`` for an expressed gene and 1 for a zero (Gumbel top-k),
-    so sentences hold mostly expressed genes and still some zeros. Lengths are drawn like
-    :func:`napari_comtip.model.text.sample_gene_subsets` (log-uniform in [min_genes, max_genes],
-    one gene with probability ``p_single``), so single-gene zero-shot sentences stay
-    in-distribution.
-    """
-    import math
-
-    b, g = expr.shape
-    lo, hi = min(text_cfg.min_genes, g), min(text_cfg.max_genes, g)
-    u = torch.rand(b, generator=gen)
-    sizes = torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
-    if text_cfg.p_single > 0:
-        single = torch.rand(b, generator=gen) < text_cfg.p_single
-        sizes = torch.where(single, torch.ones_like(sizes), sizes)
-    length = int(sizes.max())
-    w = torch.where(expr > 0, torch.full_like(expr, float(weight)), torch.ones_like(expr))
-    r = torch.rand(b, g, generator=gen).clamp_(1e-12, 1 - 1e-7)
-    keys = torch.log(w) - torch.log(-torch.log(r))
-    idx = keys.topk(length, dim=1).indices
-    mask = torch.arange(length).unsqueeze(0) < sizes.unsqueeze(1)
-    return idx, expr.float().gather(1, idx), mask
-
-
 # --------------------------------------------------------------------------- training set
 @dataclass
 class TrainingSet:
@@ -416,7 +214,7 @@ class TrainingSet:
 
 def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, img_size: int,
                        panel: Sequence[str] | None = None, cache: PatchCache | None = None,
-                       seed: int = 0, progress: ProgressFn | None = None, cancel=None) -> TrainingSet:
+                       seed: int = 0, progress: Progress | None = None, cancel: Cancel | None = None) -> TrainingSet:
     """Panel (chosen here unless given), spot patches and tissue patches of the training samples."""
     for s in samples:
         if s.expression is None or s.expression.n_obs == 0:
@@ -464,7 +262,62 @@ def _standardised(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean()) / (sd if sd > 1e-8 else 1.0)).astype(np.float32)
 
 
+# --------------------------------------------------------------------------- what to train on
+@dataclass
+class DataSpec:
+    """One training sample: a dataset path and an optional sample name inside it."""
+
+    path: str
+    sample: str | None = None
+
+    def label(self) -> str:
+        return f"{self.path}" + (f" [{self.sample}]" if self.sample else "")
+
+
+def resolve_data_specs(data: Sequence[str], samples: Sequence[str] | None) -> list[DataSpec]:
+    """The CLI's ``--data``/``--sample`` rule: one --data with several --sample -> all from it;
+    several --data with --sample -> one sample per --data; no --sample -> every sample of each."""
+    from ..io import list_samples
+
+    data = list(data)
+    if samples:
+        if len(data) == 1:
+            return [DataSpec(data[0], s) for s in samples]
+        if len(samples) != len(data):
+            raise InputError(f"got {len(data)} --data and {len(samples)} --sample",
+                             hint="give one --sample per --data, or one --data with several --sample")
+        return [DataSpec(p, s) for p, s in zip(data, samples)]
+    out: list[DataSpec] = []
+    for p in data:
+        names = list_samples(p)
+        if len(names) > 1:
+            out.extend(DataSpec(p, n) for n in names)
+        else:
+            out.append(DataSpec(p, names[0] if names else None))
+    return out
+
+
+def load_training_samples(specs: Sequence[DataSpec | str | tuple], progress=None) -> list:
+    from ..io import load_sample
+
+    out = []
+    for s in specs:
+        if isinstance(s, str):
+            s = DataSpec(s)
+        elif isinstance(s, tuple):
+            s = DataSpec(*s)
+        if hasattr(s, "image") and hasattr(s, "spots"):  # already a SpatialSample
+            out.append(s)
+            continue
+        sample = load_sample(s.path, sample=s.sample, progress=progress)
+        if sample.expression is None:
+            raise InputError(f"sample {sample.name!r} has no expression data; pretraining needs spots with counts",
+                             path=s.path, hint="give a dataset with a count matrix (or drop this --data)")
+        out.append(sample)
+    return out
+
+
 __all__ = [
-    "DataConfig", "select_gene_panel", "panel_matrix", "lognorm_matrix", "PatchCache", "read_patches",
-    "tissue_centres", "tissue_mask", "Augment", "expressed_sentences", "TrainingSet", "build_training_set",
+    "select_gene_panel", "panel_matrix", "lognorm_matrix", "tissue_centres", "tissue_mask", "TrainingSet",
+    "build_training_set", "DataSpec", "resolve_data_specs", "load_training_samples",
 ]

@@ -19,13 +19,13 @@ Ties in the HEG/HVG ranking are broken by gene name so the sets are stable.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
 
 from ..constants import Key
 from ..errors import InputError
+from ..progress import Cancel, Progress
 
 N_TOP = 50  # size of the HEG / HVG gene sets
 
@@ -52,6 +52,19 @@ def gene_pcc(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(den > tiny, num / np.where(den > tiny, den, 1.0), np.nan)
     return np.clip(r, -1.0, 1.0)
+
+
+def pearson_r(pred: np.ndarray, true: np.ndarray) -> float:
+    """Pearson r of one gene across spots (1-D arrays aligned by spot): :func:`gene_pcc` of that one
+    column over the spots where both are finite (NaN marks a spot missing from one side, as
+    :func:`evaluate_predictions` keeps only the shared spots), so the widget's "Pearson r" of a gene
+    is the number ``comtip evaluate`` computes for it."""
+    pred = np.asarray(pred, dtype=np.float64).ravel()
+    true = np.asarray(true, dtype=np.float64).ravel()
+    if pred.shape != true.shape:
+        raise ValueError(f"pred {pred.shape} and true {true.shape} must have one value per spot")
+    ok = np.isfinite(pred) & np.isfinite(true)
+    return float(gene_pcc(pred[ok, None], true[ok, None])[0])
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -132,7 +145,7 @@ def evaluate_predictions(pred_adata, true_adata) -> dict[str, Any]:
 
 def evaluate_sample(sample, checkpoint=None, mode: str = "retrieval", *, device: str = "auto",
                     batch_size: int | None = None, reference=None, reference_samples=None,
-                    progress=None, cancel=None) -> dict[str, Any]:
+                    progress: Progress | None = None, cancel: Cancel | None = None) -> dict[str, Any]:
     """Predict ``sample`` through :func:`engine.predict.predict_sample` (the path users run) and
     score it against the sample's own measured expression."""
     if sample.expression is None:
@@ -153,28 +166,4 @@ def evaluate_sample(sample, checkpoint=None, mode: str = "retrieval", *, device:
     return out
 
 
-def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``comtip evaluate``: load the held-out sample, predict, score."""
-    from ..io import load_sample
-
-    sample = load_sample(args.data, sample=args.sample)
-    progress = None
-    try:
-        from ..cli import _tqdm_progress
-
-        progress = _tqdm_progress("encoding")
-    except ImportError:  # pragma: no cover
-        pass
-    return evaluate_sample(
-        sample,
-        checkpoint=args.checkpoint,
-        mode=args.mode,
-        device=getattr(args, "device", "auto"),
-        batch_size=getattr(args, "batch_size", None),
-        reference=getattr(args, "reference", None),
-        reference_samples=getattr(args, "reference_sample", None),
-        progress=progress,
-    )
-
-
-__all__ = ["gene_pcc", "evaluate_predictions", "evaluate_sample", "evaluate_from_args", "metrics_from_arrays"]
+__all__ = ["gene_pcc", "pearson_r", "evaluate_predictions", "evaluate_sample", "metrics_from_arrays"]

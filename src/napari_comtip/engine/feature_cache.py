@@ -104,7 +104,7 @@ class FeatureCache:
         self.model, self.ts, self.device, self.use_bf16 = model, ts, torch.device(device), use_bf16
         self.seed, self.views = int(cfg.training.seed), int(cfg.training.feature_views)
         self.batch = max(1, int(cfg.training.batch_size))
-        from .data import Augment
+        from .batches import Augment
 
         self.augment = Augment(cfg.data)
         self.signature = signature(model, ts, cfg, use_bf16=use_bf16)

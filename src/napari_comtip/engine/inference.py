@@ -52,7 +52,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,7 @@ import torch
 
 from ..constants import Default
 from ..errors import Cancelled, InputError
+from ..progress import Cancel, Progress
 from .device import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,8 +73,6 @@ log = logging.getLogger(__name__)
 #: Version of the cache layout and of what is hashed into a signature; bump to invalidate.
 CACHE_FORMAT = 1
 
-Progress = Callable[[int, "int | None", "str | None"], None]
-Cancel = Callable[[], bool]
 
 
 # =========================================================================== result record

@@ -6,7 +6,7 @@ and the held-out S is predicted through :func:`engine.predict.predict_sample` (t
 run) with each predictor (retrieval over the fold's own training spots, the ridge probe fitted
 on them, zero-shot) and scored with :mod:`engine.evaluation` (protocol A of peers.md).
 
-Arms (``--arms``, comma-separated; ``all`` = every one):
+Arms (``--arms``, comma-separated; ``all`` = every one; listed in ``engine/loso_arms.py``):
 
 ========================  ==================================================================
 ``ridge``                 colour-texture features + ridge (non-learned floor, engine/baselines)
@@ -43,55 +43,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..constants import PREDICT_MODES
 from ..errors import ConfigError, InputError
+from .loso_arms import ARMS, LEARNED_MODES, arm_overrides
+from .loso_table import RESULT_FILE
+from .run_config import with_overrides
 
-ARMS: dict[str, dict[str, Any]] = {
-    "ridge": {},
-    "untrained": {},  # the config's architecture with random weights: no training step (save_untrained)
-    "comtip": {},
-    "comtip-nomfm": {"model.w_mfm": 0.0},
-    "comtip-nopaat": {"model.w_paat": 0.0},
-    "comtip-nomfm-nopaat": {"model.w_mfm": 0.0, "model.w_paat": 0.0},
-    "comtip-nounlab": {"data.unlabelled": False},
-    "names": {"model.text.mode": "names"},
-    "names-nomfm": {"model.text.mode": "names", "model.w_mfm": 0.0},
-    "values": {"model.text.mode": "values"},
-    "values-nomfm": {"model.text.mode": "values", "model.w_mfm": 0.0},
-    "values-nopaat": {"model.text.mode": "values", "model.w_paat": 0.0},
-    "values-nomfm-nopaat": {"model.text.mode": "values", "model.w_mfm": 0.0, "model.w_paat": 0.0},
-    # zero-shot levers: the spot's depth as its own token; undetected genes at 0 in the sentences,
-    # more one-gene sentences (these two did not help: docs/results.md)
-    "comtip-lib": {"model.w_mfm": 0.0, "model.text.library_token": True},
-    "comtip-rank": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank"},
-    "comtip-rank-lib": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.text.library_token": True},
-    "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
-    "comtip-zs-w3": {"model.w_mfm": 0.0, "data.expressed_weight": 3.0, "model.text.p_single": 0.3},
-}
-ARM_TEXT = {
-    "ridge": "colour-texture features + ridge (floor)",
-    "untrained": "the recipe's architecture with random weights, same probe rule (control)",
-    "comtip": "CoMTIP: names+values, MFM, PAAT",
-    "comtip-nomfm": "names+values, PAAT, no MFM",
-    "comtip-nopaat": "names+values, MFM, no PAAT",
-    "comtip-nomfm-nopaat": "names+values, no MFM, no PAAT",
-    "comtip-nounlab": "CoMTIP, MFM without unlabelled tissue patches",
-    "names": "names only (OmiCLIP-style), MFM",
-    "names-nomfm": "names only, no MFM",
-    "values": "values only (BLEEP-style), MFM, PAAT",
-    "values-nomfm": "values only, PAAT, no MFM",
-    "values-nopaat": "values only, MFM, no PAAT",
-    "values-nomfm-nopaat": "values only, no MFM, no PAAT",
-    "comtip-lib": "names+values, no MFM, library-size token in every sentence",
-    "comtip-rank": "names+values, no MFM, values = within-spot ranks",
-    "comtip-rank-lib": "names+values, no MFM, within-spot ranks and the library-size token",
-    "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
-    "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
-}
-MODES = ("retrieval", "probe", "zero-shot")
-#: every predictor the benchmark scores for a learned arm (loso_table.MODE_ORDER explains them)
-LEARNED_MODES = ("retrieval", "probe-raw", "probe", "floor+probe", "zero-shot")
 RIDGE_PATCH_PX = 224  # the floor's features are computed on 224 px patches, as in peers.md
-from .loso_table import RESULT_FILE  # noqa: E402  (one name for the result file)
 
 
 def _git_commit() -> str:
@@ -104,35 +62,15 @@ def _git_commit() -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    from .training import _atomic_write_text
+    from .run_folder import atomic_write_text
 
-    _atomic_write_text(path, json.dumps(obj, indent=1, default=float))
-
-
-def arm_overrides(arm: str) -> dict[str, Any]:
-    if arm not in ARMS:
-        raise ConfigError(f"unknown arm {arm!r}", hint=f"choose from {', '.join(ARMS)}")
-    return dict(ARMS[arm])
-
-
-def _apply_overrides(cfg, over: dict[str, Any]):
-    """A copy of a RunConfig with dotted overrides (``model.w_mfm``, ``data.unlabelled``)."""
-    from .training import run_config_from_dict
-
-    d = cfg.to_dict()
-    for key, value in over.items():
-        cur = d
-        parts = key.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = value
-    return run_config_from_dict(d, path=cfg.source)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 # --------------------------------------------------------------------------- one fold
 def _floor_features(samples, cfg) -> list[np.ndarray]:
     from .baselines import colour_texture_features
-    from .data import PatchCache
+    from .patch_cache import PatchCache
 
     cache = PatchCache()
     return [colour_texture_features(cache.spots(s, cfg.model.patch_um, RIDGE_PATCH_PX)) for s in samples]
@@ -208,7 +146,7 @@ def save_untrained(cfg, ts, path: Path, *, device="auto") -> Path:
 
     from ..model.factory import build_model
     from .device import resolve_device
-    from .training import _save_final, build_bank_and_probe, panel_rule_text
+    from .bank_probe import build_bank_and_probe, panel_rule_text, save_final
 
     dev = resolve_device(device)
     torch.manual_seed(cfg.training.seed)
@@ -218,7 +156,7 @@ def save_untrained(cfg, ts, path: Path, *, device="auto") -> Path:
                           "run_config": cfg.to_dict(), "panel_rule": panel_rule_text(cfg.data),
                           "selection_rule": "untrained control: random initialisation, seed " + str(cfg.training.seed)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_final(path, model, cfg, ts.panel, extras, fp16=cfg.training.fp16_final)
+    save_final(path, model, ts.panel, extras, fp16=cfg.training.fp16_final)
     return path
 
 
@@ -250,7 +188,7 @@ def _floor_plus_probe(ckpt, train_samples, test_sample, panel, cfg, device) -> d
 
 
 def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, *, device="auto",
-                  modes: Sequence[str] = MODES) -> dict[str, dict[str, Any]]:
+                  modes: Sequence[str] = PREDICT_MODES) -> dict[str, dict[str, Any]]:
     """Every predictor of a learned (or untrained) arm on the held-out section, through the user path."""
     from .evaluation import evaluate_predictions
     from .predict import predict_sample
@@ -288,9 +226,10 @@ def _unc_spearman(pred, test_sample) -> float:
 
 
 def run_model_fold(arm: str, cfg, fold_dir: Path, train_ts, train_samples, test_sample, *, max_steps=None,
-                   device="auto", modes: Sequence[str] = MODES) -> dict[str, Any]:
+                   device="auto", modes: Sequence[str] = PREDICT_MODES) -> dict[str, Any]:
     """Pretrain one arm on a fold's training set (or reuse its checkpoint) and evaluate the held-out section."""
-    from .training import pretrain, read_metrics
+    from .run_folder import read_metrics
+    from .training import pretrain
 
     t0 = time.time()
     ckpt = fold_dir / "run" / "model.pt"
@@ -324,13 +263,14 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
     from ..io import list_samples, load_sample
     from .data import build_training_set
     from .loso_table import collect_results, write_results_md
-    from .training import load_run_config, refit_probe
+    from .bank_probe import refit_probe
+    from .run_config import load_run_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config if config is not None and not isinstance(config, (str, os.PathLike)) else (
         load_run_config(config) if config else load_run_config(None, preset="loso"))  # the packaged preset
-    cfg = _apply_overrides(cfg, {"training.seed": seed})
+    cfg = with_overrides(cfg, {"training.seed": seed})
     names = list(samples) if samples else list_samples(data)
     if len(names) < 2:
         raise InputError(f"leave-one-section-out needs at least 2 sections, found {len(names)}", path=data)
@@ -360,7 +300,7 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
                     continue
                 old = json.loads((fold_dir / RESULT_FILE).read_text())
             t0 = time.time()
-            arm_cfg = _apply_overrides(cfg, arm_overrides(arm))
+            arm_cfg = with_overrides(cfg, arm_overrides(arm))
             key = (arm_cfg.model.patch_um, arm_cfg.model.vision.img_size, json.dumps(arm_cfg.data.to_dict(), sort_keys=True))
             if key not in ts_cache:
                 ts_cache[key] = build_training_set(train, arm_cfg.data, patch_um=arm_cfg.model.patch_um,
@@ -390,5 +330,4 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
     return {"results": collect_results(root), "meta": meta}
 
 
-__all__ = ["ARMS", "MODES", "LEARNED_MODES", "run_loso", "run_ridge_fold", "run_model_fold", "evaluate_fold",
-           "save_untrained", "arm_overrides"]
+__all__ = ["run_loso", "run_ridge_fold", "run_model_fold", "evaluate_fold", "save_untrained"]

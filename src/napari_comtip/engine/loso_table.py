@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from .loso_arms import ARMS, MODE_ORDER
+
 RESULT_FILE = "result.json"
 METRICS = ("pcc_all", "pcc_heg50", "pcc_hvg50", "mse", "mae")
-#: predictors in table order (``ridge*`` belong to the floor arm, the rest to the learned arms)
-MODE_ORDER = ("ridge", "ridge-ctx", "retrieval", "probe-raw", "probe", "floor+probe", "zero-shot")
 
 
 def collect_results(out: str | os.PathLike) -> list[dict[str, Any]]:
@@ -33,8 +33,6 @@ def _fmt(x, nd=3) -> str:
 
 
 def _arm_order():
-    from .loso import ARMS
-
     return {a: i for i, a in enumerate(ARMS)}
 
 

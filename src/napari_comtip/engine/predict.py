@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..constants import Default, Key
+from ..constants import PREDICT_MODES, Default, Key
 from ..errors import CheckpointError, InputError
+from ..progress import Cancel, Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -52,11 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-MODES = ("retrieval", "probe", "zero-shot")
 _MODE_ALIASES = {"zero_shot": "zero-shot", "zeroshot": "zero-shot", "knn": "retrieval", "ridge": "probe"}
 
-Progress = Callable[[int, "int | None", "str | None"], None]
-Cancel = Callable[[], bool]
 
 
 # =========================================================================== checkpoints
@@ -333,8 +331,8 @@ def predict_sample(
 
     t0 = time.perf_counter()
     mode = _MODE_ALIASES.get(str(mode).lower(), str(mode).lower())
-    if mode not in MODES:
-        raise InputError(f"unknown prediction mode '{mode}'", hint="use retrieval, probe or zero-shot")
+    if mode not in PREDICT_MODES:
+        raise InputError(f"unknown prediction mode '{mode}'", hint=f"use {', '.join(PREDICT_MODES)}")
     if isinstance(sample, (str, os.PathLike)):
         from ..io import load_sample
 
@@ -589,4 +587,4 @@ def predict_to_file(
 
 
 __all__ = ["predict_sample", "predict_to_file", "check_outputs", "resolve_genes", "get_checkpoint", "resolve_checkpoint_path",
-           "prediction_table", "MODES"]
+           "prediction_table"]

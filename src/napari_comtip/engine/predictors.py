@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from ..constants import Default
 from ..errors import ConfigError, InputError
 
-PREDICTORS = ("zero-shot", "retrieval", "probe")
 WEIGHTINGS = ("mean", "inverse_distance", "inverse_square")
 
 
@@ -298,4 +297,4 @@ def probe_predict(probe: Probe | dict, features) -> np.ndarray:
     return (((x - probe.mean) / probe.std) @ probe.weight + probe.bias).astype(np.float32)
 
 
-__all__ = ["PREDICTORS", "Probe", "fit_probe", "loo_ridge_alpha", "probe_predict", "retrieval", "zero_shot", "zero_shot_sentence_embeddings"]
+__all__ = ["Probe", "fit_probe", "loo_ridge_alpha", "probe_predict", "retrieval", "zero_shot", "zero_shot_sentence_embeddings"]

@@ -31,7 +31,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import numpy as np
 
 from ..constants import Default
 from ..errors import InputError
+from ..progress import Progress
 from .cache import cache_dir, file_identity, identity_key
 
 #: Bumped when the layout of cached pyramids changes (old caches are then rebuilt).
@@ -49,7 +50,6 @@ IMAGE_SUFFIXES = TIFFSLIDE_SUFFIXES + (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # raised to this for our own calls only): 2 gigapixels.
 MAX_DECODE_PIXELS = 2_000_000_000
 
-ProgressFn = Callable[[int, "int | None", "str | None"], None]
 
 
 # --------------------------------------------------------------------------- pixel helpers
@@ -449,7 +449,7 @@ def _open_cached_pyramid(folder: Path, identity: str, source: str) -> Multiscale
                            kind="cached pyramid", info={"cache": str(folder), "decoded": False})
 
 
-def _build_cached_pyramid(path: Path, identity: str, folder: Path, progress: ProgressFn | None,
+def _build_cached_pyramid(path: Path, identity: str, folder: Path, progress: Progress | None,
                           rgb: np.ndarray | None = None) -> MultiscaleImage:
     t0 = time.perf_counter()
     if progress:
@@ -543,7 +543,7 @@ def _open_tiffslide(path: Path) -> tuple[MultiscaleImage | None, float | None] |
 
 
 # --------------------------------------------------------------------------- entry point
-def open_image(path: str | os.PathLike, progress: ProgressFn | None = None) -> tuple[MultiscaleImage, float | None]:
+def open_image(path: str | os.PathLike, progress: Progress | None = None) -> tuple[MultiscaleImage, float | None]:
     """Open any supported slide/image as a :class:`MultiscaleImage`.
 
     Returns ``(image, mpp)`` where ``mpp`` is the microns per pixel recorded in the file (TIFF

@@ -21,7 +21,7 @@ from .comtip import CoMTIP, clip_loss
 from .config import MODEL_VERSION, ComtipConfig
 from .factory import build_model, embed_gene_names
 from .presets import PRESETS, describe_presets, get_preset, preset_names
-from .text import permute_values, sample_gene_subsets
+from .sentences import permute_values, sample_gene_subsets
 
 __all__ = [
     "FORMAT_VERSION",

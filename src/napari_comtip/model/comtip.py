@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .config import ComtipConfig
 from .foundation import fully_frozen
-from .text import GeneTextEncoder, permute_values, sample_gene_subsets, spot_rank
+from .sentences import permute_values, sample_gene_subsets, spot_rank
+from .text import GeneTextEncoder
 from .vision import MaskedViT, resolve_normalization
 
 

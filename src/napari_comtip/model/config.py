@@ -6,7 +6,7 @@ network. ``from_dict`` refuses keys it does not know (a typo in a YAML file must
 ignored) with a :class:`~napari_comtip.errors.ConfigError` that names the key.
 
 The presets (``tiny`` for a CPU, ``base`` for a GPU, ...) are whole training recipes shipped as
-package data and read by :mod:`napari_comtip.model.presets`; :func:`get_preset` returns the
+package data and read by :mod:`napari_comtip.model.presets`, whose ``get_preset`` returns the
 model part of one as an independent copy that callers may modify.
 """
 
@@ -155,7 +155,7 @@ class ComtipConfig:
         """Build a config from a (possibly partial) dict; unknown keys raise ConfigError."""
         cfg = cls()
         if d:
-            _update(cfg, d, prefix="")
+            apply_mapping(cfg, d, prefix="")
         cfg.validate()
         return cfg
 
@@ -169,7 +169,7 @@ class ComtipConfig:
             for p in parts[:-1]:
                 cur = cur.setdefault(p, {})
             cur[parts[-1]] = value
-            _update(new, nested, prefix="")
+            apply_mapping(new, nested, prefix="")
         new.validate()
         return new
 
@@ -243,7 +243,11 @@ def _to_primitive(obj: Any) -> Any:
     return obj
 
 
-def _update(target: Any, d: dict[str, Any], prefix: str) -> None:
+def apply_mapping(target: Any, d: dict[str, Any], prefix: str = "") -> None:
+    """Set the fields of the dataclass ``target`` from ``d`` (nested dataclasses recursively), each
+    value coerced to its field's type ('0.5' -> 0.5, 'yes' -> True, 'abc' for an int refused);
+    ``prefix`` names the section in messages. The one coercion rule of every config section
+    (the model here, ``data``/``training`` in ``engine/run_config.py``)."""
     if not isinstance(d, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(target)}
@@ -254,7 +258,7 @@ def _update(target: Any, d: dict[str, Any], prefix: str) -> None:
             raise ConfigError(f"unknown config key {full!r}", hint=f"known keys here: {known}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
-            _update(current, value, prefix=f"{full}.")
+            apply_mapping(current, value, prefix=f"{full}.")
         elif key == "freeze":
             setattr(target, key, _coerce_freeze(full, value))
         elif key == "overrides":
@@ -308,11 +312,3 @@ def _coerce(name: str, current: Any, f: dataclasses.Field, value: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"config key {name!r} has an invalid value {value!r} (expected {ann})") from None
     return value
-
-
-# ---------------------------------------------------------------------------- presets
-def get_preset(name: str) -> ComtipConfig:
-    """A fresh copy of a preset's model config; the presets are package data (model/presets.py)."""
-    from .presets import get_preset as _get
-
-    return _get(name)

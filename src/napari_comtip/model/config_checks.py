@@ -1,11 +1,11 @@
 """Range checks of every numeric configuration value: one table, checked at load time.
 
-Type checking (``'abc'`` for an int) happens while a config is parsed (``config._coerce``,
-``training._apply_section``); this table says which *values* can work, e.g. a batch size of -8
+Type checking (``'abc'`` for an int) happens while a config is parsed (``config.apply_mapping``,
+for the model and for the run config's sections); this table says which *values* can work, e.g. a batch size of -8
 (which made pretraining loop forever) or a learning rate of -1. Each row is
 ``dotted key -> Range``; a new config key gets a row here and is checked everywhere a config is
 loaded (model section in :meth:`ComtipConfig.validate`, the ``data`` and ``training`` sections in
-``engine.training.run_config_from_dict``). Keys whose value may be ``None`` are skipped when None.
+``engine.run_config.run_config_from_dict``). Keys whose value may be ``None`` are skipped when None.
 
 The error names the key, the allowed range and, through ``source``, where the value came from
 (``--set``, the YAML file, or a preset).
@@ -98,7 +98,7 @@ RANGES: dict[str, Range] = {
     "zero_shot.temperature": _gt(0),
     "zero_shot.default_max": _gt(0),
     "zero_shot.chunk": _ge(1),
-    # ---- data (engine.data.DataConfig)
+    # ---- data (engine.run_config.DataConfig)
     "data.n_hvg": _ge(0),
     "data.n_mean": _ge(0),
     "data.min_spot_frac": _UNIT,
@@ -112,7 +112,7 @@ RANGES: dict[str, Range] = {
     "data.contrast": _UNIT,
     "data.saturation": _UNIT,
     "data.expressed_weight": _gt(0),
-    # ---- training (engine.training.TrainingConfig)
+    # ---- training (engine.run_config.TrainingConfig)
     "training.epochs": _ge(1),
     "training.batch_size": _ge(2),  # InfoNCE needs at least one negative in the batch
     "training.lr": _gt(0),

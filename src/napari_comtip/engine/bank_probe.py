@@ -1,0 +1,111 @@
+"""What ``model.pt`` carries besides the weights: the retrieval bank and the ridge probe of the training spots.
+
+* :func:`embed_patches` -- image embeddings and pooled features of uint8 patches, no augmentation;
+* :func:`build_bank_and_probe` -- the bank (embeddings + panel expression of every training spot)
+  and the probe (``training.probe_context``, engine/context.py) stored in the final checkpoint;
+* :func:`refit_probe` -- a stored probe fitted again without retraining (``training/refit_probe.py``);
+* :func:`save_final` -- ``model.pt`` itself (:func:`napari_comtip.model.checkpoint.save_checkpoint`);
+* :func:`panel_rule_text` -- the gene panel rule in words, stored with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..constants import Default
+from .context import context_features_grouped, fit_context_probe
+from .data import TrainingSet, build_training_set
+from .run_config import DataConfig, RunConfig
+
+
+@torch.no_grad()
+def embed_patches(model, patches: np.ndarray, device: torch.device, batch_size: int = 128,
+                  features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """L2-normalised image embeddings (and pooled features) of uint8 patches, no augmentation."""
+    model.eval()
+    embs, feats = [], []
+    for s in range(0, len(patches), batch_size):
+        x = torch.from_numpy(np.asarray(patches[s:s + batch_size])).to(device)
+        x = model.preprocess(x)
+        embs.append(model.encode_image(x).float().cpu())
+        if features:
+            feats.append(model.image_features(x).float().cpu())
+    e = torch.cat(embs).numpy()
+    f = torch.cat(feats).numpy() if features else None
+    return e, f
+
+
+def build_bank_and_probe(model, ts: TrainingSet, device, cfg: RunConfig) -> dict[str, Any]:
+    """The retrieval bank and probe stored inside ``model.pt`` (see model/checkpoint.py)."""
+    emb, feats = embed_patches(model, ts.patches, device, features=cfg.training.probe)
+    extras: dict[str, Any] = {}
+    if cfg.training.bank:
+        extras["bank"] = {
+            "emb": torch.from_numpy(emb).half(),
+            "expr": torch.from_numpy(ts.expr).half(),
+            "ids": list(ts.spot_ids),
+            "samples": list(ts.names),
+            "source": "training spots (no augmentation)",
+        }
+    if cfg.training.probe:
+        alpha = cfg.training.probe_alpha
+        # 0 = automatic: exact leave-one-out over the training spots (the floor's rule, see
+        # predictors.loo_ridge_alpha); a leave-one-section-out choice over-regularised (docs/results.md)
+        ctx = cfg.training.probe_context
+        x = context_features_grouped(feats, ts.centres_rc, ts.sample_of, ctx)
+        probe = fit_context_probe(x, ts.expr, ctx, ts.centres_rc, ts.sample_of, alpha=alpha if alpha > 0 else None,
+                                  genes=ts.panel).to_dict()
+        probe["source"] = "training spots (no augmentation)"
+        probe["context"] = ctx
+        extras["probe"] = probe
+    return extras
+
+
+def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str = "auto", alpha: float | None = None,
+                note: dict | None = None, context: str = Default.PROBE_CONTEXT) -> dict[str, Any]:
+    """Re-fit the ridge probe stored in ``checkpoint`` on ``samples`` (loaded SpatialSamples with
+    expression), in place and atomically; the encoder, bank and config are not touched.
+
+    For a checkpoint trained before the current probe rule, or to move its probe to other
+    labelled sections. ``alpha=None``: leave-one-out choice (:func:`predictors.loo_ridge_alpha`).
+    Returns the new probe's alpha and per-alpha scores.
+    """
+    from ..model.checkpoint import load_checkpoint, update_checkpoint
+    from .device import resolve_device
+
+    ck = load_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    cfg = ck.model.config
+    ts = build_training_set(samples, DataConfig(unlabelled=False), patch_um=cfg.patch_um,
+                            img_size=cfg.vision.img_size, panel=ck.gene_panel)
+    ck.model.to(dev)
+    _, feats = embed_patches(ck.model, ts.patches, dev)
+    x = context_features_grouped(feats, ts.centres_rc, ts.sample_of, context)
+    probe = fit_context_probe(x, ts.expr, context, ts.centres_rc, ts.sample_of, alpha=alpha, genes=ts.panel).to_dict()
+    probe["source"] = f"spots of {', '.join(ts.names)} (no augmentation)"
+    probe["context"] = context
+    update_checkpoint(checkpoint, probe=probe, note=dict(note or {}, what="probe re-fitted", samples=list(ts.names),
+                                                         n_spots=ts.n_spots, alpha=probe["alpha"], alpha_rule=probe["alpha_rule"]))
+    return {"alpha": probe["alpha"], "alpha_scores": probe["alpha_scores"], "n_spots": ts.n_spots}
+
+
+def panel_rule_text(dc: DataConfig) -> str:
+    """The panel rule of :func:`engine.data.select_gene_panel` with this config's numbers."""
+    return (f"genes present in all training sections and detected in >= {dc.min_spot_frac:.0%} of training spots; "
+            f"top {dc.n_hvg} by Seurat normalised dispersion of the pooled log-normalised training spots, "
+            f"plus the top {dc.n_mean} by mean log-normalised expression (union)")
+
+
+def save_final(path: Path, model, panel: Sequence[str], extras: dict[str, Any], *, fp16: bool) -> None:
+    """Write ``model.pt``: the weights (fp16 storage when ``fp16``), the panel, the bank and probe in ``extras``."""
+    from ..model.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, model.config, panel, extras=extras, half=fp16)
+
+
+__all__ = ["embed_patches", "build_bank_and_probe", "refit_probe", "save_final", "panel_rule_text"]

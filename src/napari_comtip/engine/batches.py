@@ -1,0 +1,174 @@
+"""What one training step sees: a seeded batch of augmented spot patches and gene sentences.
+
+* :class:`BatchSet` -- item ``i`` is the whole batch ``i`` of an epoch, built from ``(seed, step,
+  rank)`` alone, so 0 or many DataLoader workers give the same batches and a resumed run needs no
+  replay;
+* :class:`Augment` -- seeded flips, 90 degree rotations, HED stain jitter and
+  brightness/contrast/saturation jitter on uint8 patch batches (staining differs strongly
+  between patients, peers.md);
+* :func:`expressed_sentences` -- gene sentences weighted towards expressed genes (names+values).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..model.sentences import sample_gene_subsets, spot_rank
+from .data import TrainingSet
+from .distributed import Dist
+from .run_config import DataConfig, RunConfig
+
+
+def step_seed(seed: int, step: int, rank: int, salt: int) -> int:
+    # a fixed mixing of the four numbers; same on every machine and run
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + salt * 15_485_863) % (2**63 - 1)
+
+
+def generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+# --------------------------------------------------------------------------- augmentation
+# Ruifrok & Johnston H&E-DAB stain matrix (as skimage.color.rgb_from_hed)
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+_RGB_FROM_HED[2] = np.cross(_RGB_FROM_HED[0], _RGB_FROM_HED[1])
+_RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+
+class Augment:
+    """Seeded augmentation of (B, H, W, 3) uint8 patch batches; returns uint8.
+
+    Every random draw comes from the ``torch.Generator`` passed in, so a step's augmentation
+    depends only on (seed, step): resuming a run reproduces it exactly.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.hed_from_rgb = torch.tensor(_HED_FROM_RGB, dtype=torch.float32)
+        self.rgb_from_hed = torch.tensor(_RGB_FROM_HED, dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        c = self.cfg
+        B = x.shape[0]
+        if B == 0:
+            return x
+        if c.flips:
+            f = torch.rand(B, generator=gen) < 0.5
+            if f.any():
+                x = x.clone()
+                x[f] = torch.flip(x[f], dims=[2])
+        if c.rot90:
+            k = torch.randint(0, 4, (B,), generator=gen)
+            x = torch.stack([torch.rot90(x[i], int(k[i]), dims=(0, 1)) for i in range(B)])
+        need_colour = c.hed_sigma > 0 or c.hed_bias > 0 or c.brightness > 0 or c.contrast > 0 or c.saturation > 0
+        if not need_colour:
+            return x.contiguous()
+        xf = x.float() / 255.0
+        if c.hed_sigma > 0 or c.hed_bias > 0:
+            od = -torch.log(torch.clamp(xf, min=1e-6) * (255.0 / 256.0) + 1.0 / 256.0)  # optical density
+            hed = od @ self.hed_from_rgb
+            scale = 1 + c.hed_sigma * torch.randn(B, 1, 1, 3, generator=gen)
+            bias = c.hed_bias * torch.randn(B, 1, 1, 3, generator=gen)
+            hed = hed * scale + bias
+            od = hed @ self.rgb_from_hed
+            xf = torch.clamp((torch.exp(-od) - 1.0 / 256.0) * (256.0 / 255.0), 0, 1)
+        if c.brightness > 0:
+            xf = xf * (1 + c.brightness * (2 * torch.rand(B, 1, 1, 1, generator=gen) - 1))
+        if c.contrast > 0:
+            m = xf.mean(dim=(1, 2, 3), keepdim=True)
+            xf = (xf - m) * (1 + c.contrast * (2 * torch.rand(B, 1, 1, 1, generator=gen) - 1)) + m
+        if c.saturation > 0:
+            grey = (xf * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True)
+            xf = (xf - grey) * (1 + c.saturation * (2 * torch.rand(B, 1, 1, 1, generator=gen) - 1)) + grey
+        return torch.clamp(xf * 255.0 + 0.5, 0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- gene sentences
+def expressed_sentences(expr: torch.Tensor, text_cfg, weight: float, gen: torch.Generator,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training sentences for ``names+values`` mode, weighted towards expressed genes.
+
+    A panel of ~1,200 genes is mostly zeros in any one spot: uniform subsets of 32 genes carry
+    almost no signal for the contrastive loss. Here each spot's genes are drawn without
+    replacement with weight ``weight`` for an expressed gene and 1 for a zero (Gumbel top-k),
+    so sentences hold mostly expressed genes and still some zeros. Lengths are drawn like
+    :func:`napari_comtip.model.sentences.sample_gene_subsets` (log-uniform in [min_genes, max_genes],
+    one gene with probability ``p_single``), so single-gene zero-shot sentences stay
+    in-distribution.
+    """
+    b, g = expr.shape
+    lo, hi = min(text_cfg.min_genes, g), min(text_cfg.max_genes, g)
+    u = torch.rand(b, generator=gen)
+    sizes = torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
+    if text_cfg.p_single > 0:
+        single = torch.rand(b, generator=gen) < text_cfg.p_single
+        sizes = torch.where(single, torch.ones_like(sizes), sizes)
+    length = int(sizes.max())
+    w = torch.where(expr > 0, torch.full_like(expr, float(weight)), torch.ones_like(expr))
+    r = torch.rand(b, g, generator=gen).clamp_(1e-12, 1 - 1e-7)
+    keys = torch.log(w) - torch.log(-torch.log(r))
+    idx = keys.topk(length, dim=1).indices
+    mask = torch.arange(length).unsqueeze(0) < sizes.unsqueeze(1)
+    return idx, expr.float().gather(1, idx), mask
+
+
+
+# --------------------------------------------------------------------------- batches
+class BatchSet(torch.utils.data.Dataset):
+    """Item ``i`` = the whole batch ``i`` of an epoch, built deterministically from (seed, step).
+
+    Works the same with 0 or many DataLoader workers, and resuming at batch ``i`` needs no
+    replay of earlier batches.
+    """
+
+    def __init__(self, ts: TrainingSet, cfg: RunConfig, epoch: int, steps_per_epoch: int, dist: Dist,
+                 augment: Augment, pixels: bool = True):
+        self.ts, self.cfg, self.epoch, self.spe, self.dist, self.aug = ts, cfg, epoch, steps_per_epoch, dist, augment
+        self.pixels = pixels  # False (feature cache): item 0 is the spot indices, the cache has the images
+        seed = cfg.training.seed
+        perm = torch.randperm(ts.n_spots, generator=generator(step_seed(seed, epoch, 0, 1)))
+        self.order = perm[dist.rank::dist.world]  # this rank's share of the epoch
+
+    def __len__(self):
+        return self.spe
+
+    def __getitem__(self, i: int):
+        B = self.cfg.training.batch_size
+        step = self.epoch * self.spe + i
+        idx = self.order[i * B:(i + 1) * B].numpy()
+        idx_sorted = np.sort(idx)
+        g = generator(step_seed(self.cfg.training.seed, step, self.dist.rank, 2))
+        if self.pixels:
+            pos = {v: k for k, v in enumerate(idx_sorted)}
+            patches = np.asarray(self.ts.patches[idx_sorted])[[pos[v] for v in idx]]
+            imgs = self.aug(torch.from_numpy(patches), g)
+        else:
+            imgs = torch.from_numpy(idx.astype(np.int64))
+        expr = torch.from_numpy(np.asarray(self.ts.expr[idx]))
+        if self.cfg.model.text.value_transform == "spot_rank":
+            expr = spot_rank(expr)
+        dc = self.cfg.data
+        if self.cfg.model.text.mode == "names+values" and dc.sentence_sampler == "expressed":
+            gene_idx, values, mask = expressed_sentences(expr, self.cfg.model.text, dc.expressed_weight, g)
+        else:
+            gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
+        if self.cfg.model.text.library_token and self.ts.library_z is not None:  # the spot's depth as its own token
+            n = len(idx)
+            gene_idx = torch.cat([gene_idx, torch.full((n, 1), len(self.ts.panel), dtype=gene_idx.dtype)], 1)
+            values = torch.cat([values, torch.from_numpy(self.ts.library_z[idx]).to(values.dtype).view(n, 1)], 1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], 1)
+        extra = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
+        if self.pixels and self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
+            u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
+            us = np.sort(u)
+            extra = self.aug(torch.from_numpy(np.asarray(self.ts.unlabelled[us])), g)
+        return imgs, gene_idx, values, mask, extra
+
+
+__all__ = ["BatchSet", "Augment", "expressed_sentences", "step_seed", "generator"]

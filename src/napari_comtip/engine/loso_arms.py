@@ -1,0 +1,69 @@
+"""The LOSO benchmark's arms and the predictors it scores (one list each; engine/loso.py runs them,
+engine/loso_table.py orders its tables by them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+
+#: Each arm's config overrides (dotted keys) on top of the benchmark's recipe.
+ARMS: dict[str, dict[str, Any]] = {
+    "ridge": {},
+    "untrained": {},  # the config's architecture with random weights: no training step (save_untrained)
+    "comtip": {},
+    "comtip-nomfm": {"model.w_mfm": 0.0},
+    "comtip-nopaat": {"model.w_paat": 0.0},
+    "comtip-nomfm-nopaat": {"model.w_mfm": 0.0, "model.w_paat": 0.0},
+    "comtip-nounlab": {"data.unlabelled": False},
+    "names": {"model.text.mode": "names"},
+    "names-nomfm": {"model.text.mode": "names", "model.w_mfm": 0.0},
+    "values": {"model.text.mode": "values"},
+    "values-nomfm": {"model.text.mode": "values", "model.w_mfm": 0.0},
+    "values-nopaat": {"model.text.mode": "values", "model.w_paat": 0.0},
+    "values-nomfm-nopaat": {"model.text.mode": "values", "model.w_mfm": 0.0, "model.w_paat": 0.0},
+    # zero-shot levers: the spot's depth as its own token; undetected genes at 0 in the sentences,
+    # more one-gene sentences (these two did not help: docs/results.md)
+    "comtip-lib": {"model.w_mfm": 0.0, "model.text.library_token": True},
+    "comtip-rank": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank"},
+    "comtip-rank-lib": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.text.library_token": True},
+    "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
+    "comtip-zs-w3": {"model.w_mfm": 0.0, "data.expressed_weight": 3.0, "model.text.p_single": 0.3},
+}
+ARM_TEXT = {
+    "ridge": "colour-texture features + ridge (floor)",
+    "untrained": "the recipe's architecture with random weights, same probe rule (control)",
+    "comtip": "CoMTIP: names+values, MFM, PAAT",
+    "comtip-nomfm": "names+values, PAAT, no MFM",
+    "comtip-nopaat": "names+values, MFM, no PAAT",
+    "comtip-nomfm-nopaat": "names+values, no MFM, no PAAT",
+    "comtip-nounlab": "CoMTIP, MFM without unlabelled tissue patches",
+    "names": "names only (OmiCLIP-style), MFM",
+    "names-nomfm": "names only, no MFM",
+    "values": "values only (BLEEP-style), MFM, PAAT",
+    "values-nomfm": "values only, PAAT, no MFM",
+    "values-nopaat": "values only, MFM, no PAAT",
+    "values-nomfm-nopaat": "values only, no MFM, no PAAT",
+    "comtip-lib": "names+values, no MFM, library-size token in every sentence",
+    "comtip-rank": "names+values, no MFM, values = within-spot ranks",
+    "comtip-rank-lib": "names+values, no MFM, within-spot ranks and the library-size token",
+    "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
+    "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
+}
+#: The floor arm's predictors: its colour-texture features alone, and in the probe's spatial context.
+FLOOR_MODES = ("ridge", "ridge-ctx")
+#: Every predictor the benchmark scores for a learned arm: the user's predictors (constants.PREDICT_MODES)
+#: and two benchmark-only variants, ``probe-raw`` (ridge on the spot's own pooled features, no
+#: context) and ``floor+probe`` (the probe rule on the floor's and the encoder's features side by side).
+LEARNED_MODES = ("retrieval", "probe-raw", "probe", "floor+probe", "zero-shot")
+#: Predictors in table order.
+MODE_ORDER = FLOOR_MODES + LEARNED_MODES
+
+
+def arm_overrides(arm: str) -> dict[str, Any]:
+    if arm not in ARMS:
+        raise ConfigError(f"unknown arm {arm!r}", hint=f"choose from {', '.join(ARMS)}")
+    return dict(ARMS[arm])
+
+
+__all__ = ["ARMS", "ARM_TEXT", "FLOOR_MODES", "LEARNED_MODES", "MODE_ORDER", "arm_overrides"]
