@@ -85,8 +85,16 @@ def test_presets_command_lists_json_and_shows_one(capsys):
     listed = json.loads(capsys.readouterr().out)
     assert [p["name"] for p in listed] == list(preset_names()) and all(p["purpose"] for p in listed)
     assert main(["presets", "base"]) == 0
-    shown = yaml.safe_load(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    shown = yaml.safe_load(text)
     assert shown["preset"] == "base" and shown["model"]["vision"]["img_size"] == 224
+
+
+def test_a_printed_preset_is_a_config_file_of_the_same_run(capsys, tmp_path):
+    assert main(["presets", "tiny"]) == 0
+    f = tmp_path / "my.yaml"
+    f.write_text(capsys.readouterr().out)
+    assert load_run_config(f).to_dict() == load_run_config(None, preset="tiny").to_dict()
 
 
 def test_unknown_preset_is_one_line_naming_the_known_ones(capsys, tmp_path):
