@@ -85,7 +85,7 @@ def build_model(args, device: str = "cpu"):
     if ck is None and args.model == "auto":
         from napari_comtip.model import default_checkpoint_path
 
-        bundled = default_checkpoint_path(must_exist=False)
+        bundled = default_checkpoint_path()
         ck = str(bundled) if bundled.is_file() else None
     if ck:
         from napari_comtip.model import load_checkpoint
@@ -107,7 +107,7 @@ def bench_checkpoint(args) -> Path:
         return Path(args.checkpoint)
     from napari_comtip.model import default_checkpoint_path
 
-    bundled = default_checkpoint_path(must_exist=False)
+    bundled = default_checkpoint_path()
     if args.model == "auto" and bundled.is_file():
         return bundled
     name = "recipe" if args.model == "auto" else args.model

@@ -81,11 +81,12 @@ def test_round_trip_gives_identical_outputs(trained, probe_inputs, tmp_path, mon
     assert ck.meta["normalization"] == {"target_sum": 1e4, "log1p": True}
     assert ck.meta["patch_um"] == trained.config.patch_um
     assert ck.meta["extras"] == {"note": 1.5}
-    assert re.fullmatch(r"[0-9a-f]{16}", ck.meta["digest"])
+    assert re.fullmatch(r"[0-9a-f]{16}", ck.digest) and ck.path == path and ck.name is None and ck.label == "m.pt"
     assert ck.bank.ids == bank["ids"] and ck.bank.meta == {"samples": ["B4"]}
     assert torch.allclose(ck.bank.emb, bank["emb"], atol=2e-3) and ck.bank.emb.dtype == torch.float32
     f = np.random.default_rng(2).normal(size=(4, 64))
     assert np.allclose(probe_predict(ck.probe, f), probe_predict(probe, f))
+    assert isinstance(ck.probe, ck_mod.StoredProbe) and ck.probe.context == "none" and ck.probe.alpha == probe.alpha
     # the file holds only weights_only-safe objects
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "napari-comtip-checkpoint" and raw["bank"]["emb"].dtype == torch.float16
@@ -157,13 +158,8 @@ class _Custom:
 
 
 def test_default_checkpoint_path_and_digest(tmp_path, trained):
-    p = default_checkpoint_path(must_exist=False)
-    assert p.name == "comtip-tiny-her2st.pt" and p.parent.name == "checkpoints"
-    if not p.is_file():
-        with pytest.raises(CheckpointError, match="bundled default checkpoint is missing"):
-            default_checkpoint_path()
-    else:
-        assert default_checkpoint_path() == p
+    p = default_checkpoint_path()
+    assert p.name == "comtip-tiny-her2st.pt" and p.parent.name == "checkpoints" and p.is_file()
     a = save_checkpoint(tmp_path / "a.pt", trained)
     d1 = checkpoint_digest(a)
     assert re.fullmatch(r"[0-9a-f]{16}", d1) and checkpoint_digest(a) == d1

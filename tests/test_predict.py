@@ -354,7 +354,7 @@ def test_predict_on_cuda_records_the_device(visium, ckpt):
 def _bundled_or_skip():
     from napari_comtip.model import default_checkpoint_path
 
-    path = default_checkpoint_path(must_exist=False)
+    path = default_checkpoint_path()
     if not path.is_file():
         pytest.skip("no bundled checkpoint in this checkout")
     return path

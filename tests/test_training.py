@@ -165,7 +165,7 @@ def test_resume_after_kill_gives_the_same_weights(demo_set, tmp_path):
 
     ck = load_checkpoint(resumed)
     assert ck.bank is not None and ck.bank.emb.shape[0] == demo_set.n_spots
-    assert ck.probe is not None and tuple(ck.probe["weight"].shape)[1] == len(demo_set.panel)
+    assert ck.probe is not None and ck.probe.weight.shape[1] == len(demo_set.panel)
     assert ck.gene_panel == demo_set.panel
 
 
@@ -191,7 +191,7 @@ def test_refit_probe_replaces_only_the_probe(demo_set, tmp_path):
     assert torch.equal(before["bank"]["emb"], after["bank"]["emb"])
     upd = after["provenance"]["updates"][-1]
     assert upd["what"] == "probe re-fitted" and upd["why"] == "test" and upd["samples"] == ["C2"]
-    assert load_checkpoint(path).probe["alpha"] == res["alpha"]
+    assert load_checkpoint(path).probe.alpha == res["alpha"]
     BP.refit_probe(path, [load_sample("@demo")], device="cpu", context="none")
     assert _state(path)["probe"]["alpha_rule"] == "leave-one-out" and _state(path)["probe"]["context"] == "none"
 

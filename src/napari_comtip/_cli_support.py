@@ -22,6 +22,9 @@ from pathlib import Path
 
 from .errors import ComtipError
 
+#: Exit status when stdout was closed by its reader (128 + SIGPIPE, like other Unix tools).
+EXIT_BROKEN_PIPE = 141
+
 #: Environment variable that makes :func:`run_guarded` re-raise every exception (set by tests).
 RAISE_ENV = "COMTIP_RAISE"
 #: Exit status of an error the user can fix, and of a bug.
@@ -106,6 +109,15 @@ def run_guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
             raise
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of our output went away (`comtip checkpoints | head`): not an error of the
+        # user's disk; stop quietly, as Unix tools do (exit 141 = 128 + SIGPIPE)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         if raise_all:
             raise

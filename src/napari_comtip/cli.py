@@ -22,6 +22,10 @@ from ._cli_support import float_above, int_at_least, run_guarded
 from .constants import PREDICT_MODES, Cohort, Default
 from .progress import tqdm_progress
 
+#: the help of every --checkpoint option (names: `comtip checkpoints`)
+CHECKPOINT_HELP = ("a bundled checkpoint's name (see `comtip checkpoints`, e.g. comtip-tiny-mouse-brain) or the path "
+                   "of a CoMTIP .pt file; default: the bundled comtip-tiny-her2st")
+
 
 # --------------------------------------------------------------------------- helpers
 def _add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True, many: bool = False) -> None:
@@ -98,7 +102,7 @@ def _add_predict(sub) -> None:
     _add_sample_args(p, many=True)
     p.add_argument("--manifest", default=None,
                    help="cohort CSV with columns path and optional sample, slide, mpp, pitch_um, out (one row per sample)")
-    p.add_argument("--checkpoint", default=None, help="CoMTIP checkpoint (.pt); default: the one bundled with the package")
+    p.add_argument("--checkpoint", default=None, metavar="NAME|PATH", help=CHECKPOINT_HELP)
     p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--genes", default=None, help="comma-separated gene symbols or feature ids, e.g. Gfap or ENSMUSG00000020932 (default: the whole panel)")
@@ -266,7 +270,7 @@ def _run_presets(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="per-gene Pearson correlation of predictions on a held-out sample")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, metavar="NAME|PATH", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True)
     p.add_argument("--sample", default=None)
     p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
@@ -332,7 +336,7 @@ def _add_view(sub) -> None:
     p = sub.add_parser("view", help="open napari with the slide and the Predict widget docked")
     _add_sample_args(p, path_required=False)
     p.add_argument("--gene", default=None, help="gene to show (symbol or feature id)")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, metavar="NAME|PATH", help=CHECKPOINT_HELP)
     p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
     p.add_argument("--device", default="auto")
@@ -351,6 +355,22 @@ def _run_view(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, canvas_only=args.canvas_only, size=args.size, overwrite=args.overwrite)
 
 
+# --------------------------------------------------------------------------- checkpoints
+def _add_checkpoints(sub) -> None:
+    p = sub.add_parser("checkpoints", help="list the bundled checkpoints (names for --checkpoint) and their "
+                       "held-out evaluation")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects (name, path, data, n_genes, "
+                   "recipe, species, default, evaluation, ...)")
+
+
+def _run_checkpoints(args: argparse.Namespace) -> int:
+    from .model.catalogue import format_table, list_bundled
+
+    records = list_bundled()
+    print(json.dumps(records, default=str) if args.json else format_table(records))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 _COMMANDS = {
     "inspect": (_add_inspect, _run_inspect),
@@ -360,6 +380,7 @@ _COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "benchmark-loso": (_add_loso, _run_loso),
     "view": (_add_view, _run_view),
+    "checkpoints": (_add_checkpoints, _run_checkpoints),
 }
 
 

@@ -246,19 +246,19 @@ def test_plain_image_and_points_layers(make_napari_viewer, qtbot, demo, tiny_che
 
 def test_bundled_checkpoint_end_to_end_through_the_manifest(make_napari_viewer, qtbot, demo, monkeypatch, artefact_dir):
     """What a pathologist does: Open Sample, Plugins > Predict expression, Run (bundled model), pick genes."""
-    from napari_comtip.model.checkpoint import default_checkpoint_path
+    from napari_comtip.model.bundled import default_checkpoint_path
 
-    if not default_checkpoint_path(must_exist=False).is_file():
+    if not default_checkpoint_path().is_file():
         pytest.skip("the bundled checkpoint is not in this checkout yet")
     calls = _count_encoder(monkeypatch)
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-comtip", "demo")
     _, widget = viewer.window.add_plugin_dock_widget("napari-comtip", "Predict expression")
-    assert widget.checkpoint() is None  # empty field = the bundled checkpoint
+    assert widget.checkpoint() == "comtip-tiny-her2st"  # the default bundled checkpoint, chosen at start
     _run(qtbot, widget, timeout=600_000)
     pred = widget.prediction
     assert pred is not None, widget.last_error
-    assert pred.mode == "probe" and pred.checkpoint.endswith(default_checkpoint_path(must_exist=False).name)
+    assert pred.mode == "probe" and pred.checkpoint.endswith(default_checkpoint_path().name)
     n = calls["n"]
     genes = [g for g in ("ERBB2", "KRT19", "CD74") if g in pred.genes] or pred.genes[:2]
     colours = []

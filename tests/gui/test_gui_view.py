@@ -47,6 +47,8 @@ def test_view_errors_are_one_line(tmp_path, tiny_checkpoint):
         _run_view(_args("@demo", "--screenshot", tmp_path / "x.jpg"))
     with pytest.raises(ComtipError, match="window size|--size"):
         _run_view(_args("@demo", "--size", "big"))
+    with pytest.raises(ComtipError, match="comtip-tiny-brain: checkpoint not found.*comtip-tiny-mouse-brain"):
+        _run_view(_args("@demo", "--checkpoint", "comtip-tiny-brain"))
 
 
 @pytest.mark.slow

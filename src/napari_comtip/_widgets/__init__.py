@@ -5,6 +5,7 @@
 * ``_layers.py``      SpatialSample / predictions -> napari layer data (no Qt, no napari)
 * ``_session.py``     the Predict widget's state: checkpoints, cached embeddings (no Qt)
 * ``predict.py``      the "Predict expression" dock widget
+* ``_checkpoints.py`` its checkpoint chooser (the bundled checkpoints by name, or a file)
 * ``pretrain.py``     the "Pretrain CoMTIP" dock widget (a launcher over ``comtip pretrain``)
 * ``_view.py``        ``comtip view``: napari with a slide and the Predict widget, or a screenshot
 

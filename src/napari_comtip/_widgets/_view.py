@@ -83,7 +83,10 @@ def view(path: str | os.PathLike | None = None, *, sample: str | None = None, sl
     Predict widget; with ``screenshot``, predict ``gene``, save the PNG and close. Exit status 0."""
     from ..io import DEMO_ALIAS, load_sample
 
+    from ..model.bundled import resolve_checkpoint
+
     win = _parse_size(size)
+    resolve_checkpoint(checkpoint)  # an unknown name or missing file: one line, before any window opens
     loaded = load_sample(path or DEMO_ALIAS, sample=sample, slide=slide, pitch_um=pitch_um, mpp=mpp)
     shot = None
     if screenshot:

@@ -1,12 +1,12 @@
 """The "Predict expression" dock widget.
 
-Choose a slide (and optionally another spots layer), a checkpoint, a predictor, a device and a
-batch size; *Run* embeds every spot patch off the GUI thread (progress bar, *Cancel*) and
-predicts the checkpoint's whole gene panel through the same engine call as ``comtip predict``.
-Then pick a gene (type to search): the predicted layers are recoloured at once, the measured
-expression (when the slide has it) is shown beside on the same colour scale, with the gene's
-Pearson r. *Export* writes the prediction as ``.h5ad`` (the format of ``comtip predict``) or CSV,
-atomically and never over an input.
+Choose a slide (and optionally another spots layer), a checkpoint (a bundled one by name, or a
+.pt file), a predictor, a device and a batch size; *Run* embeds every spot patch off the GUI
+thread (progress bar, *Cancel*) and predicts the checkpoint's whole gene panel through the same
+engine call as ``comtip predict``. Then pick a gene (type to search): the predicted layers are
+recoloured at once, the measured expression (when the slide has it) is shown beside on the same
+colour scale, with the gene's Pearson r. *Export* writes the prediction as ``.h5ad`` (the format
+of ``comtip predict``) or CSV, atomically and never over an input.
 
 Image embeddings are cached per (slide, spot grid, checkpoint, patch size) in
 :class:`~napari_comtip._widgets._session.PredictSession`: changing the gene re-runs nothing,
@@ -24,7 +24,7 @@ import numpy as np
 from napari.layers import Image, Points
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+    QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
     QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
@@ -32,6 +32,7 @@ from ..constants import PREDICT_MODES, Default, Key
 from ..errors import Cancelled, ComtipError, InputError
 from ..progress import CancelToken
 from . import _layers as L
+from ._checkpoints import checkpoint_box as _checkpoint_box
 from ._compat import preload_model_stack
 from ._display import ExpressionDisplay, GeneView
 from ._progress import ProgressRelay, notify_error, notify_info, notify_warning
@@ -99,13 +100,12 @@ class PredictWidget(QWidget):
         self.mpp_spin.setSingleStep(0.05)
         self.mpp_spin.setSpecialValueText("from the slide")
         self.mpp_spin.setToolTip("microns per pixel, needed only for an image layer not opened by this plugin")
-        self.checkpoint_edit = QLineEdit()
-        self.checkpoint_edit.setPlaceholderText("bundled checkpoint")
-        self.checkpoint_edit.setToolTip("CoMTIP checkpoint (.pt); leave empty for the one bundled with the plugin")
+        self.checkpoint_box = _checkpoint_box()
         browse = QPushButton("Browse…")
+        browse.setToolTip("choose a checkpoint file (.pt), e.g. the model.pt of a run of Pretrain")
         browse.clicked.connect(self._browse_checkpoint)
         ck_row = QHBoxLayout()
-        ck_row.addWidget(self.checkpoint_edit)
+        ck_row.addWidget(self.checkpoint_box, 1)
         ck_row.addWidget(browse)
         self.mode_box = QComboBox()
         self.mode_box.addItems(list(PREDICT_MODES))
@@ -260,12 +260,19 @@ class PredictWidget(QWidget):
         if path:
             self.set_checkpoint(path)
 
-    def set_checkpoint(self, path: str | os.PathLike | None) -> None:
-        """Use ``path`` for the next Run (None: the bundled checkpoint)."""
-        self.checkpoint_edit.setText("" if path is None else str(path))
+    def set_checkpoint(self, checkpoint: str | os.PathLike | None) -> None:
+        """Use ``checkpoint`` (a bundled name or a file; None: the default bundled one) for the next Run."""
+        from ..model.bundled import DEFAULT_NAME
+
+        text = DEFAULT_NAME if checkpoint is None or not str(checkpoint).strip() else str(checkpoint).strip()
+        if self.checkpoint_box.findText(text) < 0:
+            self.checkpoint_box.addItem(text)
+            self.checkpoint_box.setItemData(self.checkpoint_box.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
+        self.checkpoint_box.setCurrentText(text)
 
     def checkpoint(self) -> str | None:
-        return self.checkpoint_edit.text().strip() or None
+        """The chosen checkpoint: a bundled name or a path (None: the field is empty, the default one)."""
+        return self.checkpoint_box.currentText().strip() or None
 
     # ------------------------------------------------------------------ run / cancel
     def run(self):
@@ -392,8 +399,7 @@ class PredictWidget(QWidget):
         match = [g for g in self.prediction.genes if g.upper() == gene.upper()]
         try:
             if not match:
-                raise InputError(f"gene '{gene}' is not in the checkpoint's panel "
-                                 f"({self.prediction.adata.n_vars} genes)", hint="pick one from the list (type to search)")
+                raise self._not_in_panel(gene)
             view = self.display.show(self.prediction, match[0])
         except ComtipError as exc:
             self._error(str(exc))
@@ -408,6 +414,17 @@ class PredictWidget(QWidget):
         else:
             self.pcc_label.setText(f"{view.gene}: not measured on this slide (colour scale {lo:.2f}–{hi:.2f})")
         return view
+
+    def _not_in_panel(self, gene: str) -> InputError:
+        """A gene outside the panel; names the bundled checkpoint that has it (another species or panel)."""
+        from ..model.catalogue import bundled_with_gene
+
+        ck = self.prediction.checkpoint
+        other = (bundled_with_gene(gene, exclude=ck) if ck else [])[:1]
+        has = f"; the bundled checkpoint {other[0][0]} has it as {other[0][1]}" if other else ""
+        return InputError(f"gene '{gene}' is not in the checkpoint's panel ({self.prediction.adata.n_vars} genes){has}",
+                          hint=f"choose {other[0][0]} under Checkpoint and press Run" if other
+                          else "pick one from the list (type to search)")
 
     def _toggle_heatmap(self, on: bool) -> None:
         self.display.heatmap = bool(on)

@@ -171,7 +171,7 @@ def predict_cohort(
     """
     from ..constants import Default
     from .device import resolve_device
-    from .predict import _ckpt_digest, get_checkpoint, predict_to_file, resolve_genes
+    from .predict import get_checkpoint, predict_to_file, resolve_genes
 
     out_dir = Path(out_dir).expanduser()
     check_items(items, out_dir)
@@ -184,9 +184,9 @@ def predict_cohort(
 
         dev = torch.device("cuda", dist.local_rank)
     ck = get_checkpoint(checkpoint)
-    digest = _ckpt_digest(ck) or ""
+    digest = ck.digest
     panel = [str(g) for g in ck.gene_panel]
-    gene_names = [panel[i] for i in resolve_genes(genes, panel, "the checkpoint")] if genes is not None else None
+    gene_names = [panel[i] for i in resolve_genes(genes, panel, ck.label, checkpoint_path=ck.path)] if genes is not None else None
     genes_requested = "all" if gene_names is None else ",".join(gene_names)
 
     ordered = shard(items, 0, 1)

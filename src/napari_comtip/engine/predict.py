@@ -42,13 +42,14 @@ import numpy as np
 import pandas as pd
 
 from ..constants import PREDICT_MODES, Default, Key
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from ..progress import Cancel, Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
 
     from ..io.record import SpatialSample
+    from ..model.checkpoint import Checkpoint
     from .inference import Embeddings
 
 log = logging.getLogger(__name__)
@@ -56,85 +57,42 @@ log = logging.getLogger(__name__)
 _MODE_ALIASES = {"zero_shot": "zero-shot", "zeroshot": "zero-shot", "knn": "retrieval", "ridge": "probe"}
 
 
-
 # =========================================================================== checkpoints
 _CKPT_LOCK = threading.Lock()
-_CKPT_MEMO: dict[tuple, Any] = {}  # one loaded checkpoint, keyed by file identity
+_CKPT_MEMO: dict[str, Any] = {}  # one loaded checkpoint, keyed by file identity
 
 
-def resolve_checkpoint_path(checkpoint: str | os.PathLike | None) -> Path:
-    """The checkpoint file to use: ``checkpoint``, or the one bundled with the package."""
-    from ..model.checkpoint import default_checkpoint_path
-
-    if checkpoint is None:
-        path = Path(default_checkpoint_path())
-        if not path.is_file():
-            raise CheckpointError("no checkpoint is bundled with this installation", path=path,
-                                  hint="pass --checkpoint with a CoMTIP model.pt (see `comtip pretrain`)")
-        return path
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise CheckpointError("checkpoint file not found", path=path,
-                              hint="pass --checkpoint with an existing CoMTIP .pt file, or omit it for the bundled one")
-    return path
-
-
-def get_checkpoint(checkpoint: Any = None):
-    """A loaded checkpoint (``model.checkpoint.LoadedCheckpoint``) for a path, ``None`` or a loaded one.
+def get_checkpoint(checkpoint: Any = None) -> "Checkpoint":
+    """The loaded :class:`~napari_comtip.model.checkpoint.Checkpoint` for None (the default
+    bundled one), a bundled name, a path, or a loaded one (returned as is).
 
     The last checkpoint loaded from a file is kept in memory (keyed by path, size and mtime), so
     repeated predictions from the widget do not reload it.
     """
-    if checkpoint is not None and hasattr(checkpoint, "model") and hasattr(checkpoint, "gene_panel"):
-        return checkpoint
     from ..io.cache import file_identity
-    from ..model.checkpoint import load_checkpoint
+    from ..model.bundled import resolve_checkpoint
+    from ..model.checkpoint import Checkpoint, load_checkpoint
 
-    path = resolve_checkpoint_path(checkpoint)
-    key = (file_identity(path),)
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    path = resolve_checkpoint(checkpoint)
+    key = file_identity(path)
     with _CKPT_LOCK:
-        if key in _CKPT_MEMO:
-            return _CKPT_MEMO[key]
-        loaded = load_checkpoint(path, map_location="cpu")
-        _CKPT_MEMO.clear()
-        _CKPT_MEMO[key] = loaded
-        return loaded
-
-
-def _ckpt_path(ck) -> str | None:
-    p = getattr(ck, "path", None)
-    return None if p is None else str(p)
-
-
-def _ckpt_digest(ck) -> str | None:
-    meta = getattr(ck, "meta", None) or {}
-    d = getattr(ck, "digest", None) or (meta.get("digest") if isinstance(meta, dict) else None)
-    if d:
-        return str(d)
-    p = _ckpt_path(ck)
-    if p is None:
-        return None
-    from ..model.checkpoint import checkpoint_digest
-
-    return str(checkpoint_digest(p))
-
-
-def _ckpt_extra(ck, name: str):
-    """``bank``/``probe`` of a loaded checkpoint, wherever the loader put them."""
-    v = getattr(ck, name, None)
-    if v is None:
-        meta = getattr(ck, "meta", None) or {}
-        v = meta.get(name) if isinstance(meta, dict) else None
-        if v is None and isinstance(getattr(ck, "extras", None), dict):
-            v = ck.extras.get(name)
-    return v
+        if key not in _CKPT_MEMO:
+            loaded = load_checkpoint(path, map_location="cpu")
+            _CKPT_MEMO.clear()
+            _CKPT_MEMO[key] = loaded
+        return _CKPT_MEMO[key]
 
 
 # =========================================================================== genes
-def resolve_genes(genes: Sequence[str] | str | None, panel: Sequence[str], checkpoint_label: str = "the checkpoint") -> list[int]:
+def resolve_genes(genes: Sequence[str] | str | None, panel: Sequence[str], checkpoint_label: str = "the checkpoint",
+                  *, checkpoint_path: str | os.PathLike | None = None) -> list[int]:
     """Panel indices of ``genes`` (all of the panel when None), in the requested order, deduplicated.
 
-    An unknown symbol raises :class:`InputError` with the closest panel symbols.
+    Symbols match case-insensitively. An unknown symbol raises :class:`InputError` naming the
+    closest panel symbols and, when ``checkpoint_path`` is given, the bundled checkpoint whose
+    panel has it (a checkpoint of another panel or species).
     """
     panel = [str(g) for g in panel]
     if genes is None:
@@ -152,16 +110,35 @@ def resolve_genes(genes: Sequence[str] | str | None, panel: Sequence[str], check
         g = str(g).strip()
         i = lookup.get(g, upper.get(g.upper()))
         if i is None:
-            close = difflib.get_close_matches(g, panel, n=5, cutoff=0.6) or \
-                difflib.get_close_matches(g.upper(), [p.upper() for p in panel], n=5, cutoff=0.6)
-            close_txt = f"; close matches: {', '.join(close)}" if close else ""
-            raise InputError(
-                f"gene '{g}' is not in the gene panel of {checkpoint_label} ({len(panel)} genes){close_txt}",
-                hint="run `comtip predict` without --genes to predict the whole panel; its var_names list "
-                     "every gene (also in the checkpoint's gene_panel)")
+            raise _gene_not_in_panel(g, panel, checkpoint_label, checkpoint_path)
         if i not in out:
             out.append(i)
     return out
+
+
+def _gene_not_in_panel(gene: str, panel: list[str], label: str, path: str | os.PathLike | None) -> InputError:
+    """The one-line error for a gene outside the panel: close matches, and which bundled checkpoint has it."""
+    spelt = {p.upper(): p for p in reversed(panel)}
+    close = difflib.get_close_matches(gene, panel, n=5, cutoff=0.6) or \
+        [spelt[c] for c in difflib.get_close_matches(gene.upper(), list(spelt), n=5, cutoff=0.6)]
+    close_txt = f"; close matches: {', '.join(close)}" if close else ""
+    others, species = [], None
+    if path is not None:
+        from ..model.catalogue import bundled_with_gene, checkpoint_info
+
+        others = bundled_with_gene(gene, exclude=path)
+        species = checkpoint_info(path)["species"]
+    what = f"{len(panel)} {species} genes" if species else f"{len(panel)} genes"
+    if others:
+        name, symbol = others[0]
+        sp = checkpoint_info(name)["species"]
+        return InputError(f"gene '{gene}' is not in the gene panel of {label} ({what}){close_txt}; the bundled "
+                          f"checkpoint {name} ({sp}) has it as {symbol}",
+                          hint=f"pass --checkpoint {name} (the Predict widget: choose it under Checkpoint), "
+                               f"or run without --genes to predict the whole panel of {label}")
+    return InputError(f"gene '{gene}' is not in the gene panel of {label} ({what}){close_txt}",
+                      hint="run `comtip predict` without --genes to predict the whole panel; its var_names list "
+                           "every gene (`comtip checkpoints` lists the bundled checkpoints and their species)")
 
 
 # =========================================================================== references
@@ -222,27 +199,6 @@ def _reference_data(refs: Sequence["SpatialSample"], model, panel: list[str], *,
     }
 
 
-def _bank_arrays(bank) -> tuple[np.ndarray, np.ndarray]:
-    """(image embeddings (M, D), panel expression (M, G)) of a checkpoint's bank."""
-    if isinstance(bank, dict):
-        emb = bank.get("emb", bank.get("image_emb"))
-        expr = bank.get("expr")
-    else:
-        emb, expr = getattr(bank, "emb", None), getattr(bank, "expr", None)
-    if emb is None or expr is None:
-        raise CheckpointError("the checkpoint's retrieval bank is incomplete (no embeddings or expression)",
-                              hint="re-save the checkpoint with `comtip pretrain`, or pass --reference")
-    return _to_numpy(emb), _to_numpy(expr)
-
-
-def _to_numpy(a) -> np.ndarray | None:
-    if a is None:
-        return None
-    if hasattr(a, "detach"):
-        a = a.detach().float().cpu().numpy()
-    return np.asarray(a, dtype=np.float32)
-
-
 # =========================================================================== provenance
 def _versions() -> dict[str, str]:
     out = {}
@@ -277,17 +233,35 @@ def _h5ad_safe(obj: Any, depth: int = 0) -> Any:
     return str(obj)
 
 
-def _warn_if_unreliable(ck, ck_label: str, mode: str) -> None:
+def _warn_if_other_species(sample: "SpatialSample", ck: "Checkpoint") -> None:
+    """Warn when the sample's measured genes barely meet the checkpoint's panel but fit another
+    bundled checkpoint (a model of another species or tissue), naming that one."""
+    import warnings
+
+    from ..model.catalogue import better_bundled_for
+
+    if sample.expression is None:
+        return
+    b = better_bundled_for(sample.expression.var_names, ck.path)
+    if b is not None:
+        own = f"{ck.label} ({b['own_species']})" if b["own_species"] else ck.label
+        warnings.warn(f"sample '{sample.name}' measures only {b['own_shared']} of the {b['own_genes']} genes of {own} "
+                      f"but {b['shared']} of the {b['n_genes']} of the bundled {b['name']} ({b['species']}): "
+                      f"a model of another species or tissue? use --checkpoint {b['name']} "
+                      f"(the Predict widget: its Checkpoint list)", UserWarning, stacklevel=3)
+
+
+def _warn_if_unreliable(ck: "Checkpoint", mode: str) -> None:
     """Warn when the checkpoint's own held-out evaluation (``extras["evaluation"]``, written by
     its maintainers, see docs/model-card.md) says this predictor's output does not track the
     measured expression (mean per-gene PCC <= 0 on held-out sections)."""
     import warnings
 
-    ev = ((getattr(ck, "meta", None) or {}).get("extras") or {}).get("evaluation") or {}
+    ev = ck.evaluation
     m = (ev.get("predictors") or {}).get(mode) or {}
     r = m.get("pcc_hvg50")
     if isinstance(r, (int, float)) and r <= 0:
-        warnings.warn(f"{mode} predictions of {ck_label} were not positively correlated with measured expression "
+        warnings.warn(f"{mode} predictions of {ck.label} were not positively correlated with measured expression "
                       f"on held-out sections (HVG-50 PCC {r:.2f}, {ev.get('protocol', 'see its model card')}); "
                       f"use --mode probe for expression patterns", UserWarning, stacklevel=3)
 
@@ -341,26 +315,27 @@ def predict_sample(
     ck = get_checkpoint(checkpoint)
     model = ck.model
     panel = [str(g) for g in ck.gene_panel]
-    ck_label = Path(_ckpt_path(ck)).name if _ckpt_path(ck) else "the checkpoint"
+    ck_label = ck.label
     if genes is not None and sample.expression is not None:  # feature ids (e.g. ENSMUSG...) -> symbols
         from ..io.expression import symbols_for
 
         genes = symbols_for([g for g in genes.split(",") if g.strip()] if isinstance(genes, str) else genes,
                             sample.expression.var)
-    gene_idx = resolve_genes(genes, panel, ck_label)
+    _warn_if_other_species(sample, ck)
+    gene_idx = resolve_genes(genes, panel, ck_label, checkpoint_path=ck.path)
     gene_names = [panel[i] for i in gene_idx]
 
     # ------------------------------------------------------------------ the predictor's inputs
     bank = probe = ref = None
     if mode == "retrieval":
         if reference is None:
-            bank = _ckpt_extra(ck, "bank")
+            bank = ck.bank
             if bank is None:
                 raise InputError(f"{ck_label} stores no retrieval bank",
                                  hint="pass --reference with a dataset that has expression, or use --mode zero-shot")
     elif mode == "probe":
         if reference is None:
-            probe = _ckpt_extra(ck, "probe")
+            probe = ck.probe
             if probe is None:
                 raise InputError(f"{ck_label} stores no probe",
                                  hint="pass --reference with a dataset that has expression to fit one, "
@@ -368,7 +343,7 @@ def predict_sample(
     from .context import check_context, context_features, fit_context_probe
 
     if mode == "probe" and reference is None:
-        stored = (probe.get("context") if isinstance(probe, dict) else getattr(probe, "context", None)) or "none"
+        stored = probe.context
         if context is not None and check_context(context) != stored:
             raise InputError(f"the probe of {ck_label} was fitted with context '{stored}', not '{context}'",
                              hint="leave the context out, or pass --reference to fit a new probe")
@@ -406,7 +381,7 @@ def predict_sample(
         if ref is not None:
             bank_emb, bank_expr = ref["image_emb"], ref["expr"]
         else:
-            bank_emb, bank_expr = _bank_arrays(bank)
+            bank_emb, bank_expr = bank.emb.numpy(), bank.expr.numpy()
         bank_expr = np.ascontiguousarray(bank_expr[:, gene_idx])
         k_eff = int(min(k, len(bank_emb)))
         params = {"k": k_eff, "bank_spots": int(len(bank_emb)),
@@ -417,11 +392,10 @@ def predict_sample(
                                       alpha=alpha, genes=panel)
             params = {"alpha": float(probe.alpha), "probe_source": "reference", "probe_spots": int(len(ref["expr"]))}
         else:
-            a = probe.get("alpha") if isinstance(probe, dict) else getattr(probe, "alpha", None)
-            params = {"alpha": float(a) if a is not None else "", "probe_source": "checkpoint"}
+            params = {"alpha": float(probe.alpha), "probe_source": "checkpoint"}
         params["context"] = context
         probe_in = context_features(np.asarray(emb.features, dtype=np.float32), sample.centers_rc(), context)
-        probe_genes = (probe.get("genes") if isinstance(probe, dict) else getattr(probe, "genes", None)) or panel
+        probe_genes = probe.genes or panel
         col = {str(g): j for j, g in enumerate(probe_genes)}
         lacking = [g for g in gene_names if g not in col]
         if lacking:
@@ -432,7 +406,7 @@ def predict_sample(
         params = {"grid": int(model.config.zero_shot.grid),
                   "temperature": model.config.zero_shot.temperature or float(model.temperature())}
     if ref is None:  # the checkpoint's own bank / probe / text encoder: its stored evaluation applies
-        _warn_if_unreliable(ck, ck_label, mode)
+        _warn_if_unreliable(ck, mode)
 
     chunk = int(Default.EMBED_CHUNK_SPOTS)
     for a in range(0, n, chunk):
@@ -460,23 +434,21 @@ def predict_sample(
     adata.obsm[Key.SPATIAL] = sample.centers_xy().astype(np.float64)
     adata.obsm[Key.EMBEDDING] = np.asarray(emb.image, dtype=np.float32)
 
-    meta = getattr(ck, "meta", None) or {}
-    training = meta.get("provenance", meta.get("training")) if isinstance(meta, dict) else None
-    ck_path = _ckpt_path(ck)
+    ck_path = str(ck.path)
     inputs = [str(p) for p in sample.provenance.get("inputs", [])]
-    if ck_path:
-        inputs.append(ck_path)
+    inputs.append(ck_path)
     if ref is not None:
         inputs.extend(str(p) for p in ref["paths"])
     prov: dict[str, Any] = {
         "predictor": mode,
         "params": params,
         "genes_requested": "all" if genes is None else ",".join(gene_names),
-        "checkpoint": ck_path or "",
-        "checkpoint_digest": _ckpt_digest(ck) or "",
+        "checkpoint": ck_path,
+        "checkpoint_name": ck.label,
+        "checkpoint_digest": ck.digest,
         "weights_digest": weights_digest(model),
         "model_version": int(getattr(model.config, "version", 0)),
-        "training": training if training is not None else {},
+        "training": ck.provenance,
         "reference": {"samples": ref["samples"], "missing_genes": ref["missing_genes"]} if ref is not None else {},
         "device": (describe_device(resolve_device(emb.device)) if not emb.cached
                    else f"{emb.device} (embeddings from the cache, computed there)"),
@@ -500,32 +472,21 @@ def predict_sample(
     return adata
 
 
-def _check_out(out: Path, overwrite: bool, protected: Sequence[str], what: str) -> Path:
-    """Fail before any work when ``out`` cannot be written (the writers check again, atomically)."""
-    out = Path(out).expanduser()
-    res = out.resolve()
-    if any(res == Path(p).expanduser().resolve() for p in protected):
-        raise InputError(f"refusing to write the {what} over an input of this prediction", path=out,
-                         hint="choose another output path")
-    if out.is_dir():
-        raise InputError(f"the {what} path is a folder", path=out, hint="give a file name, e.g. prediction.h5ad")
-    if out.exists() and not overwrite:
-        raise InputError("the output file already exists", path=out,
-                         hint="choose another path or pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise InputError("the output folder does not exist", path=out.parent, hint="create it first")
-    return out
-
-
 def check_outputs(out: str | os.PathLike, csv: str | os.PathLike | None = None, overwrite: bool = False,
                   protected: Sequence[str] = ()) -> None:
-    """Raise :class:`InputError` now if ``out``/``csv`` could not be written later (before slow work)."""
-    out = _check_out(Path(out), overwrite, protected, "prediction")
+    """Raise :class:`InputError` now if ``out``/``csv`` could not be written later (before slow work).
+
+    The same check as the writers' (:mod:`io.writers`), which run it again when they write.
+    """
+    from ..io.writers import _check_target, _protected_paths
+
+    guard = _protected_paths(None, protected)
+    out = _check_target(Path(out), overwrite, guard)
     if out.suffix.lower() != ".h5ad":
         raise InputError("the output must be an .h5ad file", path=out,
                          hint="name it e.g. prediction.h5ad (use --csv for a table)")
     if csv is not None:
-        csv_path = _check_out(Path(csv), overwrite, protected, "CSV table")
+        csv_path = _check_target(Path(csv), overwrite, guard)
         if csv_path.resolve() == out.resolve():
             raise InputError("--csv and --out name the same file", path=csv_path, hint="give the CSV its own name")
 
@@ -565,14 +526,15 @@ def predict_to_file(
     a valid output.
     """
     from ..io.writers import write_csv_atomic, write_h5ad_atomic
+    from ..model.bundled import resolve_checkpoint
+    from ..model.checkpoint import Checkpoint
 
     if isinstance(sample, (str, os.PathLike)):
         from ..io import load_sample
 
         sample = load_sample(sample)
     protected = [str(p) for p in sample.provenance.get("inputs", [])]
-    if isinstance(checkpoint, (str, os.PathLike)):
-        protected.append(str(checkpoint))
+    protected.append(str(checkpoint.path if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)))
     check_outputs(out, csv, overwrite, protected)
     csv_path = Path(csv).expanduser() if csv is not None else None
 
@@ -586,5 +548,5 @@ def predict_to_file(
     return adata
 
 
-__all__ = ["predict_sample", "predict_to_file", "check_outputs", "resolve_genes", "get_checkpoint", "resolve_checkpoint_path",
+__all__ = ["predict_sample", "predict_to_file", "check_outputs", "resolve_genes", "get_checkpoint",
            "prediction_table"]

@@ -7,12 +7,14 @@ Import the public API from here::
 
 from __future__ import annotations
 
+from .bundled import bundled_names, default_checkpoint_path, resolve_checkpoint
+from .catalogue import checkpoint_info, list_bundled
 from .checkpoint import (
     FORMAT_VERSION,
     Bank,
-    LoadedCheckpoint,
+    Checkpoint,
+    StoredProbe,
     checkpoint_digest,
-    default_checkpoint_path,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -28,20 +30,25 @@ __all__ = [
     "MODEL_VERSION",
     "PRESETS",
     "Bank",
+    "Checkpoint",
     "CoMTIP",
     "ComtipConfig",
-    "LoadedCheckpoint",
+    "StoredProbe",
     "build_model",
+    "bundled_names",
     "checkpoint_digest",
+    "checkpoint_info",
     "clip_loss",
     "default_checkpoint_path",
     "describe_presets",
     "embed_gene_names",
     "get_preset",
+    "list_bundled",
     "load_checkpoint",
     "permute_values",
     "preset_names",
     "read_checkpoint",
+    "resolve_checkpoint",
     "sample_gene_subsets",
     "save_checkpoint",
 ]

@@ -1,5 +1,6 @@
-"""One checkpoint file format: a ``torch.save`` of plain dicts, lists, strings, numbers and tensors.
+"""The one checkpoint object: resolve (a bundled name or a path), load, digest, typed bank and probe.
 
+A checkpoint file is a ``torch.save`` of plain dicts, lists, strings, numbers and tensors.
 Everything in it loads with ``torch.load(..., weights_only=True)`` (no pickled Python objects),
 so opening a checkpoint from someone else cannot run code. Layout (``FORMAT_VERSION`` 1)::
 
@@ -14,10 +15,15 @@ so opening a checkpoint from someone else cannot run code. Layout (``FORMAT_VERS
     storage_dtype     "float32" | "float16"
     provenance        training provenance (data, steps, seed, metrics, versions ...)
     bank              None | {"emb": (M, D) fp16, "expr": (M, G) fp16, "ids": [str], ...}
-    probe             None | {"weight": (F, G'), "bias": (G',), "mean": (F,), "std": (F,), "genes": [...], "alpha": a}
-    extras            any other primitive data the trainer wants to keep
+    probe             None | {"weight": (F, G'), "bias": (G',), "mean": (F,), "std": (F,), "genes": [...],
+                              "alpha": a, "context": "none" | ..., ...}
+    extras            any other primitive data, e.g. "evaluation" (training/store_evaluation.py)
 
-Files are written to a temporary file in the target folder and renamed (``os.replace``).
+:func:`model.bundled.resolve_checkpoint` is the one place a checkpoint argument (None = the
+default bundled one, a bundled name, or a path) becomes a file, and the one place its existence is
+checked; every reader here goes through it. :func:`load_checkpoint` returns a :class:`Checkpoint` (model, panel,
+path, digest, :class:`Bank`, :class:`StoredProbe`, metadata). Files are written to a temporary
+file in the target folder and renamed (``os.replace``).
 """
 
 from __future__ import annotations
@@ -37,12 +43,12 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..io.writers import atomic_replace
+from .bundled import checkpoint_name, resolve_checkpoint
 from .comtip import CoMTIP
 from .config import MODEL_VERSION, ComtipConfig
 
 FORMAT = "napari-comtip-checkpoint"
 FORMAT_VERSION = 1
-DEFAULT_CHECKPOINT_NAME = "comtip-tiny-her2st.pt"
 #: kept in float32 even in half-precision storage (tiny, and fp16 would lose their meaning)
 _KEEP_FP32 = ("logit_scale", "value_lo", "value_hi")
 
@@ -58,29 +64,72 @@ class Bank:
 
 
 @dataclass
-class LoadedCheckpoint:
+class StoredProbe:
+    """The ridge probe stored in a checkpoint: y = ((x - mean) / std) @ weight + bias.
+
+    ``x`` is the pooled image features in ``context`` (engine/context.py); the fields are the
+    ones :func:`engine.predictors.probe_predict` applies. ``genes``: the output columns (None:
+    the checkpoint's panel).
+    """
+
+    weight: np.ndarray  # (F, G') float32
+    bias: np.ndarray  # (G',)
+    mean: np.ndarray  # (F,)
+    std: np.ndarray  # (F,)
+    alpha: float
+    genes: list[str] | None = None
+    context: str = "none"
+    meta: dict = field(default_factory=dict)  # alpha_rule, alpha_scores, source
+
+    @classmethod
+    def from_entry(cls, d: dict) -> StoredProbe:
+        d = dict(d)
+
+        def arr(name: str) -> np.ndarray:
+            return d.pop(name).float().numpy()
+
+        weight, bias, mean, std = arr("weight"), arr("bias"), arr("mean"), arr("std")
+        genes = d.pop("genes", None)
+        return cls(weight, bias, mean, std, float(d.pop("alpha")), None if genes is None else [str(g) for g in genes],
+                   str(d.pop("context", None) or "none"), d)
+
+    def to_dict(self) -> dict:
+        """The checkpoint entry (see :func:`update_checkpoint`)."""
+        return {"weight": torch.from_numpy(self.weight), "bias": torch.from_numpy(self.bias),
+                "mean": torch.from_numpy(self.mean), "std": torch.from_numpy(self.std), "alpha": float(self.alpha),
+                "genes": self.genes, "context": self.context, **self.meta}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: an eval-mode model and everything stored beside it."""
+
     model: CoMTIP
     config: ComtipConfig
     gene_panel: list[str]
-    meta: dict
+    path: Path
+    digest: str  # first 16 hex digits of the file's SHA-256
+    name: str | None = None  # the bundled name, for a bundled checkpoint
     bank: Bank | None = None
-    probe: dict | None = None
-    path: Path | None = None
+    probe: StoredProbe | None = None
+    meta: dict = field(default_factory=dict)  # provenance, extras, normalization, patch_um, versions ...
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the bundled name, else the file name."""
+        return self.name or self.path.name
+
+    @property
+    def provenance(self) -> dict:
+        return self.meta.get("provenance") or {}
+
+    @property
+    def evaluation(self) -> dict:
+        """The held-out evaluation of its recipe (``extras["evaluation"]``), or {}."""
+        return (self.meta.get("extras") or {}).get("evaluation") or {}
 
 
-# ---------------------------------------------------------------------------- paths, digests
-def default_checkpoint_path(must_exist: bool = True) -> Path:
-    """The checkpoint bundled with the package (trained on her2st with the ``tiny`` preset)."""
-    path = Path(__file__).resolve().parent.parent / "checkpoints" / DEFAULT_CHECKPOINT_NAME
-    if must_exist and not path.is_file():
-        raise CheckpointError(
-            "the bundled default checkpoint is missing from this installation",
-            path=path,
-            hint="reinstall napari-comtip, or pass a checkpoint you trained with `comtip pretrain` (--checkpoint)",
-        )
-    return path
-
-
+# ---------------------------------------------------------------------------- digest
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
@@ -122,23 +171,11 @@ def _primitive(obj: Any, where: str) -> Any:
     raise TypeError(f"checkpoint entry {where} has type {type(obj).__name__}; store tensors, arrays and primitives only")
 
 
-_BANK_ALIASES = {
-    "emb": ("emb", "image_emb", "bank_emb"),
-    "expr": ("expr", "bank_expr"),
-    "ids": ("ids", "spot_ids", "bank_ids"),
-}
-
-
 def _bank_entry(bank: Any, n_genes: int, dim: int) -> dict:
     """Normalise a bank to {"emb" (M, D) fp16, "expr" (M, G) fp16, "ids" [str], other metadata}."""
     if isinstance(bank, Bank):
         bank = {"emb": bank.emb, "expr": bank.expr, "ids": bank.ids, **bank.meta}
     bank = _primitive(dict(bank), "bank")
-    for name, aliases in _BANK_ALIASES.items():
-        for a in aliases:
-            if a in bank:
-                bank[name] = bank.pop(a)
-                break
     emb, expr = bank.get("emb"), bank.get("expr")
     if not isinstance(emb, torch.Tensor) or not isinstance(expr, torch.Tensor):
         raise ValueError("extras['bank'] needs tensors 'emb' (M, D) and 'expr' (M, G)")
@@ -233,20 +270,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------- load
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """The raw checkpoint dict, validated as ours and of this format version."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(
-            "checkpoint file not found", path=path, hint="check the path, or train one with `comtip pretrain`"
-        )
+# ---------------------------------------------------------------------------- read
+def read_checkpoint(checkpoint: str | os.PathLike | None, map_location: str | torch.device = "cpu", *,
+                    mmap: bool = False) -> dict:
+    """The raw checkpoint dict of a bundled name or a path, validated as ours and of this format
+    version. ``mmap=True`` maps the tensors instead of reading them (cheap metadata reads)."""
+    path = resolve_checkpoint(checkpoint)
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
         raise CheckpointError(
             "not a PyTorch checkpoint file (or it is truncated)", path=path, hint="use a .pt file written by `comtip pretrain`"
         )
     try:
-        blob = torch.load(str(path), map_location=map_location, weights_only=True)
+        blob = torch.load(str(path), map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(
             "not a napari-comtip checkpoint (it contains pickled Python objects, which are not loaded for safety)",
@@ -292,7 +327,7 @@ def update_checkpoint(path: str | os.PathLike, *, probe: dict | None = None, ext
     ``note`` (primitives) is appended to ``provenance["updates"]`` so the file says when and how
     it was changed after training.
     """
-    path = Path(path).expanduser()
+    path = resolve_checkpoint(path)  # a bundled name is rewritten where it lies, never in the cwd
     blob = read_checkpoint(path)
     if probe is not None:
         blob["probe"] = _primitive(probe, "probe")
@@ -309,17 +344,18 @@ def update_checkpoint(path: str | os.PathLike, *, probe: dict | None = None, ext
 
 
 def load_checkpoint(
-    path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
     map_location: str | torch.device = "cpu",
     *,
     expected_panel: Sequence[str] | None = None,
-) -> LoadedCheckpoint:
-    """Load a checkpoint (default: the bundled one) into an eval-mode model on ``map_location``.
+) -> Checkpoint:
+    """Load a checkpoint (a path, a bundled name, or None: the default bundled one) into an
+    eval-mode model on ``map_location``.
 
     Raises CheckpointError for a missing/foreign/damaged file, another format or model version,
     or (with ``expected_panel``) a checkpoint trained on another gene panel.
     """
-    path = default_checkpoint_path() if path is None else Path(path).expanduser()
+    path = resolve_checkpoint(checkpoint)
     blob = read_checkpoint(path, map_location="cpu")
     try:
         config = ComtipConfig.from_dict(blob["config"])
@@ -327,19 +363,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint config cannot be used: {exc}", path=path) from None
     panel = [str(g) for g in blob["gene_panel"]]
     if expected_panel is not None:
-        expected = [str(g) for g in expected_panel]
-        if expected != panel:
-            missing = [g for g in expected if g not in set(panel)]
-            detail = (
-                f"{len(missing)} expected genes are not in it (e.g. {', '.join(missing[:5])})"
-                if missing
-                else "same genes in another order" if sorted(expected) == sorted(panel) else "it has extra genes"
-            )
-            raise CheckpointError(
-                f"checkpoint was trained on another gene panel ({len(panel)} genes vs {len(expected)} expected; {detail})",
-                path=path,
-                hint="use the checkpoint that matches this panel, or re-train on it",
-            )
+        _check_panel(path, panel, [str(g) for g in expected_panel])
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()}
     from .factory import build_model
 
@@ -350,21 +374,46 @@ def load_checkpoint(
         first = str(exc).splitlines()[0][:300]
         raise CheckpointError(f"weights do not fit the stored config ({first})", path=path, hint="the file is damaged or was edited; re-save it") from None
     model.eval().to(map_location)
-    bank = None
-    if blob.get("bank"):
-        b = dict(blob["bank"])
-        bank = Bank(emb=b.pop("emb").float(), expr=b.pop("expr").float(), ids=list(b.pop("ids")), meta=b)
+    bank = probe = None
+    try:
+        if blob.get("bank"):
+            b = dict(blob["bank"])
+            bank = Bank(emb=b.pop("emb").float(), expr=b.pop("expr").float(), ids=[str(i) for i in b.pop("ids")], meta=b)
+        if blob.get("probe"):
+            probe = StoredProbe.from_entry(blob["probe"])
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the stored bank or probe is incomplete ({type(exc).__name__}: {exc})", path=path,
+                              hint="re-save the checkpoint with `comtip pretrain`") from None
     meta = {
-        "path": str(path),
-        "digest": checkpoint_digest(path),
         "format_version": blob["format_version"],
         "model_version": blob.get("model_version"),
         "package_version": blob.get("package_version"),
         "created": blob.get("created"),
-        "normalization": blob.get("normalization", {"target_sum": config.target_sum, "log1p": config.log1p}),
-        "patch_um": float(blob.get("patch_um", config.patch_um)),
-        "storage_dtype": blob.get("storage_dtype", "float32"),
+        "normalization": blob["normalization"],
+        "patch_um": float(blob["patch_um"]),
+        "storage_dtype": blob["storage_dtype"],
         "provenance": blob.get("provenance") or {},
         "extras": blob.get("extras") or {},
     }
-    return LoadedCheckpoint(model=model, config=model.config, gene_panel=panel, meta=meta, bank=bank, probe=blob.get("probe"), path=path)
+    return Checkpoint(model=model, config=model.config, gene_panel=panel, path=path, digest=checkpoint_digest(path),
+                      name=checkpoint_name(path), bank=bank, probe=probe, meta=meta)
+
+
+def _check_panel(path: Path, panel: list[str], expected: list[str]) -> None:
+    if expected == panel:
+        return
+    missing = [g for g in expected if g not in set(panel)]
+    detail = (
+        f"{len(missing)} expected genes are not in it (e.g. {', '.join(missing[:5])})"
+        if missing
+        else "same genes in another order" if sorted(expected) == sorted(panel) else "it has extra genes"
+    )
+    raise CheckpointError(
+        f"checkpoint was trained on another gene panel ({len(panel)} genes vs {len(expected)} expected; {detail})",
+        path=path,
+        hint="use the checkpoint that matches this panel, or re-train on it",
+    )
+
+
+__all__ = ["Bank", "Checkpoint", "StoredProbe", "FORMAT_VERSION", "checkpoint_digest",
+           "load_checkpoint", "read_checkpoint", "save_checkpoint", "update_checkpoint"]
