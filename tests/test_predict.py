@@ -84,7 +84,7 @@ def test_retrieval_on_visium_is_aligned_with_the_source(visium, ckpt, panel):
     np.testing.assert_array_equal(ad.obsm[Key.SPATIAL], visium.centers_xy())
     assert list(ad.var_names) == panel
     assert ad.X.dtype == np.float32 and np.isfinite(ad.X).all()
-    assert ad.obsm[Key.EMBEDDING].shape == (visium.n_spots, 256)
+    assert ad.obsm[Key.EMBEDDING].shape == (visium.n_spots, predict_mod.get_checkpoint(ckpt).model.embed_dim)
     prov = ad.uns[Key.PROVENANCE]
     assert prov["predictor"] == "retrieval" and prov["params"]["k"] == 50 and prov["params"]["bank_source"] == "checkpoint"
     assert prov["checkpoint"] == str(ckpt) and len(prov["checkpoint_digest"]) == 16

@@ -42,6 +42,9 @@ class Default:
     TARGET_SUM: Final = 1e4  # library size for normalisation before log1p
     VISIUM_PITCH_UM: Final = 100.0  # Visium centre-to-centre distance
     VISIUM_SPOT_UM: Final = 55.0  # Visium spot diameter
+    # Space Ranger's spot_diameter_fullres spans a "theoretical 65 um spot" (10x's definition), not the
+    # 55 um printed one: 65 um / spot_diameter_fullres is the scale that puts neighbours 100 um apart
+    VISIUM_SCALEFACTOR_SPOT_UM: Final = 65.0
     LEGACY_ST_PITCH_UM: Final = 200.0  # legacy ST (her2st) centre-to-centre distance
     LEGACY_ST_SPOT_UM: Final = 100.0  # legacy ST spot diameter
     PATCH_UM: Final = 155.0  # physical side of a spot patch: 224 px at her2st's ~0.69 um/px (the peers' crops), 112 px on @demo

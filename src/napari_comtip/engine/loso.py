@@ -276,8 +276,8 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
     if results_md:
         check_writable(Path(results_md).expanduser().parent, what="folder of --results-md")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config if config is not None and not isinstance(config, (str, os.PathLike)) else load_run_config(
-        config or _default_config_path())
+    cfg = config if config is not None and not isinstance(config, (str, os.PathLike)) else (
+        load_run_config(config) if config else load_run_config(None, preset="loso"))  # the packaged preset
     cfg = with_overrides(cfg, {"training.seed": seed})
     names = list(samples) if samples else list_samples(data)
     if len(names) < 2:
@@ -336,15 +336,6 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
                 progress(done, len(arms) * len(names), f"{arm} {held}")
     table()
     return {"results": collect_results(root), "meta": meta}
-
-
-def _default_config_path() -> Path:
-    root = Path(__file__).resolve().parents[3]
-    p = root / "training" / "configs" / "loso.yaml"
-    if not p.is_file():
-        raise ConfigError("no --config given and training/configs/loso.yaml not found",
-                          hint="pass --config training/configs/loso.yaml from a source checkout")
-    return p
 
 
 __all__ = ["run_loso", "run_ridge_fold", "run_model_fold", "evaluate_fold", "save_untrained"]

@@ -195,7 +195,7 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
     if mpp_hint is not None:
         data_mpp, src = mpp_hint
     elif sdf is not None:
-        data_mpp, src = Default.VISIUM_SPOT_UM / sdf, "uns['spatial'] scalefactors spot_diameter_fullres"
+        data_mpp, src = Default.VISIUM_SCALEFACTOR_SPOT_UM / sdf, "uns['spatial'] scalefactors spot_diameter_fullres"
     elif slide_mpp:
         data_mpp, src = slide_mpp, "slide metadata (tiffslide mpp-x)"
     else:
@@ -204,7 +204,7 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
     if spot_um is not None:
         diameter = spot_um / mpp_val
     elif sdf is not None:
-        diameter = sdf
+        diameter = sdf * Default.VISIUM_SPOT_UM / Default.VISIUM_SCALEFACTOR_SPOT_UM  # 10x's 65 um -> the 55 um spot
     else:
         diameter = Default.VISIUM_SPOT_UM / mpp_val
 
