@@ -15,7 +15,15 @@ Both use the same model (the ``training/configs/tiny.yaml`` recipe of the bundle
 
 Reported: samples/s (spots per second) of each, and their ratio.
 
+``--frozen``: the frozen-encoder feature cache (engine/feature_cache.py) instead. A fixed ViT-S/16
+at 112 px (12 blocks, random weights: the arithmetic of a small foundation model, ``vision.freeze:
+true``) is trained for ``--epochs`` epochs three times in one run: running the ViT on every step
+(``training.feature_cache: false``), through the cache with a fresh store, and once more with the
+store the second run left (a later run of the same signature). Reported: the seconds of epoch 1
+and the mean of epochs 2+, from each run's own ``metrics.csv``.
+
     python bench/training.py --quick
+    python bench/training.py --frozen [--quick]
 """
 
 from __future__ import annotations
@@ -35,8 +43,13 @@ def main(argv=None) -> int:
     p.add_argument("--section", action="append", default=None, help="sample(s) inside --data")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 8 quick, 30)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
+    p.add_argument("--frozen", action="store_true", help="measure the frozen-encoder feature cache instead")
+    p.add_argument("--epochs", type=int, default=None, help="--frozen: epochs per run (default 3 quick, 4)")
+    p.add_argument("--views", type=int, default=1, help="--frozen: training.feature_views (default 1)")
     args = p.parse_args(argv)
     threads = _common.setup_threads(args)
+    if args.frozen:
+        return frozen(args, threads)
 
     import numpy as np
     import torch
@@ -154,6 +167,69 @@ def main(argv=None) -> int:
     if recipe is not None:
         out["pretrain_recipe_samples_per_s"] = recipe[0]
     _common.emit(out)
+    return 0
+
+
+def frozen(args, threads: int) -> int:
+    """Epoch 2+ against epoch 1 with and without the feature cache (see the module docstring)."""
+    import os
+
+    from napari_comtip.engine.data import build_training_set
+    from napari_comtip.engine.device import resolve_device
+    from napari_comtip.engine.run_config import run_config_from_dict
+    from napari_comtip.engine.run_folder import read_metrics
+    from napari_comtip.engine.training import pretrain
+    from napari_comtip.io import load_sample
+
+    dev = resolve_device(args.device)
+    epochs = args.epochs or (3 if args.quick else 4)
+    batch = args.batch_size or 32
+
+    def cfg(cache: bool):
+        return run_config_from_dict({
+            "preset": "tiny",
+            "model": {"w_mfm": 0.0, "vision": {"name": "vit_small_patch16_224", "img_size": 112, "pool": "cls",
+                                               "overrides": {"depth": 12}, "freeze": True}},
+            "data": {"unlabelled": False},
+            "training": {"epochs": epochs, "batch_size": batch, "checkpoint_every": 100000, "threads": threads,
+                         "bank": False, "probe": False, "feature_cache": cache, "feature_views": args.views}})
+
+    c0 = cfg(False)
+    samples = [load_sample(args.data, sample=s) for s in (args.section or [None])]
+    ts = build_training_set(samples, c0.data, patch_um=c0.model.patch_um, img_size=c0.model.vision.img_size)
+    spe = ts.n_spots // min(batch, ts.n_spots)
+    rows, out = [], {}
+    old_cache = os.environ.get("NAPARI_COMTIP_CACHE")
+    with tempfile.TemporaryDirectory(prefix="comtip-bench-frozen-") as tmp:
+        os.environ["NAPARI_COMTIP_CACHE"] = str(Path(tmp) / "cache")  # a fresh feature store for this bench
+        try:
+            for label, key, cache in (("ViT on every step (no cache)", "no_cache", False),
+                                      ("feature cache, fresh store", "cache_fresh", True),
+                                      ("feature cache, store of the previous run", "cache_warm", True)):
+                t0 = time.perf_counter()
+                run = Path(tmp) / key
+                pretrain(cfg(cache), samples, run, device=str(dev), training_set=ts)
+                wall = time.perf_counter() - t0
+                el = [r["elapsed_s"] for r in read_metrics(run / "metrics.csv")]
+                ends = [el[(e + 1) * spe - 1] for e in range(epochs)]
+                per = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
+                later = statistics.mean(per[1:])
+                rows.append([label, per[0], later, later / per[0], wall])
+                out[key] = {"epoch_s": per, "epoch1_s": per[0], "epochs2plus_mean_s": later, "wall_s": wall}
+        finally:
+            if old_cache is None:
+                os.environ.pop("NAPARI_COMTIP_CACHE", None)
+            else:
+                os.environ["NAPARI_COMTIP_CACHE"] = old_cache
+    print(f"model    vit_small_patch16_224 at 112 px, 12 blocks, frozen (random weights); feature_views {args.views}")
+    print(f"data     {', '.join(s.name for s in samples)}: {ts.n_spots} spots, {spe} steps of {batch} per epoch, "
+          f"{epochs} epochs; device {dev}, {threads} torch threads")
+    print(_common.table(["run", "epoch 1 s", "epochs 2+ s (mean)", "2+ / 1", "wall s"], rows))
+    speed = out["no_cache"]["epochs2plus_mean_s"] / out["cache_fresh"]["epochs2plus_mean_s"]
+    print(f"epochs 2+ are {speed:.1f}x faster with the cache than running the ViT")
+    _common.emit({"benchmark": "training-frozen", **out, "epochs2plus_speedup": speed, "epochs": epochs,
+                  "views": args.views, "batch_size": batch, "n_spots": ts.n_spots, "device": str(dev),
+                  "machine": _common.machine()})
     return 0
 
 

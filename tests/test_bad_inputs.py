@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from napari_comtip.cli import main
@@ -116,6 +117,131 @@ def test_os_error_is_one_line(monkeypatch, capsys, tmp_path):
     assert cli.main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"^error: .*x\.h5ad: No space left on device\.", err[0])
+
+
+# --------------------------------------------------------------------------- outputs, counts, --genes (issue 14 items 3-6)
+# Read-only and full output folders are real tmpfs mounts (tests/_disks.py; skipped where mount
+# is not permitted): {ro} is read-only, {full} has about 200 kB free.
+from _disks import fill, tmpfs  # noqa: E402
+
+OUTPUT_ROWS = [
+    ("predict-read-only-out", ["predict", "{data}", "--sample", "C2", "--out", "{ro}/p.h5ad"], 2,
+     r"^error: .*/ro: cannot write in the output folder \(Read-only file system\)\. choose a folder you can write"),
+    ("predict-read-only-csv", ["predict", "{data}", "--sample", "C2", "--out", "{out}/p.h5ad", "--csv", "{ro}/p.csv"], 2,
+     r"^error: .*/ro: cannot write in the output folder \(Read-only file system\)"),
+    ("predict-full-disk", ["predict", "{data}", "--sample", "C2", "--out", "{full}/p.h5ad", "--csv", "{full}/p.csv"], 2,
+     r"^error: .*/full: not enough free space in the output folder: 1\.0 MB needed, \d+\.\d KB free"),
+    ("cohort-read-only", ["predict", "{data}", "--out", "{ro}/cohort"], 2,
+     r"^error: .*/ro/cohort: cannot create the output folder \(Read-only file system\)"),
+    ("pretrain-read-only-run", PRETRAIN[:-1] + ["{ro}/run"], 2,
+     r"^error: .*/ro: cannot write in the run folder \(Read-only file system\)"),
+    ("pretrain-full-disk", PRETRAIN[:-1] + ["{full}/run"], 2, r"^error: .*/full: not enough free space in the run folder"),
+    ("benchmark-read-only", ["benchmark-loso", "--data", "{data}", "--out", "{ro}/bench"], 2,
+     r"^error: .*/ro: cannot write in the benchmark folder \(Read-only file system\)"),
+    ("evaluate-unknown-gene", ["evaluate", "--data", "{data}", "--sample", "C2", "--genes", "NOPE1"], 2,
+     r"^error: .*NOPE1"),
+    ("legacy-st-non-integer-counts", ["inspect", "{nonint}", "--sample", "C2"], 0,
+     r"^warning: .*C2\.tsv\.gz: the count table holds 1 non-integer count\(s\) \(e\.g\. 2\.5\); they are used as given"),
+]
+
+
+@pytest.fixture()
+def nonint(tmp_path, work):
+    """The C2 copy with one count of 2.5 (legacy ST table)."""
+    import pandas as pd
+
+    root = tmp_path / "nonint"
+    shutil.copytree(work["data"], root)
+    p = root / "ST-cnts" / "C2.tsv.gz"
+    df = pd.read_csv(p, sep="\t", index_col=0).astype("float64")
+    df.iloc[0, 2] = 2.5
+    df.to_csv(p, sep="\t")
+    return root
+
+
+@pytest.mark.parametrize("argv,status,pattern", [r[1:] for r in OUTPUT_ROWS], ids=[r[0] for r in OUTPUT_ROWS])
+def test_bad_output_or_count(work, tmp_path, request, capsys, argv, status, pattern):
+    import contextlib
+    import sys
+    import warnings
+
+    subst = {"tiny": str(TINY_YAML), **{k: str(v) for k, v in work.items()}}
+    with contextlib.ExitStack() as stack:
+        if any("{ro}" in a for a in argv):
+            subst["ro"] = str(stack.enter_context(tmpfs(tmp_path / "ro", "1m", readonly=True)))
+        if any("{full}" in a for a in argv):
+            full = stack.enter_context(tmpfs(tmp_path / "full", "4m"))
+            fill(full, 200_000)
+            subst["full"] = str(full)
+        if any("{nonint}" in a for a in argv):
+            subst["nonint"] = str(request.getfixturevalue("nonint"))
+        args = [a.format(**subst) for a in argv]
+        watched = [Path(subst[k]) for k in ("data", "nonint") if k in subst]
+        before = [_digest(d) for d in watched]
+        with warnings.catch_warnings():  # show warnings on stderr as the CLI does (pytest records them)
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(m, c, f, n, line))
+            try:
+                code = main(args)
+            except SystemExit as exc:
+                code = exc.code
+        err = capsys.readouterr().err
+        assert code == status, err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert re.search(pattern, last), last
+        assert [_digest(d) for d in watched] == before, "an input changed"
+        assert list(work["out"].iterdir()) == [], "output or temp left behind"
+        for k in ("ro", "full"):
+            if k in subst:
+                assert sorted(p.name for p in Path(subst[k]).iterdir()) == (["filler.bin"] if k == "full" else []), \
+                    f"output or temp left behind in {k}"
+
+
+def test_ctrl_c_while_writing_the_csv_leaves_neither_file(work, monkeypatch, capsys):
+    """`predict --csv`: Ctrl-C during the CSV write (injected there on purpose) leaves no .h5ad, no temp; exit 130."""
+    from napari_comtip.io import export_csv
+
+    def interrupted(adata, path):
+        Path(path).write_text("# half\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_csv, "write_prediction_csv", interrupted)
+    monkeypatch.delenv("COMTIP_RAISE", raising=False)
+    before = _digest(work["data"])
+    code = main(["predict", str(work["data"]), "--sample", "C2", "--out", str(work["out"] / "p.h5ad"),
+                 "--csv", str(work["out"] / "p.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err[-1] == "interrupted"
+    assert list(work["out"].iterdir()) == [] and _digest(work["data"]) == before
+
+
+def test_duplicated_gene_column_is_summed_not_renamed(work, tmp_path, capsys):
+    """A legacy-ST table naming a gene twice: one gene, the counts summed (the rule of every reader)."""
+    import pandas as pd
+
+    root = tmp_path / "dup"
+    shutil.copytree(work["data"], root)
+    p = root / "ST-cnts" / "C2.tsv.gz"
+    df = pd.read_csv(p, sep="\t", index_col=0)
+    a, b = df.columns[1], df.columns[2]
+    df = df.rename(columns={b: a})
+    df.to_csv(p, sep="\t")
+    from napari_comtip.io import load_sample
+
+    s = load_sample(root, sample="C2")
+    var = s.expression.var
+    assert f"{a}.1" not in var.index and list(var.index).count(a) == 1
+    assert var.loc[a, "n_features"] == 2 and s.provenance["duplicate_symbols"] == 1
+    raw = pd.read_csv(work["data"] / "ST-cnts" / "C2.tsv.gz", sep="\t", index_col=0)
+    col = list(s.expression.var_names).index(a)
+    want = (raw[a] + raw[b]).loc[s.spot_ids].to_numpy()
+    np.testing.assert_array_equal(np.asarray(s.expression.layers["counts"][:, col].todense()).ravel(), want)
+    assert main(["inspect", str(root), "--sample", "C2", "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["n_genes"] == raw.shape[1] - 1
 
 
 # --------------------------------------------------------------------------- damaged slides (issue 14, item 2)

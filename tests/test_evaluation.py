@@ -75,6 +75,17 @@ def test_evaluate_predictions_refuses_disjoint_spots():
         evaluate_predictions(a, b)
 
 
+def test_comtip_evaluate_takes_genes_like_predict(capsys):
+    """`comtip evaluate --genes` (docs/cli.md: the options of predict) scores only those genes."""
+    import json
+
+    from napari_comtip.cli import main
+
+    assert main(["evaluate", "--data", "@demo", "--genes", "ERBB2, KRT19", "--device", "cpu", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["n_genes"] == 2 and m["n_spots"] == 187 and np.isfinite(m["pcc_all"])
+
+
 def test_widget_r_is_the_evaluate_r_of_that_gene():
     """One Pearson function: the widget's r of a gene (pearson_r) equals comtip evaluate's per-gene PCC."""
     from napari_comtip.engine.evaluation import pearson_r

@@ -19,7 +19,8 @@ from napari_comtip.engine import run_config as RC
 from napari_comtip.errors import ConfigError
 from napari_comtip.model import build_model
 from napari_comtip.model.checkpoint import load_checkpoint, save_checkpoint
-from napari_comtip.model.config import ComtipConfig, get_preset
+from napari_comtip.model.config import ComtipConfig
+from napari_comtip.model.presets import get_preset
 from napari_comtip.model.foundation import apply_freeze, hub_settings, load_vision_weights
 from napari_comtip.model.vision import create_vit
 

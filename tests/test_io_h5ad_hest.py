@@ -180,3 +180,33 @@ def test_hest_inconsistent_scale_factor(tmp_path):
         load_sample(root)
     root2, _ = _hest_folder(tmp_path / "hest2", with_lowres_scalef=0.05)
     assert load_sample(root2).n_spots > 0
+
+
+def test_hest_duplicated_genes_and_non_integer_counts_follow_the_rule_of_every_reader(tmp_path):
+    """Duplicated var_names are summed under the symbol (ids kept); non-integer counts: one warning."""
+    root, _ = _hest_folder(tmp_path / "hest")
+    h5 = root / "st" / "TENX99.h5ad"
+    a = anndata.read_h5ad(h5)
+    raw = a.X.toarray()
+    names = list(a.var_names)
+    names[5] = names[3]  # G3 twice
+    a.var_names = names
+    a.var[Key.GENE_IDS] = [f"ENS{j:03d}" for j in range(30)]
+    X = raw.copy()
+    X[0, 0] = 1.5
+    a.X = sp.csr_matrix(X)
+    a.write_h5ad(h5)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        s = load_sample(root)
+    msgs = [str(w.message) for w in seen if "non-integer" in str(w.message)]
+    assert len(msgs) == 1 and "TENX99.h5ad: X holds 1 non-integer count(s) (e.g. 1.5)" in msgs[0]
+    assert not [w for w in seen if "not unique" in str(w.message)]
+    var = s.expression.var
+    assert s.n_genes == 29 and "G3" in var.index and "G5" not in var.index and "G3.1" not in var.index
+    assert var.loc["G3", Key.GENE_IDS] == "ENS003;ENS005" and var.loc["G3", Key.N_FEATURES] == 2
+    col = list(var.index).index("G3")
+    np.testing.assert_allclose(s.expression.layers[Key.COUNTS][:, col].toarray().ravel(), raw[:, 3] + raw[:, 5])
+    assert s.provenance["duplicate_symbols"] == 1 and any("non-integer" in w for w in s.provenance["warnings"])

@@ -67,9 +67,9 @@ def test_visium_tiny(tiny, visium_tiny_dir):
     assert tuple(s.spots.loc[BARCODE, [Key.ROW, Key.COL]]) == (ROW, COL)
     assert s.expression.obsm[Key.SPATIAL][s.expression.obs_names.get_loc(BARCODE)].tolist() == [COL, ROW]
     # mpp and spot size from spot_diameter_fullres
-    assert s.mpp == pytest.approx(Default.VISIUM_SPOT_UM / sf["spot_diameter_fullres"])
+    assert s.mpp == pytest.approx(Default.VISIUM_SCALEFACTOR_SPOT_UM / sf["spot_diameter_fullres"])
     assert s.mpp_source == "scalefactors_json.json spot_diameter_fullres"
-    assert s.spot_diameter_px() == pytest.approx(sf["spot_diameter_fullres"])
+    assert s.spot_diameter_px() == pytest.approx(sf["spot_diameter_fullres"] * 55 / 65)  # the 55 um spot
     assert list(s.expression.obs_names) == list(s.spots.index)
 
 
@@ -215,3 +215,16 @@ def test_truncated_lowres_png(copy):
     png.write_bytes(png.read_bytes()[:5000])
     with pytest.raises(InputError, match=r"tissue_lowres_image\.png"):
         load_sample(copy)
+
+
+def test_visium_scale_puts_neighbouring_spots_100_um_apart(shared_data):
+    """10x's spot_diameter_fullres spans a 65 um spot: with that scale the real mouse-brain grid
+    has its 100 um centre-to-centre distance (with 55 um it would be 85 um)."""
+    from scipy.spatial import cKDTree
+
+    for name in ("A1", "B1"):
+        s = load_sample(shared_data / "visium_mouse_brain", sample=name)
+        c = s.centers_rc()
+        pitch_px = float(np.median(cKDTree(c).query(c, k=2)[0][:, 1]))
+        assert pitch_px * s.mpp == pytest.approx(Default.VISIUM_PITCH_UM, rel=0.01), name
+        assert s.spot_diameter_px() * s.mpp == pytest.approx(Default.VISIUM_SPOT_UM, rel=0.01)

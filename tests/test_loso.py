@@ -124,6 +124,7 @@ def test_loso_runs_every_control_on_real_sections_and_reevaluates(her2st_dir, tm
     for r in res["results"]:
         for m in r["modes"].values():
             assert -1 <= m["pcc_heg50"] <= 1
+            assert -1 <= m["unc_spearman"] <= 1 and -1 <= m["unc_spearman_pooled"] <= 1, (r["arm"], m["mode"])
     text = md.read_text()
     assert "<!-- loso-table:her2st:begin -->" in text and "| untrained | probe |" in text
     ck = tmp_path / "s0" / "comtip-nomfm" / "C2" / "run" / "model.pt"
@@ -134,3 +135,4 @@ def test_loso_runs_every_control_on_real_sections_and_reevaluates(her2st_dir, tm
     assert r2[("comtip-nomfm", "C2")]["previous_modes"]["probe"]["pcc_heg50"] == pytest.approx(
         by[("comtip-nomfm", "C2")]["modes"]["probe"]["pcc_heg50"], abs=1e-6)
     assert ck.stat().st_mtime_ns != mtime  # the probe was re-fitted in place, the encoder not retrained
+    assert all(-1 <= m["unc_spearman"] <= 1 for m in r2[("comtip-nomfm", "C2")]["modes"].values())  # --reevaluate fills it

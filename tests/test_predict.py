@@ -84,7 +84,7 @@ def test_retrieval_on_visium_is_aligned_with_the_source(visium, ckpt, panel):
     np.testing.assert_array_equal(ad.obsm[Key.SPATIAL], visium.centers_xy())
     assert list(ad.var_names) == panel
     assert ad.X.dtype == np.float32 and np.isfinite(ad.X).all()
-    assert ad.obsm[Key.EMBEDDING].shape == (visium.n_spots, 256)
+    assert ad.obsm[Key.EMBEDDING].shape == (visium.n_spots, predict_mod.get_checkpoint(ckpt).model.embed_dim)
     prov = ad.uns[Key.PROVENANCE]
     assert prov["predictor"] == "retrieval" and prov["params"]["k"] == 50 and prov["params"]["bank_source"] == "checkpoint"
     assert prov["checkpoint"] == str(ckpt) and len(prov["checkpoint_digest"]) == 16
@@ -260,11 +260,26 @@ def test_predict_to_file_writes_h5ad_and_csv(tmp_path, visium, ckpt, panel):
     np.testing.assert_array_equal(back.X, ad.X)
     np.testing.assert_array_equal(back.obsm[Key.SPATIAL], visium.centers_xy())
     assert back.uns[Key.PROVENANCE]["checkpoint_digest"] == ad.uns[Key.PROVENANCE]["checkpoint_digest"]
-    table = pd.read_csv(csv)
-    assert list(table.columns[:3]) == ["spot_id", "x", "y"] and list(table.columns[3:]) == panel
+    head = [ln for ln in csv.read_text().splitlines() if ln.startswith("#")]
+    assert any("log1p(counts / library size x 10000)" in ln for ln in head) and all("," not in ln for ln in head)
+    table = pd.read_csv(csv, comment="#")
+    assert list(table.columns[:5]) == ["spot_id", "x_px", "y_px", "x_um", "y_um"] and list(table.columns[5:]) == panel
     assert table["spot_id"].tolist() == visium.spot_ids
-    np.testing.assert_allclose(table[panel].to_numpy(), ad.X, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(table[["x_px", "y_px"]].to_numpy(), visium.centers_xy(), atol=0.005)
+    np.testing.assert_allclose(table["x_um"], np.round(table["x_px"] * visium.mpp, 1), atol=0.051)
+    np.testing.assert_allclose(table[panel].to_numpy(), ad.X, atol=5.1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.csv", "pred.h5ad"]
+
+
+def test_bare_slide_grid_pitch_in_provenance_and_csv(tmp_path, demo, ckpt):
+    from napari_comtip.io import load_sample
+
+    bare = load_sample(demo.provenance["image"], pitch_um=300, mpp=demo.mpp)
+    out, csv = tmp_path / "bare.h5ad", tmp_path / "bare.csv"
+    predict_to_file(bare, out, checkpoint=ckpt, device="cpu", mode="retrieval", csv=csv)
+    grid = anndata.read_h5ad(out).uns[Key.PROVENANCE]["sample"]["grid"]
+    assert grid["pitch_um"] == 300 and grid["pitch_px"] == pytest.approx(300 / demo.mpp)
+    assert "# bare-slide grid: pitch 300 um (spot diameter 165 um)" in csv.read_text().splitlines()
 
 
 def test_existing_output_needs_overwrite(tmp_path, visium, ckpt):
@@ -396,3 +411,33 @@ def test_embeddings_of_another_resolution_are_refused(visium, ckpt):
     unsigned = dataclasses.replace(emb, signature={})
     with pytest.raises(InputError, match="signature"):
         predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu", embeddings=unsigned)
+
+
+# --------------------------------------------------------------------------- uncertainty
+def test_every_predictor_fills_the_uncertainty_layer(visium, ckpt, panel, tmp_path):
+    genes = panel[:5]
+    for mode in ("retrieval", "probe", "zero-shot"):
+        ad = predict_sample(visium, checkpoint=ckpt, mode=mode, genes=genes, device="cpu")
+        u = ad.layers[Key.UNCERTAINTY]
+        assert u.shape == ad.shape and u.dtype == np.float32 and np.isfinite(u).all() and (u >= 0).all(), mode
+        assert u.std() > 0, mode  # it varies over spots and genes
+        note = ad.uns[Key.PROVENANCE]["uncertainty"]
+        assert note["layer"] == Key.UNCERTAINTY and "standard deviation" in note["what"], note
+    out = tmp_path / "u.h5ad"
+    written = predict_to_file(visium, out, checkpoint=ckpt, mode="probe", genes=genes, device="cpu")
+    back = anndata.read_h5ad(out)
+    assert np.array_equal(back.layers[Key.UNCERTAINTY], written.layers[Key.UNCERTAINTY])
+    assert "leave-one-out" in back.uns[Key.PROVENANCE]["uncertainty"]["what"]
+
+
+def test_a_probe_stored_before_uncertainty_still_predicts(visium, ckpt, panel, tmp_path):
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for k in ("cov", "resid_var", "n_train", "resid_rule", "var_weight", "var_bias"):
+        blob["probe"].pop(k)
+    old = tmp_path / "old.pt"
+    torch.save(blob, old)
+    new = predict_sample(visium, checkpoint=ckpt, mode="probe", genes=panel[:3], device="cpu")
+    ad = predict_sample(visium, checkpoint=old, mode="probe", genes=panel[:3], device="cpu")
+    assert np.allclose(ad.X, new.X, atol=1e-5) and Key.UNCERTAINTY not in ad.layers
+    note = ad.uns[Key.PROVENANCE]["uncertainty"]
+    assert note["layer"] == "" and "not available" in note["what"] and "--reference" in note["what"]

@@ -10,7 +10,7 @@ from napari_comtip.engine.data import build_training_set
 from napari_comtip.engine.run_config import DataConfig
 from napari_comtip.engine.predictors import zero_shot
 from napari_comtip.errors import ConfigError
-from napari_comtip.model.config import get_preset
+from napari_comtip.model.presets import get_preset
 from napari_comtip.model.factory import build_model
 
 

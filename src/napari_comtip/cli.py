@@ -199,7 +199,11 @@ def _run_cohort(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- pretrain
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain CoMTIP on slides with spatial transcriptomics")
-    p.add_argument("--config", required=True, help="YAML config (see training/configs/)")
+    recipe = p.add_mutually_exclusive_group(required=True)
+    recipe.add_argument("--preset", default=None, metavar="NAME",
+                        help="a packaged recipe: tiny (CPU), base (one GPU), ...; `comtip presets` lists them")
+    recipe.add_argument("--config", default=None,
+                        help="YAML config file; it may start from a preset with a 'preset: NAME' line")
     p.add_argument("--data", action="append", required=True, help="dataset path; repeat for several")
     p.add_argument("--sample", action="append", default=None,
                    help="sample name(s); repeat; with one --data they all come from it, else one per --data")
@@ -222,12 +226,44 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     try:
         final = pretrain_run(args.config, args.data, args.out, samples=args.sample, overrides=args.set,
                              epochs=args.epochs, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                             max_steps=args.max_steps, device=args.device, callbacks=[bar] if bar else [])
+                             max_steps=args.max_steps, device=args.device, callbacks=[bar] if bar else [],
+                             preset=args.preset)
     finally:
         if bar is not None:
             bar.close()
     if main_rank:
         print(f"wrote {final}")
+    return 0
+
+
+# --------------------------------------------------------------------------- presets
+def _add_presets(sub) -> None:
+    p = sub.add_parser("presets", help="list the packaged training recipes (comtip pretrain --preset NAME)")
+    p.add_argument("name", nargs="?", default=None, help="print this preset's whole config as YAML (a start for --config)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects (name, purpose, main settings)")
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    from .model.presets import describe_presets
+
+    if args.name is not None:
+        import yaml
+
+        from .engine.run_config import load_run_config
+
+        d = load_run_config(None, preset=args.name).to_dict()
+        print(json.dumps(d) if args.json else f"# comtip presets {args.name}: the whole resolved recipe\n"
+              + yaml.safe_dump(d, sort_keys=False), end="" if not args.json else "\n")
+        return 0
+    info = describe_presets()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    width = max(len(p["name"]) for p in info)
+    for p in info:
+        print(f"{p['name']:<{width}}  {p['purpose']}")
+    print(f"\nrun one:   comtip pretrain --preset {info[0]['name']} --data DATA --out RUN\n"
+          f"see one:   comtip presets {info[0]['name']}   (a YAML file may start from it: 'preset: {info[0]['name']}')")
     return 0
 
 
@@ -239,6 +275,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--sample", default=None)
     p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
                    help=f"predictor (default {Default.PREDICT_MODE}, the best on held-out sections; see docs/results.md)")
+    p.add_argument("--genes", default=None, help="comma-separated gene symbols or feature ids to score (default: the whole panel)")
     p.add_argument("--reference", default=None)
     p.add_argument("--reference-sample", action="append", default=None)
     p.add_argument("--device", default="auto")
@@ -252,7 +289,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_sample(load_sample(args.data, sample=args.sample), checkpoint=args.checkpoint, mode=args.mode,
                               device=args.device, batch_size=args.batch_size, reference=args.reference,
-                              reference_samples=args.reference_sample, progress=tqdm_progress("encoding"))
+                              reference_samples=args.reference_sample, progress=tqdm_progress("encoding"),
+                              genes=[g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None)
     if args.json:
         print(json.dumps(metrics, default=float))
     else:
@@ -267,7 +305,7 @@ def _add_loso(sub) -> None:
     p = sub.add_parser("benchmark-loso", help="leave-one-section-out benchmark with ablations")
     p.add_argument("--data", required=True, help="her2st-style dataset folder")
     p.add_argument("--sample", action="append", default=None, help="sections (default: all in --data)")
-    p.add_argument("--config", default=None, help="training config (default: training/configs/loso.yaml values)")
+    p.add_argument("--config", default=None, help="training config (default: the loso preset)")
     p.add_argument("--arms", default=None, help="comma-separated arms (default: all)")
     p.add_argument("--out", required=True, help="folder for runs and the results table")
     p.add_argument("--results-md", default=None, help="also write the markdown table here (e.g. docs/results.md)")
@@ -340,6 +378,7 @@ _COMMANDS = {
     "inspect": (_add_inspect, _run_inspect),
     "predict": (_add_predict, _run_predict),
     "pretrain": (_add_pretrain, _run_pretrain),
+    "presets": (_add_presets, _run_presets),
     "evaluate": (_add_evaluate, _run_evaluate),
     "benchmark-loso": (_add_loso, _run_loso),
     "view": (_add_view, _run_view),

@@ -42,6 +42,9 @@ class Default:
     TARGET_SUM: Final = 1e4  # library size for normalisation before log1p
     VISIUM_PITCH_UM: Final = 100.0  # Visium centre-to-centre distance
     VISIUM_SPOT_UM: Final = 55.0  # Visium spot diameter
+    # Space Ranger's spot_diameter_fullres spans a "theoretical 65 um spot" (10x's definition), not the
+    # 55 um printed one: 65 um / spot_diameter_fullres is the scale that puts neighbours 100 um apart
+    VISIUM_SCALEFACTOR_SPOT_UM: Final = 65.0
     LEGACY_ST_PITCH_UM: Final = 200.0  # legacy ST (her2st) centre-to-centre distance
     LEGACY_ST_SPOT_UM: Final = 100.0  # legacy ST spot diameter
     PATCH_UM: Final = 155.0  # physical side of a spot patch: 224 px at her2st's ~0.69 um/px (the peers' crops), 112 px on @demo
@@ -71,6 +74,7 @@ class Default:
     HEATMAP_MAX_SIDE: Final = 2048  # the raster heatmap never gets larger than this per side (16 MB index)
     HEATMAP_TILE_PITCHES: Final = 0.71  # raster fills up to this many spot pitches around a spot
     HEATMAP_OPACITY: Final = 0.55  # the raster heatmap lets the tissue show through
+    UNCERTAINTY_COLORMAP: Final = "viridis"  # colormap of a prediction's uncertainty map (not the expression's)
     SPOT_OPACITY: Final = 0.75  # spots coloured by value (drawn over the raster heatmap)
     SIDE_BY_SIDE_GAP: Final = 0.04  # gap between the predicted and measured views (fraction of width)
     READER_MIN_PLAIN_IMAGE_SIDE: Final = 2048  # smaller .jpg/.png files are left to napari's own reader

@@ -86,7 +86,7 @@ def tiny_checkpoint(small_her2st, demo, tmp_path_factory) -> Path:
     from napari_comtip.engine.predictors import fit_probe
     from napari_comtip.io import load_sample
     from napari_comtip.model.checkpoint import save_checkpoint
-    from napari_comtip.model.config import get_preset
+    from napari_comtip.model.presets import get_preset
     from napari_comtip.model.factory import build_model
 
     ref = load_sample(small_her2st, sample="C3")

@@ -213,10 +213,15 @@ def test_export_h5ad_and_csv_roundtrip(make_napari_viewer, qtbot, demo, tiny_che
     assert "refusing to write over an input" in notifications[-1][1]
     assert widget.export_h5ad(tmp_path / "c2.txt") is None and "must be a .h5ad" in notifications[-1][1]
     assert sorted(p.name for p in Path(counts).parent.iterdir()) == listing
-    table = pd.read_csv(widget.export_csv(tmp_path / "c2-predicted.csv"))
-    assert list(table.columns[:3]) == ["spot_id", "x", "y"]
-    assert table.shape == (demo.n_spots, 3 + pred.adata.n_vars)
-    assert np.allclose(table["ERBB2"], pred.adata[:, "ERBB2"].X.ravel(), atol=1e-5)
+    table = pd.read_csv(widget.export_csv(tmp_path / "c2-predicted.csv"), comment="#")
+    assert list(table.columns[:5]) == ["spot_id", "x_px", "y_px", "x_um", "y_um"]
+    # retrieval gives its spread: a second block of <gene>_uncertainty columns after the genes
+    assert Key.UNCERTAINTY in pred.adata.layers
+    assert table.shape == (demo.n_spots, 5 + 2 * pred.adata.n_vars)
+    assert list(table.columns[5 + pred.adata.n_vars:]) == [f"{g}_uncertainty" for g in pred.adata.var_names]
+    assert np.allclose(table["ERBB2"], pred.adata[:, "ERBB2"].X.ravel(), atol=5.1e-5)
+    unc = np.asarray(pred.adata[:, "ERBB2"].layers[Key.UNCERTAINTY]).ravel()
+    assert np.allclose(table["ERBB2_uncertainty"], unc, atol=5.1e-5)
 
 
 def test_plain_image_and_points_layers(make_napari_viewer, qtbot, demo, tiny_checkpoint, notifications):

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from napari_comtip._widgets.pretrain import PretrainWidget, build_command, parse_progress
+from napari_comtip._widgets.pretrain import PretrainWidget, build_command, parse_progress, shown_command
+from napari_comtip.model.presets import preset_names
 from napari_comtip._widgets._loss_plot import read_metrics_rows
 
 pytestmark = pytest.mark.gui
@@ -20,6 +21,11 @@ def test_command_line():
     assert cmd[:4] == [sys.executable, "-m", "napari_comtip", "pretrain"]
     assert cmd[4:] == ["--config", "tiny.yaml", "--data", "/d/her2st", "--data", "/d/x.h5ad", "--sample", "B4",
                        "--sample", "C2", "--out", "/runs/a", "--epochs", "3", "--max-steps", "10", "--device", "cpu"]
+    by_name = build_command(preset="base", data=["/d/my data"], out="/runs/b")
+    assert by_name[4:] == ["--preset", "base", "--data", "/d/my data", "--out", "/runs/b"]
+    assert shown_command(by_name) == "comtip pretrain --preset base --data '/d/my data' --out /runs/b"
+    with pytest.raises(ValueError):
+        build_command(preset="tiny", config="x.yaml", data=[], out="/r")
     resumed = build_command(config="/runs/a/config.yaml", data=["/d/her2st"], out="/runs/a", epochs=3, resume=True)
     assert "--resume" in resumed and "--epochs" not in resumed  # a resumed run keeps its own plan
     assert parse_progress("pretrain:  40%|####      | 4/10 [00:02<00:03]\rpretrain:  50%|#####     | 5/10") == (5, 10)
@@ -44,13 +50,27 @@ def test_failed_run_shows_the_cli_error(make_napari_viewer, qtbot, tmp_path, not
     widget.add_data(tmp_path / "no-such-dataset")
     widget.out_edit.setText(str(tmp_path / "run"))
     assert widget.start()
-    assert "napari_comtip pretrain --config" in widget.command_edit.text()
+    assert widget.command_edit.text().startswith("comtip pretrain --preset tiny --data ")
+    assert widget.command[3:6] == ["pretrain", "--preset", "tiny"]
     assert "--epochs" not in widget.command  # epochs come from the preset unless set here
     qtbot.waitUntil(lambda: widget.process is None, timeout=120_000)
     errors = [m for sev, m in notifications if sev == "error"]
     assert errors and "no-such-dataset" in errors[-1] and "Traceback" not in errors[-1]
     assert widget.status_label.text().startswith("failed")
     assert widget.start_button.isEnabled() and not widget.use_button.isEnabled()
+
+
+def test_the_widget_offers_every_packaged_preset(make_napari_viewer, tmp_path):
+    widget = PretrainWidget(make_napari_viewer())
+    items = [widget.preset_box.itemText(i) for i in range(widget.preset_box.count())]
+    assert items[:-1] == list(preset_names()) and items[0] == "tiny" and items[-1].startswith("YAML")
+    assert "GPU" in widget.preset_box.itemData(items.index("base"), 3)  # 3 = tooltip role: the preset's purpose
+    widget.add_data(tmp_path / "data")
+    widget.out_edit.setText(str(tmp_path / "run"))
+    widget.preset_box.setCurrentText("base")
+    assert widget._recipe_for(resume=False) == {"preset": "base"}
+    widget.set_config(tmp_path / "mine.yaml")
+    assert widget._recipe_for(resume=False) == {"config": str(tmp_path / "mine.yaml")}
 
 
 def test_cancel_terminates_the_process(make_napari_viewer, qtbot, tmp_path, small_her2st, notifications):

@@ -6,6 +6,9 @@ deleted one):
 * ``<sample> predicted``: Points coloured by the predicted value of the chosen gene
   (``features[<gene>]``, ``face_color=<gene>``, shared colormap and contrast limits);
 * ``<sample> predicted heatmap``: optional rasterised Image of the same values, with a colour bar;
+* ``<sample> <gene> uncertainty (<predictor>)``: when the prediction has ``layers[Key.UNCERTAINTY]``,
+  the predictor's spread for the gene as a heatmap over the predicted one, in its own colormap
+  from 0 (sure) up; hidden when first made (switch it on with its eye), then left as the user set it;
 * when the slide has measured expression for the gene: ``<sample> measured`` (+ heatmap) on the
   **same** colour scale, beside the predicted view (a second, lazily shared copy of the tissue to
   the right of the slide), so the two maps are read side by side at one zoom.
@@ -41,6 +44,7 @@ class GeneView:
     measured: bool
     pearson_r: float
     n_spots: int
+    uncertainty: tuple[float, float] | None = None  # its colour scale, when the prediction has one
 
 
 def measured_values(sample: "SpatialSample", gene: str) -> np.ndarray | None:
@@ -174,13 +178,37 @@ class ExpressionDisplay:
         heat_m = self.layer(L.ROLE_HEAT_MEASURED)
         if heat_m is not None:
             heat_m.colorbar.visible = False  # one colour bar: both maps share the scale
-        self._caption(sample, gene, prediction.mode, limits, meas is not None, r)
+        ulim = self._uncertainty(prediction, sample, gene)
+        self._caption(sample, gene, prediction.mode, limits, meas is not None, r, ulim)
         pts = self.layer(L.ROLE_PREDICTED)
         if pts is not None:  # hovering shows the predicted value of the spot under the cursor
             self.viewer.layers.selection.active = pts
-        return GeneView(gene=gene, limits=limits, measured=meas is not None, pearson_r=r, n_spots=len(pred))
+        return GeneView(gene=gene, limits=limits, measured=meas is not None, pearson_r=r, n_spots=len(pred),
+                        uncertainty=ulim)
 
-    def _caption(self, sample, gene: str, mode: str, limits, measured: bool, r: float) -> None:
+    def _uncertainty(self, prediction: "Prediction", sample, gene: str) -> tuple[float, float] | None:
+        """The uncertainty heatmap of ``gene`` (see the module docstring); its limits, or None."""
+        if Key.UNCERTAINTY not in prediction.adata.layers:
+            self._remove(L.ROLE_UNCERTAINTY)
+            return None
+        unc = L.gene_values(prediction.adata, gene, sample.spot_ids, layer=Key.UNCERTAINTY)
+        limits = L.uncertainty_limits(unc)
+        raster = self._index(sample).paint(unc)
+        lyr, created = self._set(L.ROLE_UNCERTAINTY, L.uncertainty_layer(raster, gene=gene, mode=prediction.mode,
+                                                                          limits=limits, sample=sample))
+        if not created:  # keep the user's visibility and opacity
+            lyr.name = L.uncertainty_name(sample, gene, prediction.mode)
+            lyr.data = raster.data
+            lyr.contrast_limits = limits
+        lyr.colorbar.visible = True  # drawn only while the layer is shown
+        top = len(self.viewer.layers) - 1
+        i = self.viewer.layers.index(lyr)
+        if i != top:  # above the predicted spots, so that switching it on shows it
+            self.viewer.layers.move(i, top)
+        return limits
+
+    def _caption(self, sample, gene: str, mode: str, limits, measured: bool, r: float,
+                 uncertainty: tuple[float, float] | None = None) -> None:
         """What the canvas shows, in words (also in every screenshot)."""
         lines = [f"{sample.name}  {gene}: log-normalised expression",
                  f"colour scale {limits[0]:.2f} to {limits[1]:.2f}" + (" (shared)" if measured else "")]
@@ -189,7 +217,9 @@ class ExpressionDisplay:
             lines.append(f"left: predicted ({mode}), right: measured{corr}")
         else:
             lines.append(f"predicted ({mode}); not measured on this slide")
-        text = "\n".join(lines)
+        if uncertainty is not None:
+            lines.append(f"uncertainty map: layer '{gene} uncertainty', SD 0 to {uncertainty[1]:.2f}")
+        text = "\n".join(x for x in lines if x)
         overlay = self.viewer.text_overlay
         overlay.text = text
         overlay.position = "bottom_left"

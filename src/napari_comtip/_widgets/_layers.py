@@ -35,6 +35,7 @@ ROLE_MEASURED = "measured"
 ROLE_HEAT_PREDICTED = "heatmap-predicted"
 ROLE_HEAT_MEASURED = "heatmap-measured"
 ROLE_TISSUE_COPY = "tissue-measured"
+ROLE_UNCERTAINTY = "uncertainty"
 
 
 # --------------------------------------------------------------------------- geometry
@@ -240,6 +241,15 @@ def shared_limits(*arrays: np.ndarray, percentiles=Default.HEATMAP_PERCENTILES) 
     return lo, hi
 
 
+def uncertainty_limits(values: np.ndarray, percentile: float = Default.HEATMAP_PERCENTILES[1]) -> tuple[float, float]:
+    """Contrast limits of an uncertainty map: from 0 (sure) to a robust maximum, so that the colour
+    is proportional to the spread itself (a map of nearly equal spreads looks nearly uniform)."""
+    vals = np.asarray(values, dtype=np.float64).ravel()
+    vals = vals[np.isfinite(vals)]
+    hi = float(np.percentile(vals, percentile)) if vals.size else 1.0
+    return 0.0, hi if hi > 0 else 1.0
+
+
 @dataclass
 class Raster:
     """A spot heatmap resampled to a regular grid: ``data[i, j]`` is the value at world
@@ -320,7 +330,8 @@ def rasterize(centers_rc: np.ndarray, values: np.ndarray, diameter_px: float) ->
 
 
 def heatmap_layer(raster: Raster, *, name: str, limits: tuple[float, float], sample: "SpatialSample",
-                  role: str, offset: tuple[float, float] = (0.0, 0.0)) -> LayerDataTuple:
+                  role: str, offset: tuple[float, float] = (0.0, 0.0),
+                  colormap: str = Default.HEATMAP_COLORMAP) -> LayerDataTuple:
     """A rasterised heatmap as an Image layer with a colour bar."""
     return (
         raster.data,
@@ -328,7 +339,7 @@ def heatmap_layer(raster: Raster, *, name: str, limits: tuple[float, float], sam
             "name": name,
             "scale": (raster.step, raster.step),
             "translate": (raster.translate[0] + offset[0], raster.translate[1] + offset[1]),
-            "colormap": Default.HEATMAP_COLORMAP,
+            "colormap": colormap,
             "contrast_limits": limits,
             "opacity": Default.HEATMAP_OPACITY,
             "interpolation2d": "nearest",
@@ -336,6 +347,20 @@ def heatmap_layer(raster: Raster, *, name: str, limits: tuple[float, float], sam
         },
         "image",
     )
+
+
+def uncertainty_layer(raster: Raster, *, gene: str, mode: str, limits: tuple[float, float],
+                      sample: "SpatialSample") -> LayerDataTuple:
+    """The predictor's uncertainty of ``gene`` as a heatmap over the predicted one: its own colormap,
+    hidden until the user switches it on (the layer list's eye)."""
+    data, kwargs, kind = heatmap_layer(raster, name=uncertainty_name(sample, gene, mode), limits=limits,
+                                       sample=sample, role=ROLE_UNCERTAINTY, colormap=Default.UNCERTAINTY_COLORMAP)
+    kwargs["visible"] = False
+    return data, kwargs, kind
+
+
+def uncertainty_name(sample: "SpatialSample", gene: str, mode: str) -> str:
+    return f"{sample.name} {gene} uncertainty ({mode})"
 
 
 def values_layer(sample: "SpatialSample", *, name: str, column: str, values: np.ndarray,
@@ -365,4 +390,5 @@ __all__ = [
     "LayerDataTuple", "Raster", "image_scale", "spot_pitch_px", "side_offset", "image_layer",
     "spot_features", "spots_layer", "sample_layers", "gene_values", "shared_limits",
     "RasterIndex", "raster_index", "raster_geometry", "rasterize", "heatmap_layer", "values_layer",
+    "uncertainty_limits", "uncertainty_layer",
 ]

@@ -74,6 +74,63 @@ def predict_in_widget(widget, gene: str | None) -> None:
         raise InputError(widget.last_error or f"gene '{gene}' cannot be shown")
 
 
+#: Height of one caption line in canvas pixels per point of font size, and the caption's margin
+#: (measured on screenshots: 11 pt lines are 25 px apart, 12 px from the canvas edge).
+CAPTION_LINE_PX_PER_PT, CAPTION_MARGIN_PX = 2.4, 16.0
+
+
+def caption_height_px(viewer) -> float:
+    """Canvas pixels the caption (the text overlay at the bottom) takes, 0 when it is hidden."""
+    overlays = getattr(viewer.canvas, "overlays", None)  # napari >= 0.9; before: viewer.text_overlay
+    overlay = overlays.text if overlays is not None and hasattr(overlays, "text") else viewer.text_overlay
+    if not overlay.visible or not overlay.text:
+        return 0.0
+    return (overlay.text.count("\n") + 1) * float(overlay.font_size) * CAPTION_LINE_PX_PER_PT + CAPTION_MARGIN_PX
+
+
+def colorbar_width_px(viewer) -> float:
+    """Canvas pixels a visible top-right colour bar (with its tick labels) takes, 0 when none shows."""
+    widest = 0.0
+    for lyr in viewer.layers:
+        bar = getattr(lyr, "colorbar", None)
+        if lyr.visible and bar is not None and bar.visible and "right" in str(getattr(bar, "position", "")):
+            widest = max(widest, float(bar.size[0]) + 4.5 * float(bar.font_size) + CAPTION_MARGIN_PX)
+    return widest
+
+
+def fit_above_caption(viewer, margin: float = 0.05) -> None:
+    """Fit the layers into the canvas less the caption (bottom) and the colour bar (right strip).
+
+    ``reset_view`` fits them to the whole canvas, under the caption and the colour bar; here the
+    zoom is chosen for the free rectangle and the view shifted so the data sit in its middle.
+    """
+    viewer.reset_view(margin=margin)
+    cap, bar = caption_height_px(viewer), colorbar_width_px(viewer)
+    if cap <= 0 and bar <= 0:
+        return
+    import numpy as np
+
+    extent = np.asarray(viewer.layers.extent.world, dtype=float)[:, -2:]
+    size = np.maximum(extent[1] - extent[0], 1e-9)
+    h, w = (float(v) for v in viewer.canvas.size)
+    avail_h, avail_w = max(h - cap, h * 0.25), max(w - bar, w * 0.25)
+    zoom = (1 - margin) * min(avail_w / size[1], avail_h / size[0])
+    cy, cx = (extent[0] + extent[1]) / 2
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.zoom = zoom
+    camera.center = (*tuple(camera.center)[:-2], cy + (h - avail_h) / 2 / zoom, cx + (w - avail_w) / 2 / zoom)
+
+
+def sync_status(viewer) -> None:
+    """Make the status bar describe what is shown now (napari refreshes it only when the mouse moves)."""
+    viewer.update_status_from_cursor()
+    active = viewer.layers.selection.active
+    status = viewer.status
+    said = str(status.get("layer_name", "")) if isinstance(status, dict) else str(status)
+    if active is not None and active.name not in said:
+        viewer.status = f"{active.name}: hover a spot for its value"
+
+
 def view(path: str | os.PathLike | None = None, *, sample: str | None = None, slide: str | None = None,
          pitch_um: float | None = None, mpp: float | None = None, gene: str | None = None,
          checkpoint: str | None = None, mode: str = Default.PREDICT_MODE, device: str = "auto",
@@ -115,14 +172,19 @@ def view(path: str | os.PathLike | None = None, *, sample: str | None = None, sl
     if batch_size:
         widget.batch_spin.setValue(int(batch_size))
 
+    # a gene chosen later in the widget: the status bar follows (slots run in connection order)
+    widget.gene_box.currentTextChanged.connect(lambda _text: sync_status(viewer))
     if shot is None:
         if gene:
             predict_in_widget(widget, gene)
+            fit_above_caption(viewer)
+            sync_status(viewer)
         napari.run()
         return 0
     try:
         predict_in_widget(widget, gene)
-        viewer.reset_view()
+        fit_above_caption(viewer)
+        sync_status(viewer)
         from qtpy.QtWidgets import QApplication
 
         for _ in range(5):  # let the canvas draw the new layers
@@ -139,4 +201,5 @@ def view(path: str | os.PathLike | None = None, *, sample: str | None = None, sl
     return 0
 
 
-__all__ = ["view", "predict_in_widget", "wait_for"]
+__all__ = ["view", "predict_in_widget", "wait_for", "fit_above_caption", "sync_status", "caption_height_px",
+           "colorbar_width_px"]

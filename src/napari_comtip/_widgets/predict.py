@@ -484,23 +484,28 @@ class PredictWidget(QWidget):
         except ComtipError as exc:
             self._error(str(exc))
             return None
+        except OSError as exc:  # disk full, read-only folder: one line naming the file
+            self._error(f"{exc.filename or out}: {exc.strerror or exc}")
+            return None
         notify_info(f"wrote {self.prediction.adata.n_obs} spots x {self.prediction.adata.n_vars} genes to {written}")
         return Path(written)
 
     def export_csv(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
-        """Write the prediction as a CSV table (``spot_id, x, y`` then one column per gene)."""
+        """Write the prediction as a CSV table (io/export_csv.py: units, provenance lines, uncertainty)."""
         target = self._target(path, "Export predictions as CSV", "CSV table (*.csv)", ".csv")
         if target is None:
             return None
-        from ..engine.predict import prediction_table
-        from ..io.writers import write_csv_atomic
+        from ..io.writers import write_prediction_csv_atomic
 
         out, confirmed = target
         try:
-            written = write_csv_atomic(prediction_table(self.prediction.adata), out, index=False,
-                                       overwrite=overwrite or confirmed, protect=self._input_paths())
+            written = write_prediction_csv_atomic(self.prediction.adata, out, overwrite=overwrite or confirmed,
+                                                  protect=self._input_paths())
         except ComtipError as exc:
             self._error(str(exc))
+            return None
+        except OSError as exc:
+            self._error(f"{exc.filename or out}: {exc.strerror or exc}")
             return None
         notify_info(f"wrote {written}")
         return Path(written)

@@ -1,6 +1,7 @@
 """The "Pretrain CoMTIP" dock widget: a thin launcher over ``comtip pretrain``.
 
-It assembles the same command line a user would type (shown in the widget and in its log),
+It assembles the same command line a user would type (``comtip pretrain --preset tiny ...``,
+shown in the widget and in its log; the presets are the packaged ones, ``comtip presets``),
 runs it as a subprocess (``python -m napari_comtip pretrain ...`` through :class:`QProcess`, so
 napari stays responsive and a crash of the run cannot take napari down), follows the run's
 ``metrics.csv`` for live loss curves and its progress output for the progress bar, and can
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QProcess, QTimer
+from qtpy.QtCore import QProcess, Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget, QPlainTextEdit,
     QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
@@ -29,32 +30,28 @@ from ._compat import guard_triton
 guard_triton()  # engine.run_folder imports torch (see _compat.py)
 from ..engine.run_folder import CONFIG_FILE as RUN_CONFIG
 from ..engine.run_folder import FINAL_FILE, METRICS_FILE
+from ..model.presets import DEFAULT_PRESET, preset_names, preset_purpose
 from ._loss_plot import LossPlot, read_metrics_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-PRESETS = ("tiny", "base")
 _YAML_ITEM = "YAML file…"
 _TQDM = re.compile(r"pretrain:\s*\d+%.*?\|\s*(\d+)/(\d+)")
 _ERROR = re.compile(r"^error: (.+)$", re.M)
 
 
-def preset_config(preset: str) -> Path:
-    """A one-line YAML that selects a preset (``comtip pretrain`` takes a config file)."""
-    from ..io.cache import cache_dir
-
-    path = Path(cache_dir("pretrain-configs")) / f"preset-{preset}.yaml"
-    if not path.is_file() or path.read_text() != f"preset: {preset}\n":
-        path.write_text(f"preset: {preset}\n")
-    return path
+_LAUNCH = [sys.executable, "-m", "napari_comtip"]  # how the widget runs `comtip` (this very Python)
 
 
-def build_command(*, config: str | Path, data: list[str], out: str | Path, samples: list[str] | None = None,
-                  epochs: int | None = None, max_steps: int | None = None, device: str = "auto",
-                  resume: bool = False, overwrite: bool = False) -> list[str]:
-    """argv of ``comtip pretrain`` (run through this Python, as ``python -m napari_comtip``)."""
-    cmd = [sys.executable, "-m", "napari_comtip", "pretrain", "--config", str(config)]
+def build_command(*, data: list[str], out: str | Path, preset: str | None = None, config: str | Path | None = None,
+                  samples: list[str] | None = None, epochs: int | None = None, max_steps: int | None = None,
+                  device: str = "auto", resume: bool = False, overwrite: bool = False) -> list[str]:
+    """argv of ``comtip pretrain --preset NAME ...`` or ``--config FILE ...`` (run through this
+    Python, as ``python -m napari_comtip``)."""
+    if (preset is None) == (config is None):
+        raise ValueError("build_command needs exactly one of preset and config")
+    cmd = [*_LAUNCH, "pretrain", *(["--preset", preset] if preset is not None else ["--config", str(config)])]
     for d in data:
         cmd += ["--data", str(d)]
     for s in samples or []:
@@ -71,6 +68,11 @@ def build_command(*, config: str | Path, data: list[str], out: str | Path, sampl
     if overwrite:
         cmd.append("--overwrite")
     return cmd
+
+
+def shown_command(cmd: list[str]) -> str:
+    """The command as a user types it in a terminal: ``comtip pretrain --preset tiny ...``."""
+    return shlex.join(["comtip", *cmd[len(_LAUNCH):]] if cmd[:len(_LAUNCH)] == _LAUNCH else cmd)
 
 
 def parse_progress(text: str) -> tuple[int, int] | None:
@@ -115,7 +117,11 @@ class PretrainWidget(QWidget):
         self.samples_edit = QLineEdit()
         self.samples_edit.setPlaceholderText("all (or e.g. B4, C2, C3)")
         self.preset_box = QComboBox()
-        self.preset_box.addItems([*PRESETS, _YAML_ITEM])
+        for i, name in enumerate(preset_names()):  # the one list of presets (package data)
+            self.preset_box.addItem(name)
+            self.preset_box.setItemData(i, preset_purpose(name), Qt.ItemDataRole.ToolTipRole)
+        self.preset_box.addItem(_YAML_ITEM)
+        self.preset_box.setToolTip("a packaged recipe (comtip presets lists them), or a YAML config file")
         self.preset_box.activated.connect(self._preset_chosen)
         self.config_path: str | None = None
         self.epochs_spin = QSpinBox()
@@ -155,7 +161,7 @@ class PretrainWidget(QWidget):
         self.status_label.setWordWrap(True)
         self.command_edit = QLineEdit()
         self.command_edit.setReadOnly(True)
-        self.command_edit.setToolTip("the exact command this run executes (copy it to run it in a terminal)")
+        self.command_edit.setToolTip("the same run from a terminal (the widget runs it with napari's own Python)")
         self.plot = LossPlot()
         self.plot.setMinimumHeight(220)
         self.log = QPlainTextEdit()
@@ -226,14 +232,15 @@ class PretrainWidget(QWidget):
     def samples(self) -> list[str]:
         return [s.strip() for s in re.split(r"[,\s]+", self.samples_edit.text()) if s.strip()]
 
-    def _config_for(self, resume: bool) -> str:
+    def _recipe_for(self, resume: bool) -> dict[str, str]:
+        """``{"config": FILE}`` or ``{"preset": NAME}`` for :func:`build_command`."""
         out = self.out_dir
         if resume and out is not None and (out / RUN_CONFIG).is_file():
-            return str(out / RUN_CONFIG)  # a resumed run must use its own resolved config
+            return {"config": str(out / RUN_CONFIG)}  # a resumed run must use its own resolved config
         if self.preset_box.currentText() == _YAML_ITEM and self.config_path:
-            return self.config_path
+            return {"config": self.config_path}
         preset = self.preset_box.currentText()
-        return str(preset_config(preset if preset in PRESETS else PRESETS[0]))
+        return {"preset": preset if preset in preset_names() else DEFAULT_PRESET}
 
     # ------------------------------------------------------------------ run
     def start(self, resume: bool = False, overwrite: bool = False) -> bool:
@@ -249,11 +256,11 @@ class PretrainWidget(QWidget):
             show_error("Pretrain: choose an output folder for the run")
             return False
         max_steps = self.max_steps_spin.value() or None
-        self.command = build_command(config=self._config_for(resume), data=self.data_paths(), out=self.out_dir,
+        self.command = build_command(**self._recipe_for(resume), data=self.data_paths(), out=self.out_dir,
                                      samples=self.samples(), epochs=self.epochs_spin.value() or None,
                                      max_steps=max_steps,
                                      device=self.device_box.currentText(), resume=resume, overwrite=overwrite)
-        shown = shlex.join(self.command)
+        shown = shown_command(self.command)
         self.command_edit.setText(shown)
         self.log.appendPlainText(f"$ {shown}")
         self.output = ""
@@ -386,4 +393,4 @@ class PretrainWidget(QWidget):
         return widget
 
 
-__all__ = ["PretrainWidget", "build_command", "parse_progress", "preset_config"]
+__all__ = ["PretrainWidget", "build_command", "parse_progress", "shown_command"]

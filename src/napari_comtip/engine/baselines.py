@@ -11,7 +11,9 @@ This reproduces the floor of ``/work/shared/reference/peers.md`` (measured there
   half resolution (6).
 
 Features are standardised on the training spots; the ridge penalty is chosen by exact
-leave-one-out on the training spots only, from a fixed grid (the learned probe's rule).
+leave-one-out on the training spots only, from a fixed grid (the learned probe's rule). Its
+uncertainty is the learned probe's: the ridge's predictive standard deviation with each gene's
+leave-one-out residual variance and its variance model (:mod:`engine.ridge_spread`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from ..constants import Default
 from .predictors import loo_ridge_alpha
+from .ridge_spread import loo_gene_mse, predictive_std, ridge_cov, variance_head
 
 ALPHAS = Default.PROBE_ALPHAS  # the probe's grid: the two differ only in their features
 
@@ -96,11 +99,19 @@ class RidgeFloor:
         UtY = U.T @ Yc
         d = s / (s * s + self.alpha_)
         self.coef_ = Vt.T @ (d[:, None] * UtY)
+        self.cov_ = ridge_cov(s, Vt, self.alpha_)
+        self.resid_var_ = loo_gene_mse(U, s, Yc, self.alpha_, uty=UtY)
+        self.var_w_, self.var_b_, self.var_c_ = variance_head(U, s, Vt, Yc - Z @ self.coef_, self.resid_var_)
+        self.n_ = len(X)
         return self
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: np.ndarray, return_std: bool = False):
+        """(N, G) predictions; with ``return_std`` also their predictive standard deviation."""
         Z = (np.asarray(X, np.float64) - self.mu_) / self.sd_
-        return (Z @ self.coef_ + self.ymu_).astype(np.float32)
+        pred = (Z @ self.coef_ + self.ymu_).astype(np.float32)
+        if not return_std:
+            return pred
+        return pred, predictive_std(Z, self.cov_, self.resid_var_, self.n_, self.var_w_, self.var_b_, self.var_c_)
 
 
 __all__ = ["colour_texture_features", "RidgeFloor", "ALPHAS"]

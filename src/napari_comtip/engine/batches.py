@@ -128,8 +128,9 @@ class BatchSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, ts: TrainingSet, cfg: RunConfig, epoch: int, steps_per_epoch: int, dist: Dist,
-                 augment: Augment):
+                 augment: Augment, pixels: bool = True):
         self.ts, self.cfg, self.epoch, self.spe, self.dist, self.aug = ts, cfg, epoch, steps_per_epoch, dist, augment
+        self.pixels = pixels  # False (feature cache): item 0 is the spot indices, the cache has the images
         seed = cfg.training.seed
         perm = torch.randperm(ts.n_spots, generator=generator(step_seed(seed, epoch, 0, 1)))
         self.order = perm[dist.rank::dist.world]  # this rank's share of the epoch
@@ -143,9 +144,12 @@ class BatchSet(torch.utils.data.Dataset):
         idx = self.order[i * B:(i + 1) * B].numpy()
         idx_sorted = np.sort(idx)
         g = generator(step_seed(self.cfg.training.seed, step, self.dist.rank, 2))
-        pos = {v: k for k, v in enumerate(idx_sorted)}
-        patches = np.asarray(self.ts.patches[idx_sorted])[[pos[v] for v in idx]]
-        imgs = self.aug(torch.from_numpy(patches), g)
+        if self.pixels:
+            pos = {v: k for k, v in enumerate(idx_sorted)}
+            patches = np.asarray(self.ts.patches[idx_sorted])[[pos[v] for v in idx]]
+            imgs = self.aug(torch.from_numpy(patches), g)
+        else:
+            imgs = torch.from_numpy(idx.astype(np.int64))
         expr = torch.from_numpy(np.asarray(self.ts.expr[idx]))
         if self.cfg.model.text.value_transform == "spot_rank":
             expr = spot_rank(expr)
@@ -160,7 +164,7 @@ class BatchSet(torch.utils.data.Dataset):
             values = torch.cat([values, torch.from_numpy(self.ts.library_z[idx]).to(values.dtype).view(n, 1)], 1)
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], 1)
         extra = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
-        if self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
+        if self.pixels and self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
             u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
             us = np.sort(u)
             extra = self.aug(torch.from_numpy(np.asarray(self.ts.unlabelled[us])), g)

@@ -155,9 +155,17 @@ def block_cv_alpha(xs: np.ndarray, y: np.ndarray, blocks: np.ndarray, alphas: Se
     neighbours, whose expression is correlated with its own, stay in the fit and pick too small a
     penalty: on a mouse-brain fold it chose 0.1 and lost a third of the floor's PCC), so a probe in
     context holds out contiguous tissue instead."""
+    gene_mse = block_cv_gene_mse(xs, y, blocks, alphas)
+    scores = {a: float(np.mean(e)) for a, e in gene_mse.items()}
+    return min(scores, key=lambda k: scores[k]), scores
+
+
+def block_cv_gene_mse(xs: np.ndarray, y: np.ndarray, blocks: np.ndarray, alphas: Sequence[float]) -> dict[float, np.ndarray]:
+    """Held-out-block mean squared error (G,) of each gene for each penalty (see :func:`block_cv_alpha`);
+    the chosen penalty's errors are the probe's residual variance per gene (its predictive spread)."""
     xs = np.asarray(xs, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    err = {float(a): 0.0 for a in alphas}
+    err = {float(a): np.zeros(y.shape[1]) for a in alphas}
     n = 0
     for b in np.unique(blocks):
         te = blocks == b
@@ -170,10 +178,9 @@ def block_cv_alpha(xs: np.ndarray, y: np.ndarray, blocks: np.ndarray, alphas: Se
         xt = (xs[te] - mu) @ vt.T
         for a in alphas:
             pred = xt @ ((s / (s * s + float(a)))[:, None] * uty) + ym
-            err[float(a)] += float(((pred - y[te]) ** 2).sum())
-        n += int(te.sum()) * y.shape[1]
-    scores = {a: e / max(n, 1) for a, e in err.items()}
-    return min(scores, key=lambda k: scores[k]), scores
+            err[float(a)] += ((pred - y[te]) ** 2).sum(0)
+        n += int(te.sum())
+    return {a: e / max(n, 1) for a, e in err.items()}
 
 
 def fit_context_probe(x: np.ndarray, y: np.ndarray, context: str, centres: np.ndarray | None, groups=None, *,
@@ -190,8 +197,13 @@ def fit_context_probe(x: np.ndarray, y: np.ndarray, context: str, centres: np.nd
     x64 = np.asarray(x, dtype=np.float64)
     sd = x64.std(0)
     xs = (x64 - x64.mean(0)) / np.where(sd < 1e-8, 1.0, sd)
-    a, scores = block_cv_alpha(xs, y, spatial_blocks(centres, groups), Default.PROBE_ALPHAS)
+    gene_mse = block_cv_gene_mse(xs, y, spatial_blocks(centres, groups), Default.PROBE_ALPHAS)
+    scores = {a: float(np.mean(e)) for a, e in gene_mse.items()}
+    a = min(scores, key=lambda k: scores[k])
     probe = predictors.fit_probe(x, y, alpha=a, genes=genes)
     probe.alpha_scores = scores
     probe.alpha_rule = f"{N_BLOCKS} spatial blocks per section"
+    # the residual variance of the spread: held-out contiguous tissue, not leave-one-out (which a
+    # spot's correlated neighbours make optimistic, as for the penalty)
+    probe.set_resid_var(gene_mse[a], probe.alpha_rule)
     return probe

@@ -145,16 +145,18 @@ def evaluate_predictions(pred_adata, true_adata) -> dict[str, Any]:
 
 def evaluate_sample(sample, checkpoint=None, mode: str = "retrieval", *, device: str = "auto",
                     batch_size: int | None = None, reference=None, reference_samples=None,
-                    progress: Progress | None = None, cancel: Cancel | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, cancel: Cancel | None = None,
+                    genes=None) -> dict[str, Any]:
     """Predict ``sample`` through :func:`engine.predict.predict_sample` (the path users run) and
-    score it against the sample's own measured expression."""
+    score it against the sample's own measured expression (``genes``: only these, as ``--genes``
+    of ``predict``; the top-50 sets are then taken among them)."""
     if sample.expression is None:
         raise InputError(f"sample {sample.name!r} has no measured expression to evaluate against",
                          path=sample.provenance.get("source"),
                          hint="evaluate on a dataset with counts (e.g. a her2st section)")
     from .predict import predict_sample
 
-    pred = predict_sample(sample, checkpoint=checkpoint, mode=mode, device=device, batch_size=batch_size,
+    pred = predict_sample(sample, checkpoint=checkpoint, mode=mode, genes=genes, device=device, batch_size=batch_size,
                           reference=reference, reference_samples=reference_samples,
                           progress=progress, cancel=cancel)
     out = evaluate_predictions(pred, sample.expression)
@@ -166,4 +168,40 @@ def evaluate_sample(sample, checkpoint=None, mode: str = "retrieval", *, device:
     return out
 
 
-__all__ = ["gene_pcc", "pearson_r", "evaluate_predictions", "evaluate_sample", "metrics_from_arrays"]
+def uncertainty_error_spearman(pred: np.ndarray, unc: np.ndarray, truth: np.ndarray, n_top: int = N_TOP) -> dict[str, Any]:
+    """How well a predictor's uncertainty ranks its own errors on a held-out section.
+
+    All three arrays are aligned (spots, genes) log-normalised values. Over the ``n_top`` genes of
+    highest measured mean (HEG-50, ties broken by column order): ``per_gene`` is the mean over genes
+    of the Spearman correlation, across spots, between the uncertainty and the absolute error
+    ``|pred - truth|`` (the headline: the widget shows one gene at a time, so what matters is
+    whether the uncertainty map of a gene points at its wrong spots; a gene whose uncertainty or
+    error is constant has no correlation and is dropped); ``pooled`` is one Spearman correlation
+    over all spots x genes of that set (it also rewards ranking genes by how hard they are).
+    Non-finite values are dropped.
+    """
+    from scipy.stats import rankdata
+
+    pred, unc, truth = (np.asarray(a, dtype=np.float64) for a in (pred, unc, truth))
+    if not (pred.shape == unc.shape == truth.shape) or pred.ndim != 2:
+        raise ValueError(f"pred {pred.shape}, uncertainty {unc.shape} and truth {truth.shape} must be one (spots, genes) shape")
+    ok_cols = np.isfinite(unc).all(0) & np.isfinite(pred).all(0) & np.isfinite(truth).all(0)
+    cols = np.flatnonzero(ok_cols)
+    cols = cols[np.argsort(-truth[:, cols].mean(0), kind="stable")[:n_top]]
+    err = np.abs(pred[:, cols] - truth[:, cols])
+    u = unc[:, cols]
+    out: dict[str, Any] = {"per_gene": float("nan"), "pooled": float("nan"), "n_genes": int(len(cols)),
+                           "n_spots": int(pred.shape[0])}
+    if len(cols) == 0 or pred.shape[0] < 3:
+        return out
+    r = gene_pcc(rankdata(u, axis=0), rankdata(err, axis=0))
+    out["per_gene"] = _nanmean(r)
+    out["n_genes_nan"] = int(np.sum(~np.isfinite(r)))
+    ru, re = rankdata(u.ravel()), rankdata(err.ravel())
+    if ru.std() > 0 and re.std() > 0:
+        out["pooled"] = float(np.corrcoef(ru, re)[0, 1])
+    return out
+
+
+__all__ = ["gene_pcc", "pearson_r", "evaluate_predictions", "evaluate_sample", "metrics_from_arrays",
+           "uncertainty_error_spearman"]

@@ -82,11 +82,14 @@ def _panel_expr(samples, panel) -> np.ndarray:
     return np.concatenate([panel_matrix(s.expression[[str(i) for i in s.spots.index]], panel, s.name) for s in samples])
 
 
-def _score(pred: np.ndarray, test_sample, panel, mode: str, **extra) -> dict[str, Any]:
-    from .evaluation import metrics_from_arrays
+def _score(pred: np.ndarray, test_sample, panel, mode: str, unc: np.ndarray | None = None, **extra) -> dict[str, Any]:
+    from .evaluation import metrics_from_arrays, uncertainty_error_spearman
 
     true = _true_panel(test_sample, panel)
     m = metrics_from_arrays(pred[:, true["cols"]], true["X"], true["genes"])
+    if unc is not None:
+        r = uncertainty_error_spearman(pred[:, true["cols"]], unc[:, true["cols"]], true["X"])
+        m.update(unc_spearman=r["per_gene"], unc_spearman_pooled=r["pooled"])
     m.update(mode=mode, **extra)
     return m
 
@@ -115,14 +118,15 @@ def run_ridge_fold(train_samples, test_sample, panel: Sequence[str], cfg) -> dic
     Y = _panel_expr(train_samples, panel)
     out: dict[str, Any] = {"modes": {}}
     model = RidgeFloor().fit(np.concatenate(ftr), Y)
-    out["modes"]["ridge"] = _score(model.predict(fte), test_sample, panel, "ridge", alpha=model.alpha_, context="none",
+    pred, unc = model.predict(fte, return_std=True)
+    out["modes"]["ridge"] = _score(pred, test_sample, panel, "ridge", unc, alpha=model.alpha_, context="none",
                                    seconds=time.time() - t0)
     t1 = time.time()
     ctx = cfg.training.probe_context
     centres, groups = _centres_groups(train_samples)
     probe = fit_context_probe(np.concatenate(_ctx_stack(ftr, train_samples, ctx)), Y, ctx, centres, groups)
-    pred = predictors.probe_predict(probe, _ctx_stack([fte], [test_sample], ctx)[0])
-    out["modes"]["ridge-ctx"] = _score(pred, test_sample, panel, "ridge-ctx", alpha=probe.alpha, context=ctx,
+    pred, unc = predictors.probe_predict(probe, _ctx_stack([fte], [test_sample], ctx)[0], return_std=True)
+    out["modes"]["ridge-ctx"] = _score(pred, test_sample, panel, "ridge-ctx", unc, alpha=probe.alpha, context=ctx,
                                        seconds=time.time() - t1)
     out["train_seconds"] = time.time() - t0
     return out
@@ -183,8 +187,8 @@ def _floor_plus_probe(ckpt, train_samples, test_sample, panel, cfg, device) -> d
     centres, groups = _centres_groups(train_samples)
     probe = fit_context_probe(X, _panel_expr(train_samples, panel), ctx, centres, groups)
     xt = both(_floor_features([test_sample], cfg), feats([test_sample]), [test_sample])[0]
-    pred = predictors.probe_predict(probe, xt)
-    return _score(pred, test_sample, panel, "floor+probe", alpha=probe.alpha, context=ctx, seconds=time.time() - t0)
+    pred, unc = predictors.probe_predict(probe, xt, return_std=True)
+    return _score(pred, test_sample, panel, "floor+probe", unc, alpha=probe.alpha, context=ctx, seconds=time.time() - t0)
 
 
 def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, *, device="auto",
@@ -207,22 +211,21 @@ def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, 
         m = evaluate_predictions(pred, test_sample.expression)
         m.update(mode=mode, seconds=time.time() - t1)
         if "uncertainty" in pred.layers:
-            m["unc_spearman"] = _unc_spearman(pred, test_sample)
+            r = _unc_spearman(pred, test_sample)
+            m.update(unc_spearman=r["per_gene"], unc_spearman_pooled=r["pooled"])
         out[mode] = m
     return out
 
 
-def _unc_spearman(pred, test_sample) -> float:
-    """Rank correlation of the predictor's uncertainty with its absolute error (engine/evaluation)."""
-    try:
-        from .evaluation import uncertainty_error_spearman
-    except ImportError:  # pragma: no cover - the function arrives with the uncertainty layer
-        return float("nan")
+def _unc_spearman(pred, test_sample) -> dict[str, float]:
+    """Rank correlation of the predictor's uncertainty with its absolute error
+    (:func:`engine.evaluation.uncertainty_error_spearman`: ``per_gene`` over HEG-50, and ``pooled``)."""
+    from .evaluation import uncertainty_error_spearman
+
     genes = [str(g) for g in pred.var_names]
     true = _true_panel(test_sample, genes)
     cols = true["cols"]
-    res = uncertainty_error_spearman(np.asarray(pred.X)[:, cols], np.asarray(pred.layers["uncertainty"])[:, cols], true["X"])
-    return float(res["per_gene"] if isinstance(res, dict) else res)
+    return uncertainty_error_spearman(np.asarray(pred.X)[:, cols], np.asarray(pred.layers["uncertainty"])[:, cols], true["X"])
 
 
 def run_model_fold(arm: str, cfg, fold_dir: Path, train_ts, train_samples, test_sample, *, max_steps=None,
@@ -267,9 +270,14 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
     from .run_config import load_run_config
 
     out = Path(out)
+    from ..io.writers import check_writable
+
+    check_writable(out, what="benchmark folder", create=True)  # before any training (nothing made yet)
+    if results_md:
+        check_writable(Path(results_md).expanduser().parent, what="folder of --results-md")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config if config is not None and not isinstance(config, (str, os.PathLike)) else load_run_config(
-        config or _default_config_path())
+    cfg = config if config is not None and not isinstance(config, (str, os.PathLike)) else (
+        load_run_config(config) if config else load_run_config(None, preset="loso"))  # the packaged preset
     cfg = with_overrides(cfg, {"training.seed": seed})
     names = list(samples) if samples else list_samples(data)
     if len(names) < 2:
@@ -328,15 +336,6 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
                 progress(done, len(arms) * len(names), f"{arm} {held}")
     table()
     return {"results": collect_results(root), "meta": meta}
-
-
-def _default_config_path() -> Path:
-    root = Path(__file__).resolve().parents[3]
-    p = root / "training" / "configs" / "loso.yaml"
-    if not p.is_file():
-        raise ConfigError("no --config given and training/configs/loso.yaml not found",
-                          hint="pass --config training/configs/loso.yaml from a source checkout")
-    return p
 
 
 __all__ = ["run_loso", "run_ridge_fold", "run_model_fold", "evaluate_fold", "save_untrained"]

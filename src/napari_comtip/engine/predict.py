@@ -16,6 +16,8 @@ cached) and turns the embeddings into predicted log-normalised expression with o
 The result is an :class:`anndata.AnnData` aligned with the sample's spot table:
 ``obs_names`` = the source's spot ids, ``obsm['spatial']`` = (x, y) full-resolution pixels,
 ``var_names`` = genes, ``X`` = predicted log-normalised expression (float32),
+``layers[Key.UNCERTAINTY]`` = the predictor's own spread per spot and gene (same units; absent,
+with the reason in the provenance, for a stored probe that predates it; docs/model.md),
 ``obsm[Key.EMBEDDING]`` = the image embeddings and ``uns[Key.PROVENANCE]`` = where it came from
 (checkpoint path, digest and training provenance, predictor and its parameters, device actually
 used, batch size, patch size, package versions, time, sample source).
@@ -44,6 +46,8 @@ import pandas as pd
 from ..constants import PREDICT_MODES, Default, Key
 from ..errors import InputError
 from ..progress import Cancel, Progress
+from ..io.export_csv import prediction_table  # noqa: F401 - the CSV table, exported from here too
+from ..io.writers import check_writable
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -402,12 +406,15 @@ def predict_sample(
             raise InputError(f"the probe of {ck_label} does not cover {len(lacking)} requested gene(s) "
                              f"(e.g. {', '.join(lacking[:5])})", hint="pass --reference to fit a probe over the whole panel")
         probe_cols = np.asarray([col[g] for g in gene_names], dtype=np.int64)
+        if not isinstance(probe, predictors.Probe):  # a checkpoint's StoredProbe: its spread rides in its entry
+            probe = predictors.Probe.from_dict(probe.to_dict() if hasattr(probe, "to_dict") else probe)
     else:
         params = {"grid": int(model.config.zero_shot.grid),
                   "temperature": model.config.zero_shot.temperature or float(model.temperature())}
     if ref is None:  # the checkpoint's own bank / probe / text encoder: its stored evaluation applies
         _warn_if_unreliable(ck, mode)
 
+    U: np.ndarray | None = np.empty((n, G), dtype=np.float32)
     chunk = int(Default.EMBED_CHUNK_SPOTS)
     for a in range(0, n, chunk):
         if cancel is not None and cancel():
@@ -417,11 +424,17 @@ def predict_sample(
         b = min(n, a + chunk)
         e = np.asarray(emb.image[a:b], dtype=np.float32)
         if mode == "retrieval":
-            X[a:b] = predictors.retrieval(e, bank_emb, bank_expr, k_eff)
+            xa, ua = predictors.retrieval(e, bank_emb, bank_expr, k_eff, return_std=True)
         elif mode == "probe":
-            X[a:b] = predictors.probe_predict(probe, probe_in[a:b])[:, probe_cols]
+            xa, ua = predictors.probe_predict(probe, probe_in[a:b], return_std=True)
+            xa, ua = xa[:, probe_cols], None if ua is None else ua[:, probe_cols]
         else:
-            X[a:b] = predictors.zero_shot(model, e, gene_idx)
+            xa, ua = predictors.zero_shot(model, e, gene_idx, return_std=True)
+        X[a:b] = xa
+        if ua is None:
+            U = None
+        elif U is not None:
+            U[a:b] = ua
         if progress is not None:
             progress(b, n, f"predicting ({mode})")
 
@@ -433,6 +446,8 @@ def predict_sample(
     adata = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names)))
     adata.obsm[Key.SPATIAL] = sample.centers_xy().astype(np.float64)
     adata.obsm[Key.EMBEDDING] = np.asarray(emb.image, dtype=np.float32)
+    if U is not None:
+        adata.layers[Key.UNCERTAINTY] = U
 
     ck_path = str(ck.path)
     inputs = [str(p) for p in sample.provenance.get("inputs", [])]
@@ -442,6 +457,7 @@ def predict_sample(
     prov: dict[str, Any] = {
         "predictor": mode,
         "params": params,
+        "uncertainty": _uncertainty_note(mode, params, probe, U is not None),
         "genes_requested": "all" if genes is None else ",".join(gene_names),
         "checkpoint": ck_path,
         "checkpoint_name": ck.label,
@@ -461,7 +477,8 @@ def predict_sample(
         "mpp": float(sample.mpp),
         "mpp_source": str(sample.mpp_source),
         "sample": {"name": sample.name, "format": sample.format, "identity": sample.identity,
-                   "source": str(sample.provenance.get("root") or sample.provenance.get("image") or "")},
+                   "source": str(sample.provenance.get("root") or sample.provenance.get("image") or ""),
+                   **({"grid": sample.provenance["grid"]} if "grid" in sample.provenance else {})},
         "inputs": inputs,
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -470,6 +487,27 @@ def predict_sample(
     }
     adata.uns[Key.PROVENANCE] = _h5ad_safe(prov)
     return adata
+
+
+def _uncertainty_note(mode: str, params: dict[str, Any], probe, available: bool) -> dict[str, Any]:
+    """What ``layers[Key.UNCERTAINTY]`` holds (the provenance's words for it)."""
+    note: dict[str, Any] = {"layer": Key.UNCERTAINTY if available else "",
+                            "units": "standard deviation, log-normalised expression (log1p of counts per 1e4)"}
+    if mode == "retrieval":
+        note["what"] = f"spread (standard deviation) of the {params.get('k')} retrieved neighbours' values around their mean"
+    elif mode == "zero-shot":
+        note["what"] = (f"spread (standard deviation) of the zero-shot softmax over the {params.get('grid')}-value grid "
+                        "(through the model's per-gene calibration line, when it has one)")
+    elif available:
+        rule = getattr(probe, "resid_rule", None) or "cross-validation"
+        s2 = (f"the gene's residual variance at the spot from a ridge of the log squared training residuals, its mean "
+              f"the held-out residual variance ({rule})" if getattr(probe, "var_weight", None) is not None
+              else f"the gene's held-out residual variance ({rule})")
+        note["what"] = f"the ridge probe's predictive standard deviation sqrt(s2_g (1 + 1/n + z' (Z'Z + alpha I)^-1 z)), s2_g = {s2}"
+    else:
+        note["what"] = ("not available: this probe was stored before probes kept their predictive spread; re-fit it "
+                        "(training/refit_probe.py) or pass --reference to fit one here")
+    return note
 
 
 def check_outputs(out: str | os.PathLike, csv: str | os.PathLike | None = None, overwrite: bool = False,
@@ -489,17 +527,8 @@ def check_outputs(out: str | os.PathLike, csv: str | os.PathLike | None = None, 
         csv_path = _check_target(Path(csv), overwrite, guard)
         if csv_path.resolve() == out.resolve():
             raise InputError("--csv and --out name the same file", path=csv_path, hint="give the CSV its own name")
-
-
-def prediction_table(adata: "anndata.AnnData") -> pd.DataFrame:
-    """Spots x genes with ``spot_id``, ``x``, ``y`` first (what ``--csv`` writes)."""
-    xy = np.asarray(adata.obsm[Key.SPATIAL])
-    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    df = pd.DataFrame(X, columns=list(map(str, adata.var_names)))
-    df.insert(0, "y", xy[:, 1])
-    df.insert(0, "x", xy[:, 0])
-    df.insert(0, "spot_id", list(map(str, adata.obs_names)))
-    return df
+        check_writable(csv_path.parent)
+    check_writable(out.parent)  # a real probe file and some free space (io/writers.py)
 
 
 def predict_to_file(
@@ -525,7 +554,7 @@ def predict_to_file(
     ``overwrite`` and an input of the prediction (slide, counts, checkpoint, reference) is never
     a valid output.
     """
-    from ..io.writers import write_csv_atomic, write_h5ad_atomic
+    from ..io.writers import write_prediction
     from ..model.bundled import resolve_checkpoint
     from ..model.checkpoint import Checkpoint
 
@@ -542,9 +571,7 @@ def predict_to_file(
                            batch_size=batch_size, reference=reference, reference_samples=reference_samples,
                            progress=progress, cancel=cancel, embeddings=embeddings, **kwargs)
     prov_inputs = list(adata.uns[Key.PROVENANCE].get("inputs", []))
-    write_h5ad_atomic(adata, out, overwrite=overwrite, protect=prov_inputs)
-    if csv_path is not None:
-        write_csv_atomic(prediction_table(adata), csv_path, overwrite=overwrite, protect=prov_inputs, index=False)
+    write_prediction(adata, out, csv_path, overwrite=overwrite, protect=prov_inputs)  # both or neither
     return adata
 
 

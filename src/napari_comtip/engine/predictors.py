@@ -8,7 +8,11 @@
 * :func:`fit_probe` / :func:`probe_predict` - a closed-form ridge regression on frozen image
   features (standardised), fitted on a reference dataset.
 
-All return numpy float32 arrays of shape (N spots, G genes).
+All return numpy float32 arrays of shape (N spots, G genes); with ``return_std=True`` they return
+``(prediction, uncertainty)``, the uncertainty being the predictor's own spread per spot and gene
+in log-normalised units (docs/model.md, "Uncertainty"): the standard deviation of the zero-shot
+softmax over the value grid, the (weighted) standard deviation of the retrieved neighbours'
+values, the ridge's predictive standard deviation (``None`` for a stored probe that predates it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from ..constants import Default
 from ..errors import ConfigError, InputError
+from .ridge_spread import loo_gene_mse, predictive_std, ridge_cov, variance_head
 
 WEIGHTINGS = ("mean", "inverse_distance", "inverse_square")
 
@@ -81,14 +86,16 @@ def zero_shot(
     *,
     chunk: int | None = None,
     spot_chunk: int = 4096,
-) -> np.ndarray:
+    return_std: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Zero-shot expression (N, G') of genes ``gene_indices`` (panel indices or symbols; None = all).
 
     For each gene g, sentences "g at v" for ``grid`` values v evenly spanning the gene's training
     range (``model.value_grid``) are embedded in one batched ``encode_genes`` pass (chunked);
     similarities s_iv = <image_i, text_gv> become p_iv = softmax_v(s_iv / T) and the prediction
     is sum_v p_iv * v. T defaults to the model's learned CLIP temperature (1 / logit_scale),
-    the temperature its similarities were trained with.
+    the temperature its similarities were trained with. ``return_std``: also the standard
+    deviation of v under p_i (the softmax's spread), through the same calibration line (|b| sd).
     """
     if not model.text.encodes_values:
         raise ConfigError(
@@ -119,16 +126,25 @@ def zero_shot(
         raise InputError(f"image embeddings have shape {tuple(img.shape)}, expected (N, {text.shape[-1]})")
     img = F.normalize(img, dim=-1)
     out = np.empty((img.shape[0], gi.numel()), dtype=np.float32)
+    sd = np.empty_like(out) if return_std else None
     flat = text.reshape(-1, text.shape[-1])  # (G' V, D)
     vals = values.to(text.device)
     for s in range(0, img.shape[0], spot_chunk):
         sim = (img[s : s + spot_chunk] @ flat.t()).view(-1, gi.numel(), n_grid)  # (n, G', V)
         p = torch.softmax(sim / temp, dim=-1)
-        out[s : s + spot_chunk] = (p * vals).sum(-1).cpu().numpy()
+        mu = (p * vals).sum(-1)
+        out[s : s + spot_chunk] = mu.cpu().numpy()
+        if sd is not None:
+            var = (p * (vals - mu.unsqueeze(-1)) ** 2).sum(-1)
+            sd[s : s + spot_chunk] = var.clamp_min(0.0).sqrt().cpu().numpy()
     cal = getattr(model, "value_cal", None)
     if cal is not None:  # expected within-spot value -> log-normalised units (per-gene line, training spots)
         c = cal[:, gi].float().cpu().numpy()
         out = c[0] + c[1] * out
+        if sd is not None:
+            sd = np.abs(c[1]) * sd
+    if sd is not None:
+        return out.astype(np.float32), sd.astype(np.float32)
     return out.astype(np.float32)
 
 
@@ -143,11 +159,14 @@ def retrieval(
     *,
     chunk: int = 2048,
     device: str | torch.device | None = None,
-) -> np.ndarray:
+    return_std: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """BLEEP-style prediction (N, G): aggregate the expression of the k most cosine-similar bank spots.
 
     ``weighting``: ``mean`` (BLEEP), ``inverse_distance`` (1/d) or ``inverse_square`` (1/d^2,
-    mclSTExp), with d the Euclidean distance between L2-normalised embeddings.
+    mclSTExp), with d the Euclidean distance between L2-normalised embeddings. ``return_std``:
+    also the standard deviation of the k neighbours' values around the prediction, with the
+    same weights (the population form: a spot whose neighbours all agree gets 0).
     """
     if weighting not in WEIGHTINGS:
         raise ConfigError(f"retrieval weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
@@ -162,19 +181,23 @@ def retrieval(
         raise InputError("the retrieval reference bank is empty")
     k = max(1, min(int(k), b.shape[0]))
     out = np.empty((q.shape[0], y.shape[1]), dtype=np.float32)
+    sd = np.empty_like(out) if return_std else None
     for s in range(0, q.shape[0], chunk):
         sim = q[s : s + chunk] @ b.t()
         top, idx = sim.topk(k, dim=1)
         neigh = y[idx]  # (n, k, G)
         if weighting == "mean":
-            pred = neigh.mean(1)
+            w = torch.full(top.shape, 1.0 / k, dtype=neigh.dtype, device=neigh.device)
         else:
             d = (2.0 - 2.0 * top).clamp_min(0.0)  # squared distance of unit vectors
             w = 1.0 / (d.sqrt() + 1e-6) if weighting == "inverse_distance" else 1.0 / (d + 1e-6)
             w = w / w.sum(1, keepdim=True)
-            pred = (w.unsqueeze(-1) * neigh).sum(1)
+        pred = (w.unsqueeze(-1) * neigh).sum(1)
         out[s : s + chunk] = pred.cpu().numpy()
-    return out
+        if sd is not None:
+            var = (w.unsqueeze(-1) * (neigh - pred.unsqueeze(1)) ** 2).sum(1)
+            sd[s : s + chunk] = var.clamp_min(0.0).sqrt().cpu().numpy()
+    return (out, sd) if sd is not None else out
 
 
 # ---------------------------------------------------------------------------- ridge probe
@@ -189,10 +212,38 @@ class Probe:
     alpha: float
     genes: list[str] | None = None
     alpha_scores: dict[float, float] | None = None  # LOO error per candidate alpha (when chosen automatically)
+    # the predictive spread (engine/ridge_spread.py); None in probes stored before it existed
+    cov: np.ndarray | None = None  # (F, F) (Z^T Z + alpha I)^-1 of the standardised training features Z
+    resid_var: np.ndarray | None = None  # (G,) each gene's held-out residual variance at the chosen alpha
+    n_train: int | None = None  # training spots (the intercept's share of the spread, 1 / n)
+    resid_rule: str | None = None  # how resid_var was measured
+    var_weight: np.ndarray | None = None  # (F, G) the log-variance model (its mean: log resid_var)
+    var_bias: np.ndarray | None = None  # (G,)
+    var_clip: np.ndarray | None = None  # (2, G) its range on the training spots
+
+    @property
+    def has_spread(self) -> bool:
+        return self.cov is not None and self.resid_var is not None
+
+    def set_resid_var(self, resid_var: np.ndarray, rule: str) -> None:
+        """Another held-out residual variance (e.g. of spatial blocks): the variance model keeps its shape."""
+        new = np.asarray(resid_var, np.float64)
+        if self.var_bias is not None and self.resid_var is not None:
+            ratio = np.maximum(new, 1e-12) / np.maximum(np.asarray(self.resid_var, np.float64), 1e-12)
+            self.var_bias = (self.var_bias + np.log(ratio)).astype(np.float32)
+        self.resid_var = new.astype(np.float32)
+        self.resid_rule = rule
 
     def to_dict(self) -> dict:
         """Tensors and primitives (can be stored in a checkpoint's ``probe`` entry)."""
-        return {
+        spread = {} if not self.has_spread else {
+            "cov": torch.from_numpy(np.ascontiguousarray(self.cov, np.float32)),
+            "resid_var": torch.from_numpy(np.ascontiguousarray(self.resid_var, np.float32)),
+            "n_train": int(self.n_train or 0), "resid_rule": str(self.resid_rule or ""),
+            **({} if self.var_weight is None else {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), np.float32))
+                                                   for k in ("var_weight", "var_bias", "var_clip")}),
+        }
+        return {**spread,
             "weight": torch.from_numpy(self.weight),
             "bias": torch.from_numpy(self.bias),
             "mean": torch.from_numpy(self.mean),
@@ -208,7 +259,12 @@ class Probe:
         def arr(x):
             return (x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
 
-        return cls(arr(d["weight"]), arr(d["bias"]), arr(d["mean"]), arr(d["std"]), float(d["alpha"]), d.get("genes"))
+        has = d.get("cov") is not None and d.get("resid_var") is not None
+        return cls(arr(d["weight"]), arr(d["bias"]), arr(d["mean"]), arr(d["std"]), float(d["alpha"]), d.get("genes"),
+                   cov=arr(d["cov"]) if has else None, resid_var=arr(d["resid_var"]) if has else None,
+                   n_train=int(d.get("n_train") or 0) or None, resid_rule=d.get("resid_rule") or None,
+                   **{k: arr(d[k]) if has and d.get("var_weight") is not None else None
+                      for k in ("var_weight", "var_bias", "var_clip")})
 
 
 def loo_ridge_alpha(xs: np.ndarray, yc: np.ndarray, alphas: Sequence[float] = Default.PROBE_ALPHAS,
@@ -224,12 +280,7 @@ def loo_ridge_alpha(xs: np.ndarray, yc: np.ndarray, alphas: Sequence[float] = De
     """
     u, s = svd if svd is not None else np.linalg.svd(np.asarray(xs, np.float64), full_matrices=False)[:2]
     uty = u.T @ np.asarray(yc, np.float64)
-    scores: dict[float, float] = {}
-    for a in alphas:
-        d = s * s / (s * s + float(a))
-        h = (u * u) @ d  # diagonal of the hat matrix
-        loo = (yc - u @ (d[:, None] * uty)) / np.maximum(1.0 - h, 1e-6)[:, None]
-        scores[float(a)] = float(np.mean(loo * loo))
+    scores = {float(a): float(np.mean(loo_gene_mse(u, s, yc, float(a), uty=uty))) for a in alphas}
     best = min(scores, key=lambda k: scores[k])
     return best, scores
 
@@ -260,8 +311,9 @@ def fit_probe(features, expr, alpha: float | None = Default.PROBE_ALPHA, genes: 
     y_mean = y.mean(0)
     yc = y - y_mean
     scores = None
+    u, sv, vt = np.linalg.svd(xs, full_matrices=False)
     if alpha is None:
-        alpha, scores = loo_ridge_alpha(xs, yc)
+        alpha, scores = loo_ridge_alpha(xs, yc, svd=(u, sv))
     n, f = xs.shape
     if n >= f:
         a = xs.T @ xs + alpha * np.eye(f)
@@ -269,6 +321,8 @@ def fit_probe(features, expr, alpha: float | None = Default.PROBE_ALPHA, genes: 
     else:
         a = xs @ xs.T + alpha * np.eye(n)
         w = xs.T @ _solve(a, yc)
+    resid_var = loo_gene_mse(u, sv, yc, alpha)
+    var_w, var_b, var_c = variance_head(u, sv, vt, yc - xs @ w, resid_var)
     return Probe(
         weight=w.astype(np.float32),
         bias=y_mean.astype(np.float32),
@@ -277,6 +331,13 @@ def fit_probe(features, expr, alpha: float | None = Default.PROBE_ALPHA, genes: 
         alpha=float(alpha),
         genes=None if genes is None else [str(g) for g in genes],
         alpha_scores=scores,
+        cov=ridge_cov(sv, vt, alpha).astype(np.float32),
+        resid_var=resid_var.astype(np.float32),
+        n_train=int(n),
+        resid_rule="leave-one-out",
+        var_weight=var_w.astype(np.float32),
+        var_bias=var_b.astype(np.float32),
+        var_clip=var_c.astype(np.float32),
     )
 
 
@@ -287,14 +348,25 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
-def probe_predict(probe: Probe | dict, features) -> np.ndarray:
-    """Apply a fitted probe to features (N, F) -> (N, G) float32."""
+def probe_predict(probe: Probe | dict, features, return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+    """Apply a fitted probe to features (N, F) -> (N, G) float32.
+
+    ``return_std``: also its predictive standard deviation (:func:`engine.ridge_spread.predictive_std`), or
+    ``None`` for a probe stored without the state it needs (``Probe.has_spread``)."""
     if isinstance(probe, dict):
         probe = Probe.from_dict(probe)
     x = np.asarray(features.cpu().numpy() if isinstance(features, torch.Tensor) else features, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != probe.weight.shape[0]:
         raise InputError(f"features have shape {x.shape}, the probe expects (N, {probe.weight.shape[0]})")
-    return (((x - probe.mean) / probe.std) @ probe.weight + probe.bias).astype(np.float32)
+    z = (x - probe.mean) / probe.std
+    pred = (z @ probe.weight + probe.bias).astype(np.float32)
+    if not return_std:
+        return pred
+    if not probe.has_spread:
+        return pred, None
+    return pred, predictive_std(z, probe.cov, probe.resid_var, probe.n_train, probe.var_weight, probe.var_bias,
+                                probe.var_clip)
 
 
-__all__ = ["Probe", "fit_probe", "loo_ridge_alpha", "probe_predict", "retrieval", "zero_shot", "zero_shot_sentence_embeddings"]
+__all__ = ["Probe", "fit_probe", "loo_gene_mse", "loo_ridge_alpha", "probe_predict", "retrieval", "zero_shot",
+           "zero_shot_sentence_embeddings"]

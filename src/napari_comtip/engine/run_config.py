@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 from ..constants import Default
 from ..errors import ConfigError
-from ..model.config import ComtipConfig, apply_mapping, get_preset
+from ..model.config import ComtipConfig, apply_mapping
+from ..model.presets import DEFAULT_PRESET, preset_sections
 from ..model.config_checks import check_ranges
 from .context import CONTEXTS
 
@@ -80,6 +81,8 @@ class TrainingConfig:
     probe_alpha: float = 0.0  # ridge penalty of the stored probe; 0 = choose by leave-one-out on the training spots
     probe_context: str = Default.PROBE_CONTEXT  # the probe's input (engine/context.py): none, section, neighbours
     emb_std_every: int = 1  # compute img_emb_std every N steps (it costs no extra forward pass)
+    feature_cache: bool = True  # a fixed ViT (model.vision.freeze: true): its features once per patch view (engine/feature_cache.py)
+    feature_views: int = 4  # augmented views per patch with the feature cache; epoch e uses view e mod this
     fp16_final: bool = True  # store model.pt weights in fp16
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +165,13 @@ def _section(obj, d, name: str, path):
     return obj
 
 
+def _mapping(d: dict, name: str, path) -> dict:
+    sec = d.get(name) or {}
+    if not isinstance(sec, dict):
+        raise ConfigError(f"section {name!r} must be a mapping", path=path)
+    return sec
+
+
 def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
     """Build a :class:`RunConfig`; unknown keys and bad values raise :class:`ConfigError` naming key and ``path``."""
     d = dict(d or {})
@@ -169,31 +179,40 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
         if k not in _TOP_KEYS:
             raise ConfigError(f"unknown config key {k!r}", path=path,
                               hint=f"top-level keys are {', '.join(_TOP_KEYS)}")
-    preset = str(d.get("preset") or "tiny")
-    base = get_preset(preset)
+    preset = str(d.get("preset") or DEFAULT_PRESET)
+    try:
+        base = preset_sections(preset)  # the preset's model, data and training sections (package data)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).rstrip("."), path=path) from None
     model_over = d.get("model") or {}
     if not isinstance(model_over, dict):
         raise ConfigError("section 'model' must be a mapping", path=path)
     try:
-        model_cfg = ComtipConfig.from_dict(_merge(base.to_dict(), model_over))
+        model_cfg = ComtipConfig.from_dict(_merge(base["model"], model_over))
     except ConfigError as exc:
         msg = str(exc).rstrip(".")
         msg = re.sub(r"config key '([^']+)'", r"config key 'model.\1'", msg)
         raise ConfigError(msg, path=path) from None
-    data = _section(DataConfig(), d.get("data"), "data", path)
+    data = _section(DataConfig(), _merge(base["data"], _mapping(d, "data", path)), "data", path)
     _choice("data.sentence_sampler", data.sentence_sampler, SENTENCE_SAMPLERS, path)
-    training = _section(TrainingConfig(), d.get("training"), "training", path)
+    training = _section(TrainingConfig(), _merge(base["training"], _mapping(d, "training", path)), "training", path)
     _choice("training.probe_context", training.probe_context, CONTEXTS, path)
     _choice("training.amp", training.amp, AMP_MODES, path)
     return RunConfig(preset=preset, model=model_cfg, data=data, training=training,
                      source=None if path is None else str(path))
 
 
-def load_run_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict | None = None) -> RunConfig:
-    """Read a YAML training config (or start from the ``tiny`` preset when ``path`` is None)."""
+def load_run_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict | None = None, *,
+                    preset: str | None = None) -> RunConfig:
+    """Read a YAML training config, or take the named ``preset`` (the ``tiny`` one when neither is given)."""
     import yaml
 
     d: dict = {}
+    if preset is not None:
+        if path is not None:
+            raise ConfigError("give --preset or --config, not both",
+                              hint=f"a config file starts from a preset with a line 'preset: {preset}'")
+        d = {"preset": str(preset)}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -208,7 +227,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: Iterable[str] | d
             raise ConfigError("a config file must be a YAML mapping", path=p)
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     # an error names its real source: the file (or preset) when it is bad alone, else --set
-    source = path if path is not None else f"preset {d.get('preset') or 'tiny'}"
+    source = path if path is not None else ("--preset" if preset is not None else "the default preset")
     if not over:
         cfg = run_config_from_dict(d, path=source)
     else:

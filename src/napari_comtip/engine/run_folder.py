@@ -88,6 +88,9 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if not resume and not overwrite and is_run_folder(out):
         raise InputError("the output folder already holds a training run", path=out,
                          hint="pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    from ..io.writers import check_writable
+
+    check_writable(out, what="run folder", create=True)  # a real probe: read-only or full shows now, not after the work
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -151,9 +154,12 @@ def _fmt(v) -> str:
 
 
 def append_metrics(path: Path, m: dict) -> None:
-    with open(path, "a") as f:
-        f.write(",".join(_fmt(m[c]) for c in METRIC_COLUMNS) + "\n")
-        f.flush()
+    try:
+        with open(path, "a") as f:
+            f.write(",".join(_fmt(m[c]) for c in METRIC_COLUMNS) + "\n")
+            f.flush()
+    except OSError as exc:  # a full disk: one line naming the file (the CLI prints it)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:

@@ -116,13 +116,13 @@ class _StepModule(torch.nn.Module):
         if self.training:
             self._captured.append(out.detach())
 
-    def forward(self, images, gene_idx, values, mask, extra_images=None):
+    def forward(self, images, gene_idx, values, mask, extra_images=None, pooled: bool = False):
         self._captured.clear()
-        out = dict(self.model(images, gene_idx, values, mask))
+        out = dict(self.model(images, gene_idx, values, mask, pooled=pooled))
         if self._captured:
             out["img_emb"] = torch.nn.functional.normalize(self._captured[0].float(), dim=-1)
         self._captured.clear()
-        if extra_images is not None and extra_images.shape[0] > 0 and self.w_mfm > 0:
+        if extra_images is not None and extra_images.shape[0] > 0 and self.w_mfm > 0 and self.model.vision.generator is not None:
             vision = self.model.vision
             with torch.no_grad():
                 full = vision.forward_tokens(extra_images)
@@ -284,6 +284,9 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
         rf.init_metrics(out / rf.METRICS_FILE, keep_until=step if state is not None else None)
     augment = Augment(cfg.data)
     last_good = rf.list_checkpoints(out)[-1][1] if rf.list_checkpoints(out) else None
+    from .feature_cache import open_feature_cache  # a fixed ViT: its features once per patch view
+
+    fcache = open_feature_cache(model, ts, cfg, dev, use_bf16=use_bf16)
 
     def save_state(at_step: int, epoch: int) -> Path | None:
         nonlocal last_good
@@ -307,20 +310,23 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
     while step < total and not stopped:
         epoch = step // spe
         start_i = step - epoch * spe
-        ds = BatchSet(ts, cfg, epoch, spe, dist, augment)
+        ds = BatchSet(ts, cfg, epoch, spe, dist, augment, pixels=fcache is None)
         sampler = range(start_i, min(spe, start_i + (total - step)))
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, sampler=sampler, num_workers=tc.num_workers,
             pin_memory=dev.type == "cuda", persistent_workers=False)
         for imgs, gene_idx, values, mask, extra in loader:
             ts0 = time.time()
-            imgs = imgs.to(dev, non_blocking=True)
-            x = model.preprocess(imgs)
-            xe = model.preprocess(extra.to(dev, non_blocking=True)) if extra.shape[0] else None
+            if fcache is not None:  # imgs are spot indices: cached pooled features of their view
+                x, xe = fcache.features(imgs.numpy(), epoch), None
+            else:
+                imgs = imgs.to(dev, non_blocking=True)
+                x = model.preprocess(imgs)
+                xe = model.preprocess(extra.to(dev, non_blocking=True)) if extra.shape[0] else None
             gene_idx, values, mask = gene_idx.to(dev), values.to(dev), mask.to(dev)
             torch.manual_seed(step_seed(tc.seed, step, dist.rank, 3))  # model-internal randomness
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outd = train_mod(x, gene_idx, values, mask, xe)
+                outd = train_mod(x, gene_idx, values, mask, xe, pooled=fcache is not None)
             loss = outd["loss"]
             bad = not bool(torch.isfinite(loss.detach()).item())
             if dist.any_true(bad):
@@ -369,6 +375,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
             "elapsed_s": elapsed0 + time.time() - t0, "world_size": dist.world, "device": str(dev),
             "run_config": cfg.to_dict(), "panel_rule": panel_rule_text(cfg.data),
             "selection_rule": "final weights after the fixed step budget",
+            "feature_cache": fcache.stats() if fcache is not None else None,
         }
         save_final(final, model, panel, extras, fp16=tc.fp16_final)
         for cb in callbacks:
@@ -380,8 +387,9 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
 def pretrain_run(config: str | os.PathLike | None, data: Sequence[str], out_dir: str | os.PathLike, *,
                  samples: Sequence[str] | None = None, overrides: Iterable[str] = (), epochs: int | None = None,
                  seed: int | None = None, resume: bool = False, overwrite: bool = False,
-                 max_steps: int | None = None, device: str = "auto", callbacks: Sequence[Callback] = ()) -> Path:
-    """``comtip pretrain``: a YAML config (``None``: the tiny preset) with ``--set``-style ``overrides``
+                 max_steps: int | None = None, device: str = "auto", callbacks: Sequence[Callback] = (),
+                 preset: str | None = None) -> Path:
+    """``comtip pretrain``: a YAML config or a packaged ``preset`` (neither: tiny) with ``--set``-style ``overrides``
     (``epochs`` / ``seed`` are two of them), the samples of ``data`` (:func:`engine.data.resolve_data_specs`),
     the run folder checked before any data is loaded; returns the final ``model.pt``."""
     sets = list(overrides or ())
@@ -389,7 +397,7 @@ def pretrain_run(config: str | os.PathLike | None, data: Sequence[str], out_dir:
         sets.append(f"training.epochs={epochs}")
     if seed is not None:
         sets.append(f"training.seed={seed}")
-    cfg = load_run_config(config, sets)
+    cfg = load_run_config(config, sets, preset=preset)
     rf.check_out_dir(Path(out_dir), resume, overwrite)
     specs = resolve_data_specs(data, samples)
     return pretrain(cfg, specs, out_dir, resume=resume, overwrite=overwrite, max_steps=max_steps,

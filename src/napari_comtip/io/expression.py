@@ -47,6 +47,30 @@ def validate_counts(matrix, path: str | os.PathLike | None = None) -> None:
                          hint="give raw (non-negative) counts, not scaled or centred values")
 
 
+def warn_non_integer(matrix, path: str | os.PathLike | None, source: str, provenance: dict | None = None) -> str | None:
+    """The non-integer rule (every reader): such counts are used as given, with one warning line.
+
+    Returns the message (also appended to ``provenance["warnings"]``), or None when every value is
+    a whole number. Call it after :func:`validate_counts` has refused NaN/inf/negative values.
+    """
+    data = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if data.size == 0 or data.dtype.kind != "f" or not np.isfinite(data).all():
+        return None
+    flat = data.ravel()
+    frac = np.abs(flat - np.round(flat)) > 1e-6
+    if not frac.any():
+        return None
+    n = int(frac.sum())
+    example = float(flat[np.flatnonzero(frac)[0]])
+    where = f"{path}: " if path is not None else ""
+    msg = (f"{where}{source} holds {n} non-integer count(s) (e.g. {example:g}); they are used as given "
+           "(library-size normalisation then log1p), as every reader does")
+    warnings.warn(msg, stacklevel=3)
+    if provenance is not None:
+        provenance.setdefault("warnings", []).append(msg)
+    return msg
+
+
 def normalize_log1p(adata: "anndata.AnnData", target_sum: float = Default.TARGET_SUM) -> "anndata.AnnData":
     """Fill ``layers[Key.LOGNORM]`` with ``log1p(X / row sum * target_sum)`` (rows with no counts stay 0)."""
     X = adata.layers[Key.COUNTS] if Key.COUNTS in adata.layers else adata.X
@@ -211,4 +235,4 @@ def read_10x_mex(folder: str | os.PathLike) -> tuple[sp.csr_matrix, list[str], l
     return m.T.tocsr(), barcodes, names, ids
 
 
-__all__ = ["validate_counts", "normalize_log1p", "make_expression", "collapse_duplicate_genes", "symbols_for", "read_10x_h5", "read_10x_mex"]
+__all__ = ["validate_counts", "warn_non_integer", "normalize_log1p", "make_expression", "collapse_duplicate_genes", "symbols_for", "read_10x_h5", "read_10x_mex"]

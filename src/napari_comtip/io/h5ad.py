@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from ..constants import Default, Key
 from ..errors import InputError
 from .cache import file_identity
-from .expression import make_expression, quiet_duplicate_names
+from .expression import make_expression, quiet_duplicate_names, warn_non_integer
 from .image import is_blank, to_rgb_uint8
 from .slide import open_image
 from .record import SpatialSample, drop_spots_outside, mpp_with_override
@@ -76,11 +76,7 @@ def _counts(adata, path: Path, provenance: dict) -> tuple[sp.csr_matrix, list[st
         X, src = adata.X, "X"
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     provenance["counts_from"] = src
-    data = X.data
-    if data.size and data.dtype.kind == "f" and np.isfinite(data).all() and not np.allclose(data, np.round(data)):
-        msg = f"{src} holds non-integer values; they are used as counts as given"
-        warnings.warn(msg, stacklevel=3)
-        provenance.setdefault("warnings", []).append(msg)
+    warn_non_integer(X, path, src, provenance)  # the rule of every reader (io/expression.py)
     var = adata.raw.var if src == "raw.X" else adata.var
     ids = var[Key.GENE_IDS].astype(str).tolist() if Key.GENE_IDS in var.columns else None
     if genes and sum(g.startswith("ENS") for g in genes[:50]) > 25:
@@ -200,7 +196,7 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
     if mpp_hint is not None:
         data_mpp, src = mpp_hint
     elif sdf is not None:
-        data_mpp, src = Default.VISIUM_SPOT_UM / sdf, "uns['spatial'] scalefactors spot_diameter_fullres"
+        data_mpp, src = Default.VISIUM_SCALEFACTOR_SPOT_UM / sdf, "uns['spatial'] scalefactors spot_diameter_fullres"
     elif slide_mpp:
         data_mpp, src = slide_mpp, "slide metadata (tiffslide mpp-x)"
     else:
@@ -209,7 +205,7 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
     if spot_um is not None:
         diameter = spot_um / mpp_val
     elif sdf is not None:
-        diameter = sdf
+        diameter = sdf * Default.VISIUM_SPOT_UM / Default.VISIUM_SCALEFACTOR_SPOT_UM  # 10x's 65 um -> the 55 um spot
     else:
         diameter = Default.VISIUM_SPOT_UM / mpp_val
 

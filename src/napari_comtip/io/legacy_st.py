@@ -25,8 +25,8 @@ import pandas as pd
 
 from ..constants import Default, Key
 from ..errors import InputError
-from .expression import make_expression
 from .decode import IMAGE_SUFFIXES
+from .expression import make_expression, warn_non_integer
 from .slide import open_image
 from .record import SpatialSample, drop_spots_outside, mpp_with_override
 
@@ -243,9 +243,10 @@ def read_legacy_st(root: str | os.PathLike, sample: str | None = None, slide: st
     spots = drop_spots_outside(spots, image, files["selection"],
                                "pixel_x/pixel_y taken as full-resolution pixels of "
                                f"{image_path.name}, scale 1", provenance)
-    expr = make_expression(
-        counts.loc[spots.index].to_numpy(dtype=np.float32), spots.index, counts.columns, spots, path=files["counts"]
-    )
+    matrix = counts.loc[spots.index].to_numpy(dtype=np.float32)
+    warn_non_integer(matrix, files["counts"], "the count table", provenance)  # the rule of every reader
+    expr = make_expression(matrix, spots.index, counts.columns, spots, path=files["counts"])
+    provenance["duplicate_symbols"] = int((expr.var[Key.N_FEATURES] > 1).sum())
     provenance.update(
         {
             "image": str(image_path),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from .writers import check_writable
 
 MANIFEST_COLUMNS = ("path", "sample", "slide", "mpp", "pitch_um", "out")
 REQUIRED_COLUMNS = ("path",)
@@ -191,8 +192,7 @@ def check_items(items: Sequence[CohortItem], out_dir: str | os.PathLike) -> None
         except OSError as exc:
             raise InputError(f"cannot create the output folder ({exc.strerror})", path=d,
                              hint="choose a folder you can write") from None
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise InputError("the output folder is not writable", path=d, hint="choose a folder you can write")
+        check_writable(d)  # a real probe file (os.access says yes to root on some read-only paths) and free space
 
 
 __all__ = ["CohortItem", "MANIFEST_COLUMNS", "read_manifest", "expand_paths", "check_items"]

@@ -6,8 +6,9 @@ Read from the folder:
   ``spatial/tissue_positions.csv`` (v2+, header): barcode, in_tissue, array_row, array_col,
   pxl_row_in_fullres, pxl_col_in_fullres. Spot centres are in *full-resolution* pixels.
 * ``spatial/scalefactors_json.json``: ``tissue_hires_scalef``, ``tissue_lowres_scalef``
-  (image pixels per full-resolution pixel) and ``spot_diameter_fullres`` (pixels of a 55 um spot:
-  the microns per pixel are ``55 / spot_diameter_fullres``).
+  (image pixels per full-resolution pixel) and ``spot_diameter_fullres`` (pixels of 10x's
+  "theoretical 65 um spot": the microns per pixel are ``65 / spot_diameter_fullres``, which puts
+  neighbouring spots 100 um apart; the 55 um printed spot is drawn ``55 / 65`` of it).
 * ``spatial/tissue_hires_image.png`` (or ``tissue_lowres_image.png`` when hires is missing or
   blank), unless a full-resolution slide is given with ``slide=``.
 * ``filtered_feature_bc_matrix.h5`` (or the ``filtered_feature_bc_matrix/`` folder, or the raw
@@ -247,14 +248,15 @@ def read_visium(path: str | os.PathLike, sample: str | None = None, slide: str |
 
     # ---------------------------------------------------------------- mpp
     if "spot_diameter_fullres" in sf:
-        data_mpp = Default.VISIUM_SPOT_UM / sf["spot_diameter_fullres"]
+        data_mpp = Default.VISIUM_SCALEFACTOR_SPOT_UM / sf["spot_diameter_fullres"]
         src = "scalefactors_json.json spot_diameter_fullres"
     elif slide_mpp:
         data_mpp, src = slide_mpp, "slide metadata (tiffslide mpp-x)"
     else:
         data_mpp, src = None, ""
     mpp_val, mpp_source = mpp_with_override(data_mpp, src, mpp, path=sf_file)
-    diameter = sf.get("spot_diameter_fullres", Default.VISIUM_SPOT_UM / mpp_val)
+    diameter = (sf["spot_diameter_fullres"] * Default.VISIUM_SPOT_UM / Default.VISIUM_SCALEFACTOR_SPOT_UM
+                if "spot_diameter_fullres" in sf else Default.VISIUM_SPOT_UM / mpp_val)  # the 55 um spot
 
     # ---------------------------------------------------------------- matrix + spots
     mat_path = _find_matrix(outs)

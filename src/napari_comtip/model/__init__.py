@@ -20,8 +20,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .comtip import CoMTIP, clip_loss
-from .config import MODEL_VERSION, PRESETS, ComtipConfig, get_preset
+from .config import MODEL_VERSION, ComtipConfig
 from .factory import build_model, embed_gene_names
+from .presets import PRESETS, describe_presets, get_preset, preset_names
 from .sentences import permute_values, sample_gene_subsets
 
 __all__ = [
@@ -39,11 +40,13 @@ __all__ = [
     "checkpoint_info",
     "clip_loss",
     "default_checkpoint_path",
+    "describe_presets",
     "embed_gene_names",
     "get_preset",
     "list_bundled",
     "load_checkpoint",
     "permute_values",
+    "preset_names",
     "read_checkpoint",
     "resolve_checkpoint",
     "sample_gene_subsets",

@@ -249,8 +249,14 @@ def save_checkpoint(
         "extras": _primitive(extras, "extras"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_replace(path, lambda tmp: torch.save(blob, tmp))
+    atomic_replace(path, lambda tmp: _torch_save(blob, tmp))  # a full disk: the old file stays, one OSError
     return path
+
+
+def _torch_save(blob: dict, tmp: str) -> None:
+    """``torch.save`` through a Python file: a full disk raises ``OSError(ENOSPC)``, not "unexpected pos"."""
+    with open(tmp, "wb") as fh:
+        torch.save(blob, fh)
 
 
 def _arch_dict(cfg: ComtipConfig) -> dict:

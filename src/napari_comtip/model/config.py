@@ -5,8 +5,9 @@ what a checkpoint stores (``config.to_dict()``), so a checkpoint can always rebu
 network. ``from_dict`` refuses keys it does not know (a typo in a YAML file must not be silently
 ignored) with a :class:`~napari_comtip.errors.ConfigError` that names the key.
 
-Presets live in :data:`PRESETS` (``tiny`` for a CPU, ``base`` for a GPU, the paper's ViT-B/32);
-:func:`get_preset` returns an independent copy that callers may modify.
+The presets (``tiny`` for a CPU, ``base`` for a GPU, ...) are whole training recipes shipped as
+package data and read by :mod:`napari_comtip.model.presets`, whose ``get_preset`` returns the
+model part of one as an independent copy that callers may modify.
 """
 
 from __future__ import annotations
@@ -311,55 +312,3 @@ def _coerce(name: str, current: Any, f: dataclasses.Field, value: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"config key {name!r} has an invalid value {value!r} (expected {ann})") from None
     return value
-
-
-# ---------------------------------------------------------------------------- presets
-def _tiny() -> ComtipConfig:
-    """CPU preset: a 6-block ViT-Ti/16 at 112 px (7x7 tokens), ~3.7 M trainable parameters."""
-    return ComtipConfig(
-        vision=VisionConfig(name="vit_tiny_patch16_224", img_size=112, overrides={"depth": 6}),
-        text=TextConfig(width=192, depth=2, heads=4, max_genes=64),
-        embed_dim=256,
-        n_genes_hint=1000,
-    )
-
-
-def _base() -> ComtipConfig:
-    """GPU preset: the paper's ViT-B/32 at 224 px (7x7 tokens), a wider 4-layer gene-text encoder."""
-    return ComtipConfig(
-        vision=VisionConfig(name="vit_base_patch32_224", img_size=224, drop_path_rate=0.1),
-        text=TextConfig(width=512, depth=4, heads=8, max_genes=256, dropout=0.1),
-        mask=MaskConfig(generator_heads=8),
-        embed_dim=512,
-        n_genes_hint=1000,
-    )
-
-
-def _micro() -> ComtipConfig:
-    """For tests only: a 2-block, 64-wide ViT at 32 px with 8 px patches (16 tokens)."""
-    return ComtipConfig(
-        vision=VisionConfig(
-            name="vit_tiny_patch16_224",
-            img_size=32,
-            overrides={"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 8},
-        ),
-        text=TextConfig(width=64, depth=1, heads=2, max_genes=16),
-        paat=PaatConfig(n_negatives=2),
-        embed_dim=32,
-        n_genes_hint=16,
-    )
-
-
-#: Preset configs by name. Do not modify these in place; :func:`get_preset` returns copies.
-PRESETS: dict[str, ComtipConfig] = {"tiny": _tiny(), "base": _base(), "micro": _micro()}
-
-
-def get_preset(name: str) -> ComtipConfig:
-    """A fresh copy of a preset config (``tiny``, ``base``; ``micro`` is for tests)."""
-    try:
-        preset = PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}", hint=f"choose one of {', '.join(PRESETS)}") from None
-    cfg = copy.deepcopy(preset)
-    cfg.validate()
-    return cfg

@@ -127,6 +127,7 @@ RANGES: dict[str, Range] = {
     "training.threads": _ge(0),
     "training.probe_alpha": _ge(0),
     "training.emb_std_every": _ge(1),
+    "training.feature_views": _ge(1),
 }
 
 

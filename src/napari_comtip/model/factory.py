@@ -15,7 +15,8 @@ import torch
 
 from ..errors import ConfigError
 from .comtip import CoMTIP
-from .config import ComtipConfig, get_preset
+from .config import ComtipConfig
+from .presets import get_preset
 from .text import embed_gene_names as _embed_gene_names
 from .vision import load_vision_weights
 
