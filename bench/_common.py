@@ -194,7 +194,7 @@ def _pool_tiles(tile: int, n: int, seed: int = 0):
     """``n`` real H&E tiles (tile x tile RGB) cut from the bundled demo section, mostly tissue."""
     import numpy as np
 
-    from napari_comtip.io.image import decode_image
+    from napari_comtip.io.decode import decode_image
 
     src = REPO / "src" / "napari_comtip" / "sample_data" / "her2st_C2" / "ST-imgs" / "C" / "C2"
     jpgs = sorted(src.glob("*.jpg"))

@@ -32,7 +32,7 @@ def child(args) -> int:
 
     from napari_comtip.constants import Key
     from napari_comtip.engine.inference import embed_sample
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
     from napari_comtip.io.record import SpatialSample
 
     image, mpp = open_image(args.slide)

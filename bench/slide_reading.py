@@ -34,13 +34,9 @@ def main(argv=None) -> int:
     import torch
 
     from napari_comtip.engine._process_reader import ProcessPatchReader
-    from napari_comtip.engine.inference import (
-        TileCachedImage,
-        _PatchReader,
-        default_read_processes,
-        default_read_workers,
-    )
-    from napari_comtip.io.image import open_image
+    from napari_comtip.engine.readers import PatchReader, default_read_processes, default_read_workers
+    from napari_comtip.io.tiles import TileCachedImage
+    from napari_comtip.io.slide import open_image
     from napari_comtip.io.patches import patch_geometry, read_patch
 
     n = args.n or (1500 if args.quick else 6000)
@@ -125,7 +121,7 @@ def main(argv=None) -> int:
         if workers:
             reader = ProcessPatchReader(image.reopen_spec(), centres, side, S, gpu_batch, workers=workers, pin=False)
         else:
-            reader = _PatchReader(TileCachedImage(image), centres, side, S, gpu_batch, workers=w2, prefetch=3,
+            reader = PatchReader(TileCachedImage(image), centres, side, S, gpu_batch, workers=w2, prefetch=3,
                                   pin=False)
         t0 = time.perf_counter()
         first = None
@@ -150,7 +146,7 @@ def main(argv=None) -> int:
         f"gpu_path_grid_{w2}threads": read_gpu_path(0, "threads"),
         "plain_random_1thread": read_all(image, random_rc[: max(200, n // 4)], 1, "plain"),
     }
-    # the engine reads a sample's spots in spatial order (engine.inference.spatial_order): on a real
+    # the engine reads a sample's spots in spatial order (io.tiles.spatial_order): on a real
     # spot grid neighbouring patches share tiles. Random spots over the whole slide are the worst
     # case (nearly every patch decodes new JPEG tiles) and are reported beside it.
     engine_rate = rates["engine_grid_1thread" if engine_workers <= 1 else f"engine_grid_{w2}threads"]

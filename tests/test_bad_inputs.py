@@ -242,3 +242,76 @@ def test_duplicated_gene_column_is_summed_not_renamed(work, tmp_path, capsys):
     import json
 
     assert json.loads(capsys.readouterr().out)["n_genes"] == raw.shape[1] - 1
+
+
+# --------------------------------------------------------------------------- damaged slides (issue 14, item 2)
+# A separate block (its own fixture and rows) so that other rows can be added above without conflicts.
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    from _damaged_slides import make_damaged_slides
+
+    return make_damaged_slides(tmp_path_factory.mktemp("slides"))
+
+
+_TRUNCATED = r"^error: .*truncated\.ome\.tif: the slide is truncated: tile \(\d+, \d+\) \(row, col\) of level 0 ends at byte"
+_UNDECODABLE = r"^error: .*corrupt\.ome\.tif: cannot decode tile \(2, 3\) \(row, col\) of level 0 \(Jpeg8Error"
+
+#: (id, argv, exit status, pattern of the one stderr line); {truncated}/{corrupt}: the damaged slides
+SLIDE_ROWS = [
+    ("inspect-truncated-tiff", ["inspect", "{truncated}"], 2, _TRUNCATED),
+    ("predict-truncated-tiff", ["predict", "{truncated}", "--device", "cpu", "--out", "{out}/p.h5ad"], 2, _TRUNCATED),
+    ("predict-slide-truncated-tiff", ["predict", "{data}", "--sample", "C2", "--slide", "{truncated}", "--device", "cpu",
+                                      "--out", "{out}/p.h5ad"], 2, _TRUNCATED),
+    ("evaluate-slide-truncated-tiff", ["evaluate", "--data", "{truncated}", "--device", "cpu"], 2, _TRUNCATED),
+    ("inspect-undecodable-tile", ["inspect", "{corrupt}"], 2, _UNDECODABLE),
+    ("predict-undecodable-tile", ["predict", "{corrupt}", "--device", "cpu", "--out", "{out}/p.h5ad"], 2, _UNDECODABLE),
+]
+
+
+@pytest.mark.parametrize("argv,status,pattern", [r[1:] for r in SLIDE_ROWS], ids=[r[0] for r in SLIDE_ROWS])
+def test_damaged_slide(work, damaged, capsys, argv, status, pattern):
+    subst = {k: str(v) for k, v in {**work, **damaged}.items()}
+    argv = [a.format(**subst) for a in argv]
+    before = _digest(work["data"]), {k: p.read_bytes() for k, p in damaged.items()}
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == status, err
+    assert "Traceback" not in err and "Task was destroyed" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), err
+    assert (_digest(work["data"]), {k: p.read_bytes() for k, p in damaged.items()}) == before, "an input changed"
+    assert list(work["out"].iterdir()) == [], "output or temp left behind"
+
+
+def test_decode_error_while_reading_names_file_level_and_tile(damaged):
+    """The up-front checks pass (structure intact, the probed tiles decode); the bad tile fails
+    when it is read: through the engine's tile cache, a plain window, and napari's view."""
+    import warnings
+
+    import numpy as np
+
+    from napari_comtip.errors import InputError
+    from napari_comtip.io.patches import read_patch
+    from napari_comtip.io.slide import open_image
+    from napari_comtip.io.tiles import TileCachedImage
+
+    image, _ = open_image(damaged["corrupt"])  # the structural check and the probe pass
+    th, tw = 256, 256
+    centre = ((2 + 0.5) * th, (3 + 0.5) * tw)  # the middle of the bad tile, full resolution
+    view = TileCachedImage(image)
+    with pytest.raises(InputError, match=r"corrupt\.ome\.tif: cannot decode tile \(2, 3\) \(row, col\) of level 0"):
+        read_patch(view, centre, 64.0, 64)  # the engine's reading path (pread + tifffile, no zarr)
+    view.close()
+    read_patch(TileCachedImage(image), (100.0, 100.0), 64.0, 64)  # other tiles read fine
+    with pytest.raises(InputError, match=r"cannot decode tile \(2, 3\) \(row, col\) of level 0"):
+        image.read_level_window(0, 0, 0, 1024, 1024)  # a window over the bad tile (zarr path)
+    shown = image.as_dask()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        block = np.asarray(shown[0:1024, 0:1024])  # what napari reads: the view stays usable
+    assert block.shape == (1024, 1024, 3) and (block[2 * th:3 * th, 3 * tw:4 * tw] == 255).all()
+    good = open_image(damaged["full"])[0].read_level_window(0, 0, 0, 1024, 1024)
+    good[2 * th:3 * th, 3 * tw:4 * tw] = 255
+    np.testing.assert_array_equal(block, good, err_msg="every other tile is shown as it is")
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]  # not a stray ResourceWarning
+    assert len(msgs) == 1 and "cannot decode tile (2, 3)" in msgs[0] and "corrupt.ome.tif" in msgs[0], msgs

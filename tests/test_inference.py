@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from napari_comtip.constants import Key
-from napari_comtip.engine import inference
-from napari_comtip.engine.inference import Embeddings, embed_sample, embeddings_cache_root
+from napari_comtip.engine import embedding_cache, encoder, inference, readers
+from napari_comtip.engine.embedding_cache import embeddings_cache_root
+from napari_comtip.engine.inference import Embeddings, embed_sample
 from napari_comtip.errors import Cancelled, InputError
+from napari_comtip.io import tiles
 from napari_comtip.io.image import MultiscaleImage
 from napari_comtip.io.patches import patch_geometry, read_patch
 from napari_comtip.io.record import SpatialSample
@@ -134,13 +136,13 @@ def test_cpu_streams_split_the_threads_and_restore_them(tiny_model, monkeypatch)
     torch.set_num_threads(4)
     try:
         seen = []
-        real = inference._Encoder.run
+        real = encoder.Encoder.run
 
         def spy(self, batch):
             seen.append(torch.get_num_threads())
             return real(self, batch)
 
-        monkeypatch.setattr(inference._Encoder, "run", spy)
+        monkeypatch.setattr(encoder.Encoder, "run", spy)
         embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, cpu_streams=2)
         assert seen and set(seen) == {2}  # 4 threads over 2 streams
         assert torch.get_num_threads() == 4
@@ -168,7 +170,7 @@ def test_a_failing_stream_stops_the_run_cleanly(tiny_model, monkeypatch):
     before_entries = _entries()
     threads = torch.get_num_threads()
     calls = {"n": 0}
-    real = inference._PatchReader._read_into
+    real = readers.PatchReader._read_into
 
     def flaky(self, buf, start, stop):
         calls["n"] += 1
@@ -176,7 +178,7 @@ def test_a_failing_stream_stops_the_run_cleanly(tiny_model, monkeypatch):
             raise InputError("the slide became unreadable", hint="test")
         return real(self, buf, start, stop)
 
-    monkeypatch.setattr(inference._PatchReader, "_read_into", flaky)
+    monkeypatch.setattr(readers.PatchReader, "_read_into", flaky)
     with pytest.raises(InputError, match="unreadable"):
         embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=True, cpu_streams=2)
     assert torch.get_num_threads() == threads
@@ -216,8 +218,8 @@ def test_cache_hit_skips_the_encoder(tiny_model):
     assert again.cached and counter.images == 0
     np.testing.assert_array_equal(again.image, first.image)
     sig = json.loads((first.cache_path / "signature.json").read_text())
-    assert sig["coords_sha256"] == inference.coords_digest(s)
-    assert sig["weights_digest"] == inference.weights_digest(tiny_model)
+    assert sig["coords_sha256"] == embedding_cache.coords_digest(s)
+    assert sig["weights_digest"] == embedding_cache.weights_digest(tiny_model)
     assert sig["patch_um"] == tiny_model.config.patch_um and sig["img_size"] == tiny_model.img_size
     # features were not cached: asking for them recomputes (once), then they are cached too
     counter = _ForwardCounter(tiny_model)
@@ -275,11 +277,11 @@ def test_moved_spots_or_changed_weights_use_another_entry(tiny_model):
     # fine-tuning the weights in place (an optimizer step) changes the digest
     p = tiny_model.image_proj.bias
     saved = p.detach().clone()
-    old_digest = inference.weights_digest(tiny_model)
+    old_digest = embedding_cache.weights_digest(tiny_model)
     with torch.no_grad():
         p.add_(0.01)
     try:
-        assert inference.weights_digest(tiny_model) != old_digest
+        assert embedding_cache.weights_digest(tiny_model) != old_digest
         assert not embed_sample(s, tiny_model, device="cpu", cache=True).cached
     finally:
         with torch.no_grad():
@@ -403,12 +405,12 @@ def _random_windows(image, rng, n=40):
 
 @pytest.mark.parametrize("max_bytes", [None, 300_000])  # default, and a cache that must evict
 def test_tile_cache_gives_the_pixels_of_a_tiled_tiff(tmp_path, max_bytes):
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(0)
     image, mpp = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
     assert image.kind == "tiffslide" and image.n_levels == 2 and mpp == pytest.approx(0.5)
-    view = inference.TileCachedImage(image, max_bytes=max_bytes)
+    view = tiles.TileCachedImage(image, max_bytes=max_bytes)
     assert [type(view.source(i)).__name__ for i in range(2)] == ["_TiffTiles", "_TiffTiles"]  # no zarr per read
     for lvl, r, c, h, w in _random_windows(image, rng):
         np.testing.assert_array_equal(view.read_level_window(lvl, r, c, h, w, pad_value=7),
@@ -424,11 +426,11 @@ def test_tile_cache_gives_the_pixels_of_a_tiled_tiff(tmp_path, max_bytes):
 def test_tile_cache_slab_slots_are_reused_safely_across_threads(tmp_path):
     """Cached tiles live in a slab of a few slots that are reused on eviction: reads from several
     threads at once still give exactly the image's pixels (hits are copied under the lock)."""
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(3)
     image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
-    view = inference.TileCachedImage(image, max_bytes=4 * 256 * 256 * 3)  # 4 slots, many evictions
+    view = tiles.TileCachedImage(image, max_bytes=4 * 256 * 256 * 3)  # 4 slots, many evictions
     wins = list(_random_windows(image, rng, n=120))
 
     def check(chunk):
@@ -446,11 +448,11 @@ def test_tile_cache_slab_slots_are_reused_safely_across_threads(tmp_path):
 
 
 def test_tile_cache_slots_have_the_full_tile_shape_even_if_an_edge_tile_comes_first(tmp_path):
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(4)
     image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng, side=(1000, 1300)))
-    view = inference.TileCachedImage(image)
+    view = tiles.TileCachedImage(image)
     H, W = image.level_shapes[0][:2]
     edge = view.read_level_window(0, H - 10, W - 10, 10, 10)  # the bottom-right (partial) tile first
     np.testing.assert_array_equal(edge, image.read_level_window(0, H - 10, W - 10, 10, 10))
@@ -462,7 +464,7 @@ def test_tile_cache_slots_have_the_full_tile_shape_even_if_an_edge_tile_comes_fi
 
 def test_heap_trimmer_calls_malloc_trim_at_most_every_interval(monkeypatch):
     calls = []
-    t = inference.HeapTrimmer(every_s=0.05)
+    t = readers.HeapTrimmer(every_s=0.05)
     if t._trim is None:
         pytest.skip("not glibc")
     monkeypatch.setattr(t, "_trim", lambda pad: calls.append(pad) or 1)
@@ -473,7 +475,7 @@ def test_heap_trimmer_calls_malloc_trim_at_most_every_interval(monkeypatch):
     t.maybe()
     t.maybe()
     assert calls == [0] and t.calls == 1
-    assert inference.HeapTrimmer(every_s=0)._trim is None  # 0 switches it off
+    assert readers.HeapTrimmer(every_s=0)._trim is None  # 0 switches it off
 
 
 def test_tile_cache_on_chunked_zarr_levels(tmp_path):
@@ -487,24 +489,24 @@ def test_tile_cache_on_chunked_zarr_levels(tmp_path):
         z[:] = a
         levels.append(z)
     image = MultiscaleImage(levels, [1.0, 2.0], identity="zarr-test")
-    view = inference.TileCachedImage(image)
+    view = tiles.TileCachedImage(image)
     assert [type(view.source(i)).__name__ for i in range(2)] == ["_ArrayChunks", "_ArrayChunks"]
     for lvl, r, c, h, w in _random_windows(image, rng):
         np.testing.assert_array_equal(view.read_level_window(lvl, r, c, h, w),
                                       image.read_level_window(lvl, r, c, h, w))
     # in-memory levels are sliced directly
-    assert inference.TileCachedImage(MultiscaleImage([base], [1.0])).source(0) is None
+    assert tiles.TileCachedImage(MultiscaleImage([base], [1.0])).source(0) is None
 
 
 def test_embedding_a_tiff_slide_equals_direct_reading(tmp_path, tiny_model):
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(2)
     image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
     rc = rng.uniform(0, 1000, size=(9, 2))
     spots = pd.DataFrame({Key.ROW: rc[:, 0], Key.COL: rc[:, 1], Key.DIAMETER: 50.0}, index=[f"b{i}" for i in range(9)])
     s = SpatialSample(name="tiff", image=image, mpp=0.5, mpp_source="test", spots=spots)
-    order = inference.spatial_order(rc, 350.0)
+    order = tiles.spatial_order(rc, 350.0)
     assert sorted(order.tolist()) == list(range(9)) and order.tolist() != list(range(9))  # really reordered
     emb = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False)
     np.testing.assert_allclose(emb.image, _direct(tiny_model, s, range(9)), atol=2e-5)
@@ -513,7 +515,7 @@ def test_embedding_a_tiff_slide_equals_direct_reading(tmp_path, tiny_model):
 
 # --------------------------------------------------------------------------- reader processes (GPU path)
 def _tiff_sample(tmp_path, n=30, seed=5):
-    from napari_comtip.io.image import open_image
+    from napari_comtip.io.slide import open_image
 
     rng = np.random.default_rng(seed)
     image, _ = open_image(_write_tiled_tiff(tmp_path / "slide.ome.tif", rng))
@@ -544,8 +546,8 @@ def test_reader_processes_only_for_file_backed_slides_and_never_by_default_on_cp
     assert s.image.reopen_spec() is None
     emb = embed_sample(s, tiny_model, device="cpu", batch_size=4, cache=False, cpu_streams=1, read_processes=2)
     assert emb.timings["read_processes"] == 0  # read by threads instead
-    assert inference.default_read_processes(torch.device("cpu"), 10**7) == 0
-    assert inference.default_read_processes(torch.device("cuda"), Default.READ_PROCESS_MIN_SPOTS - 1) == 0
+    assert readers.default_read_processes(torch.device("cpu"), 10**7) == 0
+    assert readers.default_read_processes(torch.device("cuda"), Default.READ_PROCESS_MIN_SPOTS - 1) == 0
     with pytest.raises(InputError, match="read_processes"):
         embed_sample(s, tiny_model, device="cpu", read_processes=-1)
 

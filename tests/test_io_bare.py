@@ -10,8 +10,10 @@ from PIL import Image
 
 from napari_comtip.constants import Default, Key
 from napari_comtip.errors import InputError
-from napari_comtip.io import iter_patch_batches, load_sample
-from napari_comtip.io.bare import detect_tissue, hex_grid
+from napari_comtip.io import load_sample
+from napari_comtip.io.patches import patch_geometry, read_patch
+from napari_comtip.io.bare import hex_grid
+from napari_comtip.io.tissue import tissue_mask
 from test_io_image import make_blob_rgb, make_ome_tiff
 
 H, W = 2000, 3000
@@ -41,12 +43,12 @@ def test_hex_grid_geometry():
 
 def test_detect_tissue_on_blob():
     img = make_blob_rgb(400, 600, centre=(200, 280), radii=(120, 180))
-    m = detect_tissue(img)
+    m = tissue_mask(img)
     yy, xx = np.ogrid[:400, :600]
     truth = ((yy - 200) / 120) ** 2 + ((xx - 280) / 180) ** 2 < 1
     iou = (m & truth).sum() / (m | truth).sum()
     assert iou > 0.95
-    assert not detect_tissue(np.full((100, 100, 3), 240, np.uint8)).any()
+    assert not tissue_mask(np.full((100, 100, 3), 240, np.uint8)).any()
 
 
 def test_bare_slide_grid_over_tissue(slide):
@@ -65,8 +67,9 @@ def test_bare_slide_grid_over_tissue(slide):
     assert 0.8 * expected < s.n_spots < 1.15 * expected
     assert s.spots.index.is_unique
     # patches of every grid spot can be read
-    n = sum(len(i) for i, _ in iter_patch_batches(s, 100, 32, batch_size=64))
-    assert n == s.n_spots
+    side = patch_geometry(s.mpp, 100, 32)
+    patches = [read_patch(s.image, c, side, 32) for c in s.centers_rc()]
+    assert len(patches) == s.n_spots and all(p.shape == (32, 32, 3) for p in patches)
 
 
 def test_pitch_option(slide):

@@ -16,14 +16,9 @@ from PIL import Image
 
 from napari_comtip.constants import Default
 from napari_comtip.errors import InputError
-from napari_comtip.io.image import (
-    MultiscaleImage,
-    build_pyramid_levels,
-    is_blank,
-    open_image,
-    pyramid_cache_path,
-    to_rgb_uint8,
-)
+from napari_comtip.io.image import MultiscaleImage, build_pyramid_levels, is_blank, to_rgb_uint8
+from napari_comtip.io.pyramid import pyramid_cache_path
+from napari_comtip.io.slide import open_image
 
 
 # --------------------------------------------------------------------------- helpers (shared)
@@ -229,7 +224,7 @@ def test_truncated_png_and_garbage_are_refused(tmp_path):
 def test_file_backed_images_reopen_from_their_spec(tmp_path, small_min_side):
     import pickle
 
-    from napari_comtip.io.image import reopen_image
+    from napari_comtip.io.slide import reopen_image
 
     src = tmp_path / "slide.jpg"
     Image.fromarray(make_blob_rgb(700, 900)).save(src, quality=95)

@@ -12,7 +12,8 @@ import scipy.sparse as sp
 
 from napari_comtip.constants import Default, Key
 from napari_comtip.errors import InputError
-from napari_comtip.io import bundled_sample_path, list_samples, load_sample, read_patch
+from napari_comtip.io import bundled_sample_path, list_samples, load_sample
+from napari_comtip.io.patches import read_patch
 from napari_comtip.io.legacy_st import estimate_pitch_px, read_counts, read_selection, sample_files
 
 # selected spots, selected spots without a counts row (verified against the files)
@@ -262,7 +263,7 @@ def test_missing_image_and_multi_sample_needs_a_name(demo_copy):
 
 def test_truncated_real_her2st_jpeg_with_exif_thumbnail(her2st_dir, tmp_path):
     """The her2st JPEGs carry an EXIF thumbnail (its own end marker): a cut file is still refused."""
-    from napari_comtip.io.image import decode_image
+    from napari_comtip.io.decode import decode_image
 
     src = sample_files(her2st_dir, "C2")["image"]
     data = src.read_bytes()

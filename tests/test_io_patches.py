@@ -1,14 +1,12 @@
-"""Patch extraction: exact centring at every pyramid level, orientation, edges, batches."""
+"""Patch extraction: exact centring at every pyramid level, orientation, edges."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from napari_comtip.constants import Key
-from napari_comtip.errors import Cancelled, InputError
-from napari_comtip.io import SpatialSample, iter_patch_batches, patch_geometry, read_patch
+from napari_comtip.errors import InputError
+from napari_comtip.io.patches import patch_geometry, read_patch
 from napari_comtip.io.image import MultiscaleImage, build_pyramid_levels
 
 H, W = 1024, 1280
@@ -129,45 +127,6 @@ def test_scaled_level_centring():
     p = read_patch(mi, full, side_px_full=200, out_px=64)  # upsampled x 1.6
     r, c = _centroid(p)
     assert abs(r - 31.5) < 0.15 and abs(c - 31.5) < 0.15
-
-
-def _sample(image, centres, mpp=1.0):
-    spots = pd.DataFrame({Key.ROW: [c[0] for c in centres], Key.COL: [c[1] for c in centres],
-                          Key.DIAMETER: 50.0}, index=[f"s{i}" for i in range(len(centres))])
-    return SpatialSample(name="t", image=image, mpp=mpp, mpp_source="test", spots=spots)
-
-
-def test_iter_patch_batches_order_threads_progress_cancel(pyramid):
-    image, marks = pyramid
-    rng = np.random.default_rng(2)
-    centres = [(float(rng.uniform(0, H)), float(rng.uniform(0, W))) for _ in range(23)]
-    s = _sample(image, centres, mpp=0.5)
-    seen = []
-    out_threaded = list(iter_patch_batches(s, patch_um=40, out_px=32, batch_size=5, num_workers=2,
-                                           progress=lambda d, t, m: seen.append((d, t))))
-    out_serial = list(iter_patch_batches(s, patch_um=40, out_px=32, batch_size=5, num_workers=0))
-    idx = np.concatenate([b for b, _ in out_threaded])
-    np.testing.assert_array_equal(idx, np.arange(23))
-    assert [len(b) for b, _ in out_threaded] == [5, 5, 5, 5, 3]
-    for (b1, p1), (b2, p2) in zip(out_threaded, out_serial):
-        np.testing.assert_array_equal(b1, b2)
-        np.testing.assert_array_equal(p1, p2)
-    # each patch is read_patch of its spot (80 px side at 0.5 um/px)
-    np.testing.assert_array_equal(out_threaded[1][1][2], read_patch(image, centres[7], 80.0, 32))
-    assert seen[-1] == (23, 23)
-    # subset of indices
-    sub = list(iter_patch_batches(s, 40, 32, batch_size=4, indices=[3, 9, 1]))
-    np.testing.assert_array_equal(np.concatenate([b for b, _ in sub]), [3, 9, 1])
-    # cancel at a batch boundary
-    calls = {"n": 0}
-
-    def cancel():
-        calls["n"] += 1
-        return calls["n"] > 2
-
-    with pytest.raises(Cancelled):
-        for _ in iter_patch_batches(s, 40, 32, batch_size=5, cancel=cancel):
-            pass
 
 
 def test_patch_geometry():

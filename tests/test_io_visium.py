@@ -13,7 +13,8 @@ from PIL import Image
 
 from napari_comtip.constants import Default, Key
 from napari_comtip.errors import InputError
-from napari_comtip.io import load_sample, read_patch
+from napari_comtip.io import load_sample
+from napari_comtip.io.patches import read_patch
 
 BARCODE, ROW, COL = "AAACAAGTATCTCCCA-1", 8513, 9811  # first line of tissue_positions_list.csv
 V2 = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]

@@ -390,6 +390,29 @@ def test_bundled_checkpoint_predicts_the_demo_section(demo, tmp_path, capsys):
     assert rc == 0 and "wrote 187 spots x 1 genes" in capsys.readouterr().out
 
 
+# --------------------------------------------------------------------------- embeddings passed in
+def test_embeddings_of_another_resolution_are_refused(visium, ckpt):
+    """``predict_sample(embeddings=...)`` compares the whole embedding signature, not only the digest."""
+    import dataclasses
+
+    from napari_comtip.engine.inference import embed_sample
+
+    model = get_checkpoint(ckpt).model
+    emb = embed_sample(visium, model, device="cpu", features=True)
+    predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu", embeddings=emb)  # matching: accepted
+    coarser = dataclasses.replace(visium, mpp=visium.mpp * 2)
+    with pytest.raises(InputError, match="mpp"):
+        predict_sample(coarser, checkpoint=ckpt, mode="probe", device="cpu", embeddings=emb)
+    for field, value in (("precision", "bf16"), ("pad_value", 0), ("patch_um", 1.0),
+                         ("sample_identity", "another slide")):
+        other = dataclasses.replace(emb, signature={**emb.signature, field: value})
+        with pytest.raises(InputError, match=field):
+            predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu", embeddings=other)
+    unsigned = dataclasses.replace(emb, signature={})
+    with pytest.raises(InputError, match="signature"):
+        predict_sample(visium, checkpoint=ckpt, mode="probe", device="cpu", embeddings=unsigned)
+
+
 # --------------------------------------------------------------------------- uncertainty
 def test_every_predictor_fills_the_uncertainty_layer(visium, ckpt, panel, tmp_path):
     genes = panel[:5]

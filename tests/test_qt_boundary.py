@@ -20,10 +20,6 @@ GUI_ROOTS = {"qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "PySide2", "PySide6
 LAYERS = {"base": 0, "io": 1, "model": 2, "engine": 3, "cli": 4, "_widgets": 4}
 #: Top-level modules that belong to the command line's layer (everything else top-level is base).
 CLI_MODULES = {"cli", "_cli_support", "__main__"}
-#: Circles known to exist on this branch, each reported by its own expected failure below.
-#: engine/inference <-> engine/_process_reader is split apart by the refactor-io branch; remove
-#: the pair (and the xfail test) once it has landed.
-KNOWN_CIRCLES = [frozenset({"napari_comtip.engine.inference", "napari_comtip.engine._process_reader"})]
 
 
 # --------------------------------------------------------------------------- GUI imports
@@ -224,10 +220,6 @@ def _report(groups, edges) -> str:
     return "import circles:\n  " + "\n  ".join(_describe(c, edges) for g in groups for c in g)
 
 
-def _members(group) -> frozenset:
-    return frozenset(m for c in group for m in c)
-
-
 @pytest.fixture(scope="module")
 def graph():
     modules = module_names(PACKAGE)
@@ -250,15 +242,7 @@ def test_no_import_runs_back_up_a_layer(graph):
 
 def test_no_import_circles(graph):
     _, edges = graph
-    circles = [g for g in import_circles(edges) if _members(g) not in KNOWN_CIRCLES]
-    assert not circles, _report(circles, edges)
-
-
-@pytest.mark.xfail(strict=True, reason="engine/inference <-> engine/_process_reader: removed by the refactor-io "
-                   "branch; delete this test and its KNOWN_CIRCLES entry once that branch has landed")
-def test_no_known_circle_left(graph):
-    _, edges = graph
-    circles = [g for g in import_circles(edges) if _members(g) in KNOWN_CIRCLES]
+    circles = import_circles(edges)
     assert not circles, _report(circles, edges)
 
 

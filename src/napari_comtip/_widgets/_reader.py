@@ -64,7 +64,7 @@ def her2st_member(path: Path) -> tuple[Path, str | None] | None:
 
 def _plain_image_is_large(path: Path) -> bool:
     try:
-        from ..io.image import image_size
+        from ..io.decode import image_size
 
         return max(image_size(path)) >= Default.READER_MIN_PLAIN_IMAGE_SIDE
     except Exception:  # not an image we can size: not ours
@@ -112,7 +112,7 @@ def read_targets(targets):
 
     from ..errors import ComtipError
     from ..io import detect_format, list_samples, load_sample
-    from ..io.image import open_image
+    from ..io.slide import open_image
     from ._layers import sample_layers, slide_only_layer
 
     layers = []

@@ -1,7 +1,8 @@
 """The Predict widget's state, without Qt: the loaded checkpoint and cached embeddings.
 
-One :class:`PredictSession` lives per widget. It runs the encoder once per
-(slide, spot grid, model weights, patch size, input size) and keeps the image embeddings (with
+One :class:`PredictSession` lives per widget. It runs the encoder once per embedding signature
+(``engine/embedding_cache.py``: slide, spot grid, µm per pixel, model weights, patch size, input
+size, padding, precision; the key of the disk cache too) and keeps the image embeddings (with
 the pooled features the probe needs) in memory, so choosing another predictor re-runs only the
 predictor and choosing another gene re-runs nothing. The prediction itself is the same engine
 call as ``comtip predict`` (:func:`napari_comtip.engine.predict.predict_sample`).
@@ -46,7 +47,7 @@ class PredictSession:
     """Checkpoint and embeddings kept between Runs of the Predict widget."""
 
     def __init__(self) -> None:
-        self._embeddings: dict[tuple, "Embeddings"] = {}
+        self._embeddings: dict[str, "Embeddings"] = {}
         self.encoder_runs = 0  # times the encoder actually ran (not served from a cache)
 
     @staticmethod
@@ -57,14 +58,13 @@ class PredictSession:
         return get_checkpoint(None if not path else os.fspath(path))
 
     @staticmethod
-    def embedding_key(sample: "SpatialSample", model) -> tuple:
-        from ..engine.inference import coords_digest, model_img_size, model_patch_um, weights_digest
+    def embedding_key(sample: "SpatialSample", model, device: str = "auto") -> str:
+        """The engine's embedding signature key (the disk cache's too): everything the embeddings depend on."""
+        from ..engine.device import resolve_device
+        from ..engine.embedding_cache import embedding_signature, signature_key
+        from ..engine.inference import precision_for
 
-        return (sample.identity, coords_digest(sample), weights_digest(model), model_patch_um(model),
-                model_img_size(model))
-
-    def cached(self, sample: "SpatialSample", model) -> "Embeddings | None":
-        return self._embeddings.get(self.embedding_key(sample, model))
+        return signature_key(embedding_signature(sample, model, precision=precision_for(resolve_device(device))))
 
     def embeddings(self, sample: "SpatialSample", model, *, device: str = "auto", batch_size: int | None = None,
                    progress: Callable | None = None,
@@ -72,7 +72,7 @@ class PredictSession:
         """(embeddings with pooled features, whether the encoder ran for them now)."""
         from ..engine.inference import embed_sample
 
-        key = self.embedding_key(sample, model)
+        key = self.embedding_key(sample, model, device)
         hit = self._embeddings.get(key)
         if hit is not None:
             return hit, False

@@ -31,6 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import errors
 from ..constants import Default
+from ..io.slide import reopen_image
+from ..io.patches import read_patch
+from ..io.tiles import TileCachedImage
+from .readers import PatchReader
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +61,6 @@ class _Batches(Dataset):
         return state
 
     def __getitem__(self, k: int) -> dict:
-        from ..io.image import reopen_image
-        from ..io.patches import read_patch
-        from .inference import TileCachedImage
-
         t0 = time.perf_counter()
         start, stop = k * self.batch, min(len(self.centres), (k + 1) * self.batch)
         try:
@@ -100,7 +100,7 @@ def _context():
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         # modules the fork server imports once, before it forks workers (no effect once it runs)
-        ctx.set_forkserver_preload(["torch", "napari_comtip.engine.inference"])
+        ctx.set_forkserver_preload(["torch", __name__])
         return ctx
     return mp.get_context("spawn")
 
@@ -128,10 +128,7 @@ class ProcessPatchReader:
 
     def _threads(self):
         """The engine's thread reader over the same spots (when the workers cannot start)."""
-        from ..io.image import reopen_image
-        from .inference import TileCachedImage, _PatchReader
-
-        reader = _PatchReader(TileCachedImage(reopen_image(self.spec)), self.centers, self.dataset.side,
+        reader = PatchReader(TileCachedImage(reopen_image(self.spec)), self.centers, self.dataset.side,
                               self.dataset.out_px, self.batch, workers=self.fallback_threads,
                               prefetch=self.prefetch, pin=self.pin)
         self._thread_reader = reader

@@ -29,9 +29,11 @@ import numpy as np
 
 from ..constants import Key
 from ..errors import InputError
+from ..io.tissue import tissue_mask
 from ..progress import Cancel, Progress
 from .patch_cache import PatchCache
 from .run_config import DataConfig
+
 
 # --------------------------------------------------------------------------- gene panel
 def _dense(m) -> np.ndarray:
@@ -131,32 +133,11 @@ def panel_matrix(adata, panel: Sequence[str], sample_name: str = "", path=None,
     return out
 
 
-def tissue_mask(thumb: np.ndarray) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail, relative to the slide's own background.
-
-    The background (glass) colour is estimated from a 3 % frame around the thumbnail (median
-    grey level, 95th percentile of saturation): slides differ (her2st B4's glass is lavender,
-    C2's white). Tissue = saturation more than 0.04 above the background's and grey level more
-    than 0.08 below it (checked by eye on her2st B4 and C2); near-black pixels are not tissue.
-    """
-    rgb = np.asarray(thumb)[..., :3].astype(np.float32) / 255.0
-    mx, mn = rgb.max(-1), rgb.min(-1)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0)
-    grey = rgb.mean(-1)
-    h, w = grey.shape
-    b = max(1, int(0.03 * min(h, w)))
-    frame = np.zeros((h, w), bool)
-    frame[:b], frame[-b:], frame[:, :b], frame[:, -b:] = True, True, True, True
-    bg_grey = float(np.median(grey[frame]))
-    bg_sat = float(np.percentile(sat[frame], 95))
-    return (sat > bg_sat + 0.04) & (grey < bg_grey - 0.08) & (mx > 0.1)
-
-
 def tissue_centres(sample, patch_um: float, *, max_n: int = 1500, tissue_frac: float = 0.5,
                    seed: int = 0, thumb_side: int = 1024) -> np.ndarray:
     """Centres (row, col) of unlabelled tissue patches on a grid between and around the spots.
 
-    Tissue: :func:`tissue_mask` of a thumbnail; a grid of step ``patch side / 3``; a position is kept when its patch area is at least ``tissue_frac`` tissue and its
+    Tissue: :func:`napari_comtip.io.tissue.tissue_mask` of a thumbnail; a grid of step ``patch side / 3``; a position is kept when its patch area is at least ``tissue_frac`` tissue and its
     centre is at least half a patch side from every spot centre. At most ``max_n``, chosen
     with a seeded generator.
     """
@@ -318,6 +299,6 @@ def load_training_samples(specs: Sequence[DataSpec | str | tuple], progress=None
 
 
 __all__ = [
-    "select_gene_panel", "panel_matrix", "lognorm_matrix", "tissue_centres", "tissue_mask", "TrainingSet",
+    "select_gene_panel", "panel_matrix", "lognorm_matrix", "tissue_centres", "TrainingSet",
     "build_training_set", "DataSpec", "resolve_data_specs", "load_training_samples",
 ]

@@ -305,7 +305,8 @@ def predict_sample(
 
     from . import predictors
     from .device import describe_device, resolve_device
-    from .inference import embed_sample, weights_digest
+    from .embedding_cache import check_signature, embedding_signature, weights_digest
+    from .inference import embed_sample, precision_for
 
     t0 = time.perf_counter()
     mode = _MODE_ALIASES.get(str(mode).lower(), str(mode).lower())
@@ -366,12 +367,11 @@ def predict_sample(
     # ------------------------------------------------------------------ embeddings of the sample
     need_feats = mode == "probe"
     if embeddings is not None:
+        check_signature(embeddings.signature, embedding_signature(sample, model, precision=precision_for(dev)),
+                        sample_name=sample.name)
         if embeddings.n_spots != sample.n_spots:
             raise InputError(f"the given embeddings have {embeddings.n_spots} rows but sample "
                              f"'{sample.name}' has {sample.n_spots} spots", hint="recompute them for this sample")
-        if embeddings.signature and embeddings.signature.get("weights_digest") not in (None, weights_digest(model)):
-            raise InputError("the given embeddings were computed with another model",
-                             hint="recompute them with this checkpoint")
         if need_feats and embeddings.features is None:
             embeddings = None  # the probe needs the pooled features: compute them (cached)
     emb = embeddings if embeddings is not None else embed_sample(

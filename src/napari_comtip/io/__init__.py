@@ -1,6 +1,8 @@
 """The IO layer: any slide with (or without) spatial transcriptomics -> :class:`SpatialSample`.
 
-:func:`load_sample` detects the input format and dispatches to one reader:
+:func:`load_sample` detects the input format and dispatches to one reader. The formats are one
+table, :data:`READERS` (one :class:`Reader` each: ``matches``, ``list_samples``, ``read``);
+:func:`detect_format`, :func:`list_samples` and :func:`load_sample` walk it in order:
 
 ========================  ==================================================================
 input                     reader
@@ -20,11 +22,12 @@ No Qt or napari here. See ``docs/data-formats.md`` for what is read from each in
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .image import IMAGE_SUFFIXES, MultiscaleImage
-from .patches import iter_patch_batches, patch_geometry, read_patch
+from .decode import IMAGE_SUFFIXES
 from .record import SpatialSample
 
 #: Aliases accepted wherever a sample path is (CLI, widgets, training data specs).
@@ -47,64 +50,148 @@ def _resolve_alias(path: str | os.PathLike, sample: str | None) -> tuple[Path, s
     return Path(s).expanduser(), sample
 
 
-def detect_format(path: str | os.PathLike) -> str:
-    """``legacy-st``, ``visium``, ``h5ad``, ``hest`` or ``bare``; :class:`InputError` when none fits."""
-    from . import hest, legacy_st, visium
+# --------------------------------------------------------------------------- the table of formats
+@dataclass(frozen=True)
+class Reader:
+    """One input format: whether a path is one, the samples it holds, and how to read one.
 
+    ``read(path, *, sample, slide, pitch_um, mpp, progress)``; ``expects`` describes the input
+    for the error that no format fits; ``folder``: the format is a folder (else a file).
+    """
+
+    format: str
+    folder: bool
+    matches: Callable[[Path], bool]
+    list_samples: Callable[[Path], list[str]]
+    read: Callable[..., SpatialSample]
+    expects: str
+
+
+def _legacy_matches(p: Path) -> bool:
+    from .legacy_st import is_legacy_st
+
+    return is_legacy_st(p)
+
+
+def _legacy_list(p: Path) -> list[str]:
+    from .legacy_st import list_samples as ls
+
+    return ls(p)
+
+
+def _legacy_read(p: Path, *, sample, slide, pitch_um, mpp, progress) -> SpatialSample:  # noqa: ARG001
+    from .legacy_st import read_legacy_st
+
+    return read_legacy_st(p, sample=sample, slide=slide, mpp=mpp, progress=progress)
+
+
+def _outs_folder(p: Path) -> Path:
+    return p if p.is_dir() else p.parent  # a feature-barcode .h5 inside outs/ stands for its run
+
+
+def _visium_matches(p: Path) -> bool:
+    from .visium import find_outs, visium_runs
+
+    if p.is_dir():
+        return find_outs(p) is not None or bool(visium_runs(p))
+    return p.name.lower().endswith(".h5") and find_outs(p.parent) is not None
+
+
+def _visium_list(p: Path) -> list[str]:
+    from .visium import find_outs, run_name, visium_runs
+
+    runs = visium_runs(p) if p.is_dir() else {}
+    return list(runs) if runs else [run_name(find_outs(_outs_folder(p)))]
+
+
+def _visium_read(p: Path, *, sample, slide, pitch_um, mpp, progress) -> SpatialSample:  # noqa: ARG001
+    from .visium import read_visium
+
+    return read_visium(_outs_folder(p), sample=sample, slide=slide, mpp=mpp, progress=progress)
+
+
+def _hest_matches(p: Path) -> bool:
+    from .hest import is_hest
+
+    return is_hest(p)
+
+
+def _hest_list(p: Path) -> list[str]:
+    from .hest import list_samples as ls
+
+    return ls(p)
+
+
+def _hest_read(p: Path, *, sample, slide, pitch_um, mpp, progress) -> SpatialSample:  # noqa: ARG001
+    from .hest import read_hest
+
+    return read_hest(p, sample=sample, slide=slide, mpp=mpp, progress=progress)
+
+
+def _h5ad_list(p: Path) -> list[str]:
+    from .h5ad import list_samples as ls
+
+    return ls(p)
+
+
+def _h5ad_read(p: Path, *, sample, slide, pitch_um, mpp, progress) -> SpatialSample:  # noqa: ARG001
+    from .h5ad import read_h5ad
+
+    return read_h5ad(p, sample=sample, slide=slide, mpp=mpp, progress=progress)
+
+
+def _bare_matches(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower().endswith((".ome.tif", ".ome.tiff"))
+
+
+def _bare_read(p: Path, *, sample, slide, pitch_um, mpp, progress) -> SpatialSample:  # noqa: ARG001
+    from .bare import read_bare
+
+    return read_bare(slide or p, pitch_um=pitch_um, mpp=mpp, progress=progress)
+
+
+#: Every input format, in the order :func:`detect_format` tries them.
+READERS: tuple[Reader, ...] = (
+    Reader("legacy-st", True, _legacy_matches, _legacy_list, _legacy_read,
+           "a her2st-style folder (ST-cnts/, ST-spotfiles/, ST-imgs/)"),
+    Reader("visium", True, _visium_matches, _visium_list, _visium_read,
+           "a Space Ranger outs/ folder (spatial/ + filtered_feature_bc_matrix.h5) or a folder of such outs/ "
+           "folders"),
+    Reader("hest", True, _hest_matches, _hest_list, _hest_read, "a HEST folder (st/, wsis/, metadata/)"),
+    Reader("h5ad", False, lambda p: p.name.lower().endswith(".h5ad"), _h5ad_list, _h5ad_read, "an .h5ad file"),
+    Reader("visium", False, _visium_matches, _visium_list, _visium_read,
+           "the feature-barcode .h5 inside a Space Ranger outs/ folder"),
+    Reader("bare", False, _bare_matches, lambda p: [p.stem], _bare_read,
+           "a slide (.svs, .tif, .ome.tif, .jpg, .png)"),
+)
+
+
+def _reader_for(path: str | os.PathLike) -> Reader:
     p = Path(path)
     if not p.exists():
         raise InputError("path not found", path=p, hint="check the spelling, or use @demo for the bundled sample")
-    if p.is_dir():
-        if legacy_st.is_legacy_st(p):
-            return legacy_st.FORMAT
-        if visium.find_outs(p) is not None or visium.visium_runs(p):
-            return visium.FORMAT
-        if hest.is_hest(p):
-            return hest.FORMAT
-        raise InputError(
-            "not a recognised data folder",
-            path=p,
-            hint="expected a her2st-style folder (ST-cnts/, ST-spotfiles/, ST-imgs/), a Space Ranger outs/ "
-                 "folder (spatial/ + filtered_feature_bc_matrix.h5), a folder of such outs/ folders, or a HEST folder (st/, wsis/, metadata/)",
-        )
-    name = p.name.lower()
-    if name.endswith(".h5ad"):
-        return "h5ad"
-    if name.endswith(".h5") and visium.find_outs(p.parent) is not None:
-        return visium.FORMAT
-    if p.suffix.lower() in IMAGE_SUFFIXES or name.endswith((".ome.tif", ".ome.tiff")):
-        return "bare"
-    raise InputError(
-        f"unsupported file type {p.suffix or p.name!r}",
-        path=p,
-        hint="give a data folder, an .h5ad file, or a slide (.svs, .tif, .ome.tif, .jpg, .png)",
-    )
+    folder = p.is_dir()
+    for reader in READERS:
+        if reader.folder == folder and reader.matches(p):
+            return reader
+    expects = [r.expects for r in READERS if r.folder == folder]
+    if folder:
+        raise InputError("not a recognised data folder", path=p,
+                         hint="expected " + ", ".join(expects[:-1]) + ", or " + expects[-1])
+    raise InputError(f"unsupported file type {p.suffix or p.name!r}", path=p,
+                     hint="give a data folder, an .h5ad file, or a slide (.svs, .tif, .ome.tif, .jpg, .png)")
+
+
+# --------------------------------------------------------------------------- the entry points
+def detect_format(path: str | os.PathLike) -> str:
+    """``legacy-st``, ``visium``, ``h5ad``, ``hest`` or ``bare``; :class:`InputError` when none fits."""
+    return _reader_for(path).format
 
 
 def list_samples(path: str | os.PathLike) -> list[str]:
     """Names of the samples of a (multi-sample) data set, e.g. ``["B4", "C2", "C3", "C4"]`` for her2st."""
     p, _ = _resolve_alias(path, None)
-    fmt = detect_format(p)
-    if fmt == "legacy-st":
-        from .legacy_st import list_samples as _ls
-
-        return _ls(p)
-    if fmt == "hest":
-        from .hest import list_samples as _ls
-
-        return _ls(p)
-    if fmt == "h5ad":
-        from .h5ad import list_samples as _ls
-
-        return _ls(p)
-    if fmt == "visium":
-        from .visium import find_outs, run_name, visium_runs
-
-        runs = visium_runs(p)
-        if runs:
-            return list(runs)
-        return [run_name(find_outs(p if p.is_dir() else p.parent))]
-    return [p.stem]
+    return _reader_for(p).list_samples(p)
 
 
 def load_sample(
@@ -127,26 +214,7 @@ def load_sample(
         raise InputError("slide file not found", path=slide, hint="check the --slide path")
     if pitch_um is not None and not (pitch_um > 0):
         raise InputError(f"--pitch-um must be positive, got {pitch_um}")
-    fmt = detect_format(p)
-    if fmt == "legacy-st":
-        from .legacy_st import read_legacy_st
-
-        return read_legacy_st(p, sample=sample, slide=slide, mpp=mpp, progress=progress)
-    if fmt == "visium":
-        from .visium import read_visium
-
-        return read_visium(p if p.is_dir() else p.parent, sample=sample, slide=slide, mpp=mpp, progress=progress)
-    if fmt == "h5ad":
-        from .h5ad import read_h5ad
-
-        return read_h5ad(p, sample=sample, slide=slide, mpp=mpp, progress=progress)
-    if fmt == "hest":
-        from .hest import read_hest
-
-        return read_hest(p, sample=sample, slide=slide, mpp=mpp, progress=progress)
-    from .bare import read_bare
-
-    return read_bare(slide or p, pitch_um=pitch_um, mpp=mpp, progress=progress)
+    return _reader_for(p).read(p, sample=sample, slide=slide, pitch_um=pitch_um, mpp=mpp, progress=progress)
 
 
 __all__ = [
@@ -154,10 +222,8 @@ __all__ = [
     "list_samples",
     "detect_format",
     "bundled_sample_path",
+    "READERS",
+    "Reader",
     "SpatialSample",
-    "MultiscaleImage",
-    "read_patch",
-    "iter_patch_batches",
-    "patch_geometry",
     "DEMO_ALIAS",
 ]

@@ -21,43 +21,12 @@ import pandas as pd
 
 from ..constants import Default, Key
 from ..errors import InputError
-from .image import MultiscaleImage, open_image
+from .image import MultiscaleImage
+from .slide import open_image
+from .tissue import tissue_mask
 from .record import SpatialSample, mpp_with_override
 
 FORMAT = "bare"
-
-
-def detect_tissue(thumb: np.ndarray, min_object_px: int = 64) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail (Otsu on saturation; near-black and tiny specks removed)."""
-    from scipy import ndimage as ndi
-    from skimage.filters import threshold_otsu
-    from skimage.morphology import remove_small_objects
-
-    rgb = thumb[..., :3]
-    mx = rgb.max(axis=2).astype(np.float32)
-    mn = rgb.min(axis=2).astype(np.float32)
-    val = mx / 255.0  # HSV value and saturation, computed directly (skimage's rgb2hsv is 6x slower)
-    sat = np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0)
-    valid = val > 0.15  # scanner borders, pen marks, black padding
-    if valid.sum() < 16 or float(np.ptp(sat[valid])) < 0.05:
-        return np.zeros(thumb.shape[:2], dtype=bool)
-    thr = threshold_otsu(sat[valid])
-    thr = max(thr, 0.05)  # a flat, washed-out slide has no tissue, not "half tissue"
-    mask = (sat > thr) & valid
-    mask = ndi.binary_closing(mask, structure=np.ones((3, 3)), iterations=2)
-    mask = ndi.binary_opening(mask, structure=np.ones((3, 3)), iterations=1)
-    mask = ndi.binary_fill_holes(mask)
-    mask = remove_small_objects(mask, max_size=int(min_object_px)) if _skimage_has_max_size() else \
-        remove_small_objects(mask, min_size=int(min_object_px))
-    return mask
-
-
-def _skimage_has_max_size() -> bool:
-    import inspect
-
-    from skimage.morphology import remove_small_objects
-
-    return "max_size" in inspect.signature(remove_small_objects).parameters
 
 
 def hex_grid(height: float, width: float, pitch_px: float) -> pd.DataFrame:
@@ -89,7 +58,7 @@ def grid_over_tissue(image: MultiscaleImage, mpp: float, pitch_um: float) -> tup
     th, tw = thumb.shape[:2]
     sy, sx = th / H, tw / W  # thumbnail px per full-resolution px
     spot_thumb = max(1.0, diameter_px * min(sy, sx))
-    mask = detect_tissue(thumb, min_object_px=max(16, int(spot_thumb ** 2)))
+    mask = tissue_mask(thumb, min_object_px=max(16, int(spot_thumb ** 2)))
     frac = ndi.uniform_filter(mask.astype(np.float32), size=max(1, int(round(spot_thumb))), mode="constant")
     grid = hex_grid(H, W, pitch_px)
     if len(grid):
@@ -132,4 +101,4 @@ def read_bare(path: str | os.PathLike, pitch_um: float | None = None, mpp: float
                          format=FORMAT, provenance=provenance)
 
 
-__all__ = ["read_bare", "detect_tissue", "hex_grid", "grid_over_tissue", "FORMAT"]
+__all__ = ["read_bare", "hex_grid", "grid_over_tissue", "FORMAT"]

@@ -29,7 +29,8 @@ from ..constants import Default, Key
 from ..errors import InputError
 from .cache import file_identity
 from .expression import make_expression, quiet_duplicate_names, warn_non_integer
-from .image import is_blank, open_image, to_rgb_uint8
+from .image import is_blank, to_rgb_uint8
+from .slide import open_image
 from .record import SpatialSample, drop_spots_outside, mpp_with_override
 
 FORMAT = "h5ad"

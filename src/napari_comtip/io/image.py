@@ -1,15 +1,7 @@
 """A lazy multiscale RGB image in full-resolution pixel coordinates.
 
-:class:`MultiscaleImage` is the one image type the rest of the package sees, whatever the file:
-
-* pyramidal TIFF / OME-TIFF / SVS: every level lazily through ``tiffslide`` (zarr arrays);
-* a large single-level image (JPEG/PNG/TIFF whose longer side exceeds ``Default.PYRAMID_MIN_SIDE``,
-  e.g. the 92 MP her2st JPEGs): decoded once, a pyramid (factor 2) built and written as zarr into
-  ``cache_dir("pyramids")/<key>`` (key = hash of absolute path, size, mtime), reopened from there
-  on later loads;
-* a small image: one in-memory numpy level;
-* a scaled-down image standing in for an unseen full-resolution slide (Visium hires/lowres PNG):
-  one level whose downsample is ``1 / scalef``.
+:class:`MultiscaleImage` is the one image type the rest of the package sees, whatever the file
+(``io/slide.py`` opens files as one: tiffslide levels, cached zarr pyramids, in-memory arrays).
 
 Coordinates.  The image is addressed in *full-resolution* pixels.  ``downsamples[i]`` is the number
 of full-resolution pixels per pixel of level ``i``; ``downsamples[0]`` is 1.0 for a real slide and
@@ -23,33 +15,15 @@ base_scale)`` (the layer's level-0 scale); napari derives the coarser levels fro
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import shutil
-import time
-import uuid
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..constants import Default
 from ..errors import InputError
-from ..progress import Progress
-from .cache import cache_dir, file_identity, identity_key
-
-#: Bumped when the layout of cached pyramids changes (old caches are then rebuilt).
-PYRAMID_CACHE_VERSION = 1
-TIFFSLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
-IMAGE_SUFFIXES = TIFFSLIDE_SUFFIXES + (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# The largest image we deliberately decode in one piece (PIL's decompression-bomb guard is
-# raised to this for our own calls only): 2 gigapixels.
-MAX_DECODE_PIXELS = 2_000_000_000
-
 
 
 # --------------------------------------------------------------------------- pixel helpers
@@ -133,6 +107,98 @@ def _as_rgb_level(arr):
     if isinstance(arr, np.ndarray):
         return to_rgb_uint8(arr)
     return _RGBLevel(arr)
+
+
+def _settle_zarr(timeout_s: float = 10.0) -> None:
+    """Let zarr's I/O loop finish the chunk reads a failed slice left running.
+
+    When one chunk's codec raises, zarr (3.x) returns the error at once and leaves the other
+    chunk tasks of that slice pending on its background loop; at interpreter exit each is then
+    reported as "Task was destroyed but it is pending!". Waiting for them here keeps the one-line
+    error alone on stderr.
+    """
+    import asyncio
+
+    try:
+        from zarr.core import sync as zsync
+
+        loop = zsync.loop[0]
+    except (ImportError, AttributeError, IndexError):
+        return
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def _drain() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout_s)
+
+    try:
+        asyncio.run_coroutine_threadsafe(_drain(), loop).result(timeout_s + 1)
+    except Exception:  # noqa: BLE001 - best effort: at worst the warnings appear
+        pass
+
+
+class _ShownLevel:
+    """A level as napari reads it: a tile that cannot be decoded shows as padding, with one warning.
+
+    The viewer stays usable on a damaged slide: the warning (a napari notification) names the
+    file, level and tile, once per level.
+    """
+
+    def __init__(self, image: "MultiscaleImage", level: int):
+        self._image, self._level = image, int(level)
+        self._lv = image.levels[level]
+        self.shape = tuple(int(s) for s in self._lv.shape)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = len(self.shape)
+        self._warned = False
+
+    def __getitem__(self, key):
+        try:
+            return np.asarray(self._lv[key])
+        except Exception as exc:  # noqa: BLE001 - a codec failed on a tile of a damaged file
+            _settle_zarr()
+            key = key if isinstance(key, tuple) else (key,)
+            spans = [range(*(k if isinstance(k, slice) else slice(k, k + 1)).indices(n))
+                     for k, n in zip(tuple(key) + (slice(None),) * (self.ndim - len(key)), self.shape)]
+            if not self._warned:
+                self._warned = True
+                r, c = spans[0], spans[1]
+                err = _first_bad_tile(self._lv, self._image.source, self._level,
+                                      (r.start, max(r.stop, r.start + 1), c.start, max(c.stop, c.start + 1)), exc)
+                warnings.warn(f"{err} (shown blank)", stacklevel=2)
+            return np.full(tuple(len(s) for s in spans), Default.PAD_VALUE, dtype=np.uint8)
+
+
+def _first_bad_tile(lv, source, level: int, window: tuple[int, int, int, int], exc: BaseException,
+                    max_tiles: int = 4096) -> InputError:
+    """The error for a window that failed to decode, naming the first tile that fails on its own."""
+    r0, r1, c0, c1 = window
+    chunks = getattr(lv, "chunks", None)
+    if not chunks or len(chunks) < 2:
+        return tile_error(source, level, (0, 0), exc)
+    th, tw = int(chunks[0]), int(chunks[1])
+    tiles = [(ty, tx) for ty in range(r0 // th, (r1 - 1) // th + 1) for tx in range(c0 // tw, (c1 - 1) // tw + 1)]
+    if len(tiles) <= max_tiles:
+        H, W = lv.shape[:2]
+        for ty, tx in tiles:
+            try:
+                np.asarray(lv[ty * th:min(H, (ty + 1) * th), tx * tw:min(W, (tx + 1) * tw)])
+            except Exception as tile_exc:  # noqa: BLE001
+                _settle_zarr()
+                return tile_error(source, level, (ty, tx), tile_exc)
+    return tile_error(source, level, tiles[0], exc, last=tiles[-1])
+
+
+def tile_error(path, level: int, tile: tuple[int, int], exc: BaseException,
+               last: tuple[int, int] | None = None) -> InputError:
+    """The one-line error for a slide tile that cannot be decoded: file, level, tile (row, col)."""
+    where = f"tile {tile}" if last is None or tuple(last) == tuple(tile) else f"tiles {tile}..{tuple(last)}"
+    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return InputError(f"cannot decode {where} (row, col) of level {level} ({cause})", path=path,
+                      hint="the slide is damaged or truncated; re-export or re-download it")
 
 
 # --------------------------------------------------------------------------- the image
@@ -224,7 +290,7 @@ class MultiscaleImage:
 
         Only file-backed images have one (a slide read through tiffslide, a cached zarr pyramid):
         another process reopens the file instead of receiving the pixels. In-memory images
-        (small by construction) and napari layers have none. See :func:`reopen_image`.
+        (small by construction) and napari layers have none. See :func:`napari_comtip.io.slide.reopen_image`.
         """
         if self.kind == "tiffslide" and self.source:
             return ("tiffslide", str(self.source), self.identity)
@@ -243,7 +309,13 @@ class MultiscaleImage:
         r0, c0 = max(int(row0), 0), max(int(col0), 0)
         r1, c1 = min(int(row0) + height, H), min(int(col0) + width, W)
         if r1 > r0 and c1 > c0:
-            block = np.asarray(lv[r0:r1, c0:c1])
+            try:
+                block = np.asarray(lv[r0:r1, c0:c1])
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a codec failed on a tile of a damaged file
+                _settle_zarr()
+                raise _first_bad_tile(lv, self.source, level, (r0, r1, c0, c1), exc) from None
             if block.ndim == 3 and block.shape[2] != 3:
                 block = to_rgb_uint8(block)
             out[r0 - int(row0):r1 - int(row0), c0 - int(col0):c1 - int(col0)] = block
@@ -273,8 +345,8 @@ class MultiscaleImage:
         for i, (h, w, _) in enumerate(self.level_shapes):
             if h >= th and w >= tw:
                 idx = i
-        lv = self.levels[idx]
-        arr = np.asarray(lv[:, :])
+        h, w = self.level_shapes[idx][:2]
+        arr = self.read_level_window(idx, 0, 0, h, w)  # a decode error names the file, level and tile
         return np.asarray(Image.fromarray(arr).resize((tw, th), Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR))
 
     def as_dask(self) -> list:
@@ -286,7 +358,7 @@ class MultiscaleImage:
             chunks = getattr(lv, "chunks", None)
             if not chunks or len(chunks) != 3 or not all(isinstance(c, int) for c in chunks):
                 chunks = (Default.PYRAMID_TILE, Default.PYRAMID_TILE, 3)
-            out.append(da.from_array(lv, chunks=chunks, asarray=True, fancy=False))
+            out.append(da.from_array(_ShownLevel(self, len(out)), chunks=chunks, asarray=True, fancy=False))
         return out
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
@@ -315,313 +387,4 @@ def build_pyramid_levels(rgb: np.ndarray, smallest: int | None = None,
     return levels
 
 
-@contextlib.contextmanager
-def _pil_limit():
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(old or 0, MAX_DECODE_PIXELS)
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if path.suffix.lower() in TIFFSLIDE_SUFFIXES:
-        try:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tf:
-                s = tf.series[0].levels[0] if tf.series else tf.pages[0]
-                shp = s.shape
-                axes = getattr(s, "axes", "YXS")
-                h = shp[axes.index("Y")] if "Y" in axes else shp[0]
-                w = shp[axes.index("X")] if "X" in axes else shp[1]
-                return int(w), int(h)
-        except Exception:  # noqa: BLE001 - fall through to PIL
-            pass
-    try:
-        with _pil_limit(), Image.open(path) as im:
-            return int(im.size[0]), int(im.size[1])
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read the image header ({exc})", path=path,
-                         hint="the file is damaged or not an image; re-export or re-download it") from None
-
-
-def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode a whole image file to (H, W, 3) uint8, refusing truncated or damaged files."""
-    from PIL import Image, ImageFile, UnidentifiedImageError
-
-    path = Path(path)
-    suffix = path.suffix.lower()
-    hint = "the file is damaged or truncated; re-export or re-download it"
-    try:
-        if suffix in (".jpg", ".jpeg"):
-            # libjpeg-turbo through imagecodecs decodes straight into numpy (PIL's asarray copies
-            # the 92 MP her2st images slowly); a truncated stream is an error, not a grey tail.
-            import imagecodecs
-
-            data = path.read_bytes()
-            # libjpeg fills a truncated stream with grey and only warns: require the end-of-image
-            # marker after the last start-of-scan (0xFF bytes inside scans are stuffed, so these
-            # two byte pairs are markers; an EXIF thumbnail's EOI comes before the main scan).
-            if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda") or b"\xff\xd9" not in data:
-                raise InputError("the JPEG file is truncated (no end-of-image marker)", path=path, hint=hint)
-            try:
-                arr = imagecodecs.jpeg8_decode(data)
-            except Exception:  # noqa: BLE001 - e.g. CMYK/arithmetic coding: let PIL try
-                arr = None
-            if arr is not None:
-                return to_rgb_uint8(arr)
-        if suffix in TIFFSLIDE_SUFFIXES:
-            import tifffile
-
-            return to_rgb_uint8(tifffile.imread(path, level=0) if _has_levels(path) else tifffile.imread(path))
-        old = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        try:
-            with _pil_limit(), Image.open(path) as im:
-                im.load()
-                if im.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "I", "F"):
-                    im = im.convert("RGB")
-                elif im.mode == "LA":
-                    im = im.convert("RGBA")
-                arr = np.asarray(im)
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = old
-        return to_rgb_uint8(arr)
-    except InputError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as exc:
-        raise InputError(f"cannot decode the image ({type(exc).__name__}: {exc})", path=path, hint=hint) from None
-    except Exception as exc:  # noqa: BLE001 - codec libraries raise their own error types
-        raise InputError(f"cannot decode the image ({type(exc).__name__}: {exc})", path=path, hint=hint) from None
-
-
-def _has_levels(path: Path) -> bool:
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            return bool(tf.series) and len(tf.series[0].levels) > 1
-    except Exception:  # noqa: BLE001
-        return False
-
-
-# --------------------------------------------------------------------------- pyramid cache (zarr)
-def _zarr_open_read(path: Path):
-    import zarr
-
-    return zarr.open_array(str(path), mode="r")
-
-
-def _zarr_write(path: Path, arr: np.ndarray, chunks: tuple[int, int, int]) -> None:
-    import zarr
-
-    z = zarr.open_array(str(path), mode="w", shape=arr.shape, chunks=chunks, dtype="uint8")
-    z[...] = arr
-
-
-def pyramid_cache_path(path: str | os.PathLike) -> Path:
-    """Where the pyramid of ``path`` is (or would be) cached."""
-    return cache_dir("pyramids") / identity_key(file_identity(path))
-
-
-def _open_cached_pyramid(folder: Path, identity: str, source: str) -> MultiscaleImage | None:
-    meta_file = folder / "meta.json"
-    if not meta_file.is_file():
-        return None
-    try:
-        meta = json.loads(meta_file.read_text())
-        if meta.get("version") != PYRAMID_CACHE_VERSION or meta.get("identity") != identity:
-            return None
-        levels = [_zarr_open_read(folder / str(i)) for i in range(int(meta["n_levels"]))]
-        if [list(lv.shape) for lv in levels] != [list(s) for s in meta["level_shapes"]]:
-            return None
-    except Exception:  # noqa: BLE001 - a broken cache entry is rebuilt, never trusted
-        return None
-    return MultiscaleImage(levels, meta["downsamples"], identity=identity, source=source,
-                           kind="cached pyramid", info={"cache": str(folder), "decoded": False})
-
-
-def _build_cached_pyramid(path: Path, identity: str, folder: Path, progress: Progress | None,
-                          rgb: np.ndarray | None = None) -> MultiscaleImage:
-    t0 = time.perf_counter()
-    if progress:
-        progress(0, 3, f"decoding {path.name}")
-    if rgb is None:
-        rgb = decode_image(path)
-    t_decode = time.perf_counter() - t0
-    if progress:
-        progress(1, 3, "building pyramid")
-    levels = build_pyramid_levels(rgb)
-    downs = [float(Default.PYRAMID_FACTOR ** i) for i in range(len(levels))]
-    if progress:
-        progress(2, 3, "writing pyramid cache")
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tile = Default.PYRAMID_TILE
-    try:
-        tmp.mkdir(parents=True)
-        for i, lv in enumerate(levels):
-            _zarr_write(tmp / str(i), lv, (tile, tile, 3))
-        meta = {
-            "version": PYRAMID_CACHE_VERSION,
-            "identity": identity,
-            "source": str(path),
-            "n_levels": len(levels),
-            "level_shapes": [list(lv.shape) for lv in levels],
-            "downsamples": downs,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completeness
-        if folder.exists() and _open_cached_pyramid(folder, identity, str(path)) is not None:
-            # another process (e.g. another DDP rank) finished the same pyramid first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            if folder.exists():  # a broken entry (killed before meta.json): replace it
-                shutil.rmtree(folder, ignore_errors=True)
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                # someone renamed theirs into place between our check and our rename: use theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    img = _open_cached_pyramid(folder, identity, str(path))
-    if img is None:  # pragma: no cover - cache folder not writable/readable: keep it in memory
-        warnings.warn(f"could not use the pyramid cache at {folder}; keeping the pyramid in memory", stacklevel=2)
-        img = MultiscaleImage(levels, downs, identity=identity, source=str(path), kind="in-memory pyramid")
-    img.info.update({"decoded": True, "decode_s": round(t_decode, 3),
-                     "build_s": round(time.perf_counter() - t0, 3)})
-    if progress:
-        progress(3, 3, "pyramid ready")
-    return img
-
-
-# --------------------------------------------------------------------------- tiffslide
-def _open_tiffslide(path: Path) -> tuple[MultiscaleImage | None, float | None] | None:
-    """Open a TIFF-family slide lazily as ``(image, mpp)``.
-
-    ``image`` is None for a large single-level TIFF (the caller builds a cached pyramid); the
-    whole result is None when tiffslide is not installed.
-    """
-    try:
-        import tiffslide
-    except ImportError:  # pragma: no cover
-        return None
-    try:
-        slide = tiffslide.TiffSlide(str(path))
-    except Exception as exc:  # noqa: BLE001 - tiffslide/tifffile raise many types
-        raise InputError(f"cannot open the slide ({type(exc).__name__}: {exc})", path=path,
-                         hint="the file is damaged or not a supported slide (TIFF, OME-TIFF, SVS)") from None
-    props = slide.properties
-    mpp = props.get("tiffslide.mpp-x")
-    try:
-        mpp = float(mpp) if mpp not in (None, "", 0) else None
-    except (TypeError, ValueError):
-        mpp = None
-    dims = slide.level_dimensions  # (w, h) per level
-    if len(dims) == 1 and max(dims[0]) > Default.PYRAMID_MIN_SIDE:
-        slide.close()
-        return None, mpp
-    grp = slide.zarr_group
-    levels = []
-    for i in range(len(dims)):
-        arr = grp[str(i)]
-        levels.append(arr)
-    downs = [float(d) for d in slide.level_downsamples]
-    downs[0] = 1.0
-    identity = file_identity(path)
-    img = MultiscaleImage(levels, downs, identity=identity, source=str(path), kind="tiffslide",
-                          info={"decoded": False, "vendor": props.get("tiffslide.vendor")}, keepalive=slide)
-    return img, mpp
-
-
-# --------------------------------------------------------------------------- entry point
-def open_image(path: str | os.PathLike, progress: Progress | None = None) -> tuple[MultiscaleImage, float | None]:
-    """Open any supported slide/image as a :class:`MultiscaleImage`.
-
-    Returns ``(image, mpp)`` where ``mpp`` is the microns per pixel recorded in the file (TIFF
-    family through tiffslide) or None.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise InputError("image file not found", path=path, hint="check the path")
-    if path.is_dir():
-        raise InputError("expected an image file, got a folder", path=path, hint="give the slide file itself")
-    if path.stat().st_size == 0:
-        raise InputError("the image file is empty", path=path, hint="re-export or re-download it")
-    suffix = path.suffix.lower()
-    mpp: float | None = None
-    if suffix in TIFFSLIDE_SUFFIXES:
-        opened = _open_tiffslide(path)
-        if opened is not None and opened[0] is not None:
-            img, mpp = opened
-            _probe(img, path)
-            return img, mpp
-        if opened is not None:
-            mpp = opened[1]
-    w, h = image_size(path)
-    identity = file_identity(path)
-    if max(w, h) > Default.PYRAMID_MIN_SIDE:
-        folder = pyramid_cache_path(path)
-        img = _open_cached_pyramid(folder, identity, str(path))
-        if img is None:
-            img = _build_cached_pyramid(path, identity, folder, progress)
-        return img, mpp
-    rgb = decode_image(path)
-    img = MultiscaleImage([rgb], [1.0], identity=identity, source=str(path), kind="in-memory",
-                          info={"decoded": True})
-    return img, mpp
-
-
-def reopen_image(spec: tuple) -> MultiscaleImage:
-    """Open the image described by :meth:`MultiscaleImage.reopen_spec` (e.g. in a reader process).
-
-    Raises :class:`InputError` when the file is gone or is no longer the file that was opened
-    (its identity, which covers size and modification time, changed).
-    """
-    kind = spec[0]
-    if kind == "tiffslide":
-        _, source, identity = spec
-        opened = _open_tiffslide(Path(source))
-        img = opened[0] if opened else None
-    elif kind == "cached pyramid":
-        _, folder, identity, source = spec
-        img = _open_cached_pyramid(Path(folder), identity, source)
-    else:
-        raise ValueError(f"unknown image spec {spec!r}")
-    if img is None or img.identity != identity:
-        raise InputError("the slide changed or disappeared while it was being read", path=spec[1],
-                         hint="run again on the current file")
-    return img
-
-
-def _probe(img: MultiscaleImage, path: Path) -> None:
-    """Read one small tile of every level so that a damaged slide fails here, with a clear message."""
-    for i, lv in enumerate(img.levels):
-        h, w = lv.shape[:2]
-        try:
-            np.asarray(lv[h // 2: h // 2 + 16, w // 2: w // 2 + 16])
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"cannot read pyramid level {i} ({type(exc).__name__}: {exc})", path=path,
-                             hint="the file is damaged or truncated; re-export or re-download it") from None
-
-
-__all__ = [
-    "MultiscaleImage",
-    "open_image",
-    "reopen_image",
-    "decode_image",
-    "image_size",
-    "build_pyramid_levels",
-    "pyramid_cache_path",
-    "to_rgb_uint8",
-    "is_blank",
-    "IMAGE_SUFFIXES",
-]
+__all__ = ["MultiscaleImage", "build_pyramid_levels", "to_rgb_uint8", "is_blank", "tile_error"]

@@ -25,8 +25,9 @@ import pandas as pd
 
 from ..constants import Default, Key
 from ..errors import InputError
+from .decode import IMAGE_SUFFIXES
 from .expression import make_expression, warn_non_integer
-from .image import IMAGE_SUFFIXES, open_image
+from .slide import open_image
 from .record import SpatialSample, drop_spots_outside, mpp_with_override
 
 FORMAT = "legacy-st"

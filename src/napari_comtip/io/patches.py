@@ -11,26 +11,23 @@ the widgets), so training and inference see identical pixels:
    bilinear filter (its support widens with the reduction factor, i.e. area-like averaging);
 4. whatever lies outside the slide is padded with ``Default.PAD_VALUE`` (white glass).
 
-:func:`iter_patch_batches` reads batches ahead in a thread pool (PIL and the zarr/tiff codecs
-release the GIL) and yields ``(indices, patches)`` in order.
+Batches are read ahead of the encoder by the engine (``engine/readers.py``, over the tile cache
+of ``io/tiles.py``), always through this function.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..constants import Default
-from ..errors import Cancelled, InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .image import MultiscaleImage
-    from .record import SpatialSample
 
 
 def patch_geometry(mpp: float, patch_um: float, out_px: int | None = None) -> float:
@@ -77,78 +74,4 @@ def read_patch(image: "MultiscaleImage", center_rc: Sequence[float], side_px_ful
     return np.asarray(res)
 
 
-def iter_patch_batches(
-    sample: "SpatialSample",
-    patch_um: float,
-    out_px: int,
-    batch_size: int = Default.BATCH_SIZE,
-    indices: Sequence[int] | np.ndarray | None = None,
-    num_workers: int = 2,
-    progress: Callable[[int, "int | None", "str | None"], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(idx (B,), patches (B, out_px, out_px, 3) uint8)`` in order, reading ahead.
-
-    ``idx`` are positions into ``sample.spots``. With ``num_workers > 0`` up to ``num_workers + 1``
-    batches are read ahead in a thread pool. ``cancel()`` returning True raises
-    :class:`~napari_comtip.errors.Cancelled` at the next batch boundary.
-    """
-    side = patch_geometry(sample.mpp, patch_um, out_px)
-    centers = sample.centers_rc()
-    idx_all = np.arange(len(centers)) if indices is None else np.asarray(indices, dtype=np.int64).ravel()
-    if idx_all.size and (idx_all.min() < 0 or idx_all.max() >= len(centers)):
-        raise IndexError("patch indices out of range")
-    batch_size = max(1, int(batch_size))
-    batches = [idx_all[i:i + batch_size] for i in range(0, len(idx_all), batch_size)]
-    total = len(idx_all)
-    image = sample.image
-
-    def read_batch(b: np.ndarray) -> np.ndarray:
-        out = np.empty((len(b), out_px, out_px, 3), dtype=np.uint8)
-        for k, i in enumerate(b):
-            out[k] = read_patch(image, centers[i], side, out_px)
-        return out
-
-    def check_cancel() -> None:
-        if cancel is not None and cancel():
-            raise Cancelled("patch extraction cancelled")
-
-    done = 0
-    if progress:
-        progress(0, total, "reading patches")
-    if num_workers <= 0:
-        for b in batches:
-            check_cancel()
-            patches = read_batch(b)
-            done += len(b)
-            if progress:
-                progress(done, total, "reading patches")
-            yield b, patches
-        return
-
-    pool = ThreadPoolExecutor(max_workers=int(num_workers), thread_name_prefix="comtip-patches")
-    pending: deque = deque()
-    it = iter(batches)
-    try:
-        for b in it:
-            pending.append((b, pool.submit(read_batch, b)))
-            if len(pending) > num_workers:
-                break
-        while pending:
-            check_cancel()
-            b, fut = pending.popleft()
-            patches = fut.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(read_batch, nxt)))
-            done += len(b)
-            if progress:
-                progress(done, total, "reading patches")
-            yield b, patches
-    finally:
-        for _, fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-__all__ = ["patch_geometry", "read_patch", "iter_patch_batches"]
+__all__ = ["patch_geometry", "read_patch"]

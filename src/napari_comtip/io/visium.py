@@ -37,7 +37,9 @@ import pandas as pd
 from ..constants import Default, Key
 from ..errors import InputError
 from .expression import make_expression, read_10x_h5, read_10x_mex
-from .image import MultiscaleImage, decode_image, is_blank, open_image
+from .decode import decode_image
+from .image import MultiscaleImage, is_blank
+from .slide import open_image
 from .record import SpatialSample, drop_spots_outside, mpp_with_override
 
 FORMAT = "visium"
@@ -203,7 +205,7 @@ def read_visium(path: str | os.PathLike, sample: str | None = None, slide: str |
         scale_note = f"positions used as pixels of the slide {slide.name} (scale 1)"
         hires = spatial / "tissue_hires_image.png"
         if "tissue_hires_scalef" in sf and hires.is_file():
-            from .image import image_size
+            from .decode import image_size
 
             hw, hh = image_size(hires)
             exp_w = image.shape[1] * sf["tissue_hires_scalef"]
@@ -321,7 +323,7 @@ def read_visium(path: str | os.PathLike, sample: str | None = None, slide: str |
 
 def _check_scalef_ratio(spatial: Path, sf: dict[str, float], sf_file: Path) -> None:
     """hires/lowres image sizes must agree with hires/lowres scale factors."""
-    from .image import image_size
+    from .decode import image_size
 
     hi, lo = spatial / "tissue_hires_image.png", spatial / "tissue_lowres_image.png"
     if not (hi.is_file() and lo.is_file() and "tissue_hires_scalef" in sf and "tissue_lowres_scalef" in sf):
