@@ -263,7 +263,12 @@ def test_predict_to_file_writes_h5ad_and_csv(tmp_path, visium, ckpt, panel):
     head = [ln for ln in csv.read_text().splitlines() if ln.startswith("#")]
     assert any("log1p(counts / library size x 10000)" in ln for ln in head) and all("," not in ln for ln in head)
     table = pd.read_csv(csv, comment="#")
-    assert list(table.columns[:5]) == ["spot_id", "x_px", "y_px", "x_um", "y_um"] and list(table.columns[5:]) == panel
+    assert list(table.columns[:5]) == ["spot_id", "x_px", "y_px", "x_um", "y_um"]
+    # the genes, then (the probe gives its spread) one <gene>_uncertainty column per gene
+    assert Key.UNCERTAINTY in ad.layers
+    assert list(table.columns[5:]) == panel + [f"{g}_uncertainty" for g in panel]
+    np.testing.assert_allclose(table[[f"{g}_uncertainty" for g in panel]].to_numpy(),
+                               ad.layers[Key.UNCERTAINTY], atol=5.1e-5)
     assert table["spot_id"].tolist() == visium.spot_ids
     np.testing.assert_allclose(table[["x_px", "y_px"]].to_numpy(), visium.centers_xy(), atol=0.005)
     np.testing.assert_allclose(table["x_um"], np.round(table["x_px"] * visium.mpp, 1), atol=0.051)
