@@ -60,6 +60,16 @@ class LossPlot(FigureCanvasQTAgg):
         self.ax.autoscale_view()
         self.draw_idle()
 
+    def _draw_idle(self) -> None:
+        # matplotlib queues this redraw on a zero-delay Qt timer; when the Pretrain dock closes
+        # in between, Qt has already deleted the canvas and the queued call would print a
+        # "wrapped C/C++ object ... has been deleted" traceback. Nothing is left to draw then.
+        try:
+            super()._draw_idle()
+        except RuntimeError as exc:
+            if "has been deleted" not in str(exc):
+                raise
+
     def series(self, key: str) -> list[float]:
         return list(self.lines[key].get_ydata())
 
