@@ -232,7 +232,7 @@ class _NotAllowed:
 
 
 def test_engine_resolve_genes_without_a_path_stays_generic():
-    from napari_comtip.engine.predict import resolve_genes
+    from napari_comtip.engine.predict_inputs import resolve_genes
 
     with pytest.raises(InputError) as info:
         resolve_genes(["ERBB2"], ["A", "B"], "x.pt")

@@ -230,7 +230,7 @@ def test_graph_sees_the_package(graph):
     modules, edges = graph
     assert {"napari_comtip.cli", "napari_comtip.engine.training", "napari_comtip.io.record"} <= set(modules)
     # relative, absolute, from-package and function-level imports are all seen
-    assert any(t == "napari_comtip.engine.predict" for t, _ in edges["napari_comtip.cli"])
+    assert any(t == "napari_comtip.engine.predict_file" for t, _ in edges["napari_comtip.cli"])
     assert any(t == "napari_comtip.errors" for t, _ in edges["napari_comtip.engine.training"])
 
 

@@ -122,7 +122,7 @@ def _is_cohort(args: argparse.Namespace) -> bool:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from .engine.predict import check_outputs, predict_to_file
+    from .engine.predict_file import check_outputs, predict_to_file
 
     if _is_cohort(args):
         return _run_cohort(args)
