@@ -219,7 +219,8 @@ def _add_pretrain(sub) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .engine.training import TqdmCallback, pretrain_run
+    from .engine.callbacks import TqdmCallback
+    from .engine.training import pretrain_run
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     bar = TqdmCallback() if main_rank else None
