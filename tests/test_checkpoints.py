@@ -17,7 +17,8 @@ from napari_comtip.model import catalogue
 from napari_comtip.model.bundled import (
     BUNDLED, DEFAULT_NAME, FOLDER, bundled_names, checkpoint_name, default_checkpoint_path, resolve_checkpoint,
 )
-from napari_comtip.model.checkpoint import Checkpoint, StoredProbe, checkpoint_digest, load_checkpoint, update_checkpoint
+from napari_comtip.model.checkpoint import Checkpoint, StoredProbe, load_checkpoint, update_checkpoint
+from napari_comtip.model.checkpoint_file import checkpoint_digest
 
 HER2ST, MOUSE = "comtip-tiny-her2st", "comtip-tiny-mouse-brain"
 
@@ -232,7 +233,7 @@ class _NotAllowed:
 
 
 def test_engine_resolve_genes_without_a_path_stays_generic():
-    from napari_comtip.engine.predict import resolve_genes
+    from napari_comtip.engine.predict_inputs import resolve_genes
 
     with pytest.raises(InputError) as info:
         resolve_genes(["ERBB2"], ["A", "B"], "x.pt")

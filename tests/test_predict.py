@@ -17,8 +17,9 @@ import torch
 
 from napari_comtip.cli import main
 from napari_comtip.constants import Key
-from napari_comtip.engine import predict as predict_mod
-from napari_comtip.engine.predict import get_checkpoint, predict_sample, predict_to_file, resolve_genes
+from napari_comtip.engine.predict import predict_sample
+from napari_comtip.engine.predict_file import predict_to_file
+from napari_comtip.engine.predict_inputs import get_checkpoint, resolve_genes
 from napari_comtip.errors import CheckpointError, InputError
 
 
@@ -84,13 +85,13 @@ def test_retrieval_on_visium_is_aligned_with_the_source(visium, ckpt, panel):
     np.testing.assert_array_equal(ad.obsm[Key.SPATIAL], visium.centers_xy())
     assert list(ad.var_names) == panel
     assert ad.X.dtype == np.float32 and np.isfinite(ad.X).all()
-    assert ad.obsm[Key.EMBEDDING].shape == (visium.n_spots, predict_mod.get_checkpoint(ckpt).model.embed_dim)
+    assert ad.obsm[Key.EMBEDDING].shape == (visium.n_spots, get_checkpoint(ckpt).model.embed_dim)
     prov = ad.uns[Key.PROVENANCE]
     assert prov["predictor"] == "retrieval" and prov["params"]["k"] == 50 and prov["params"]["bank_source"] == "checkpoint"
     assert prov["checkpoint"] == str(ckpt) and len(prov["checkpoint_digest"]) == 16
     assert prov["training"]["note"] == "untrained, for tests"
     assert prov["device"].startswith("cpu") and prov["batch_size"] > 0
-    assert prov["patch_um"] == predict_mod.get_checkpoint(ckpt).model.config.patch_um
+    assert prov["patch_um"] == get_checkpoint(ckpt).model.config.patch_um
     assert set(prov["versions"]) >= {"napari-comtip", "torch", "timm", "anndata"}
     assert prov["sample"]["format"] == "visium" and prov["created"].endswith("+00:00")
     # the bank's values are log-normalised expression of real spots: a mean of k of them
@@ -185,7 +186,7 @@ def test_retrieval_from_a_reference_dataset_equals_the_bank(demo, ckpt):
 def test_zero_shot_stays_on_the_value_grid(visium, ckpt, panel):
     ad = predict_sample(visium, checkpoint=ckpt, mode="zero-shot", device="cpu", genes=panel[:5])
     assert ad.shape == (visium.n_spots, 5) and np.isfinite(ad.X).all()
-    from napari_comtip.engine.predict import get_checkpoint
+    from napari_comtip.engine.predict_inputs import get_checkpoint
 
     model = get_checkpoint(ckpt).model
     grid = model.value_grid(model.gene_index(panel[:5])).numpy()
@@ -237,7 +238,7 @@ def test_missing_bank_or_probe_is_a_clear_error(tmp_path, visium, panel):
 
 
 def test_second_prediction_reuses_the_embeddings(visium, ckpt):
-    model = predict_mod.get_checkpoint(ckpt).model
+    model = get_checkpoint(ckpt).model
     seen = []
     handle = model.vision.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
     try:
@@ -367,7 +368,7 @@ def test_predict_on_cuda_records_the_device(visium, ckpt):
     assert prov["device"].startswith("cuda:") and prov["precision"] in ("bf16", "fp16")
     cpu = predict_sample(visium, checkpoint=ckpt, device="cpu")
     assert np.corrcoef(ad.X.ravel(), cpu.X.ravel())[0, 1] > 0.95
-    predict_mod.get_checkpoint(ckpt).model.to("cpu")
+    get_checkpoint(ckpt).model.to("cpu")
 
 
 # --------------------------------------------------------------------------- the bundled checkpoint
@@ -387,7 +388,7 @@ def test_bundled_checkpoint_predicts_the_demo_section(demo, tmp_path, capsys):
     ad = predict_sample(demo, device="cpu")  # checkpoint=None: the bundled one
     prov = ad.uns[Key.PROVENANCE]
     assert prov["checkpoint"] == str(bundled) and prov["training"]  # its training provenance travels along
-    assert list(ad.obs_names) == demo.spot_ids and ad.n_vars == len(predict_mod.get_checkpoint(None).gene_panel)
+    assert list(ad.obs_names) == demo.spot_ids and ad.n_vars == len(get_checkpoint(None).gene_panel)
     # the demo is (a downsampled crop of) one of its training sections: retrieval must track the
     # measured expression of the most variable genes (about 0.3 when measured; chance is 0)
     assert evaluate_predictions(ad, demo.expression)["pcc_hvg50"] > 0.1

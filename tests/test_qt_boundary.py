@@ -3,7 +3,8 @@
 * only ``napari_comtip/_widgets/`` may import Qt, napari or magicgui;
 * no import runs back up a layer: top-level modules (``constants``, ``errors``, ``progress``)
   < ``io`` < ``model`` < ``engine`` < {``cli``, ``_widgets``};
-* no import circle among the package's modules (module-level and function-level imports alike).
+* no import circle among the package's modules (module-level and function-level imports alike);
+* no source file is over ``MAX_LINES`` lines (files small and single-purpose: about 400 at most).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ GUI_ROOTS = {"qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "PySide2", "PySide6
 LAYERS = {"base": 0, "io": 1, "model": 2, "engine": 3, "cli": 4, "_widgets": 4}
 #: Top-level modules that belong to the command line's layer (everything else top-level is base).
 CLI_MODULES = {"cli", "_cli_support", "__main__"}
+#: The most lines a source file of the package may have (about 400, with a little slack).
+MAX_LINES = 420
 
 
 # --------------------------------------------------------------------------- GUI imports
@@ -230,7 +233,7 @@ def test_graph_sees_the_package(graph):
     modules, edges = graph
     assert {"napari_comtip.cli", "napari_comtip.engine.training", "napari_comtip.io.record"} <= set(modules)
     # relative, absolute, from-package and function-level imports are all seen
-    assert any(t == "napari_comtip.engine.predict" for t, _ in edges["napari_comtip.cli"])
+    assert any(t == "napari_comtip.engine.predict_file" for t, _ in edges["napari_comtip.cli"])
     assert any(t == "napari_comtip.errors" for t, _ in edges["napari_comtip.engine.training"])
 
 
@@ -282,3 +285,24 @@ def test_every_circle_of_a_group_is_reported():
     """a <-> b <-> c is one strongly connected group; both circles are named, not only the first."""
     edges = {"p.a": [("p.b", 1)], "p.b": [("p.a", 2), ("p.c", 3)], "p.c": [("p.b", 4)]}
     assert import_circles(edges) == [[["p.a", "p.b", "p.a"], ["p.c", "p.b", "p.c"]]]
+
+
+# --------------------------------------------------------------------------- file sizes
+def long_files(root: Path, limit: int = MAX_LINES) -> dict[str, int]:
+    """``{path relative to root: lines}`` of every ``.py`` file under ``root`` over ``limit`` lines."""
+    sizes = {str(p.relative_to(root)): len(p.read_text(encoding="utf-8").splitlines()) for p in root.rglob("*.py")}
+    return {name: n for name, n in sorted(sizes.items()) if n > limit}
+
+
+def test_no_source_file_is_too_long():
+    assert len(list(PACKAGE.rglob("*.py"))) > 10  # the scan sees the package
+    over = long_files(PACKAGE)
+    assert not over, (f"source files over {MAX_LINES} lines (split them by role, docs/architecture.md): "
+                      + ", ".join(f"{name} ({n} lines)" for name, n in over.items()))
+
+
+def test_the_length_check_names_a_long_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    (tmp_path / "short.py").write_text("x = 1\n" * MAX_LINES)
+    assert long_files(tmp_path) == {str(Path("sub") / "long.py"): MAX_LINES + 1}

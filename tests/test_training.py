@@ -16,6 +16,7 @@ import torch
 
 from napari_comtip.constants import Key
 from napari_comtip.engine import training as T
+from napari_comtip.engine.callbacks import Callback
 from napari_comtip.engine import run_config as RC
 from napari_comtip.engine import run_folder as RF
 from napari_comtip.engine import bank_probe as BP
@@ -131,7 +132,7 @@ def _state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class _Crash(T.Callback):
+class _Crash(Callback):
     def __init__(self, at):
         self.at = at
 

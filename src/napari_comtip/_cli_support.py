@@ -8,6 +8,8 @@
   one line ``internal error: ...; details in <log file>`` with the traceback written to that log
   (exit 1). With ``--debug``, ``$COMTIP_DEBUG`` or ``$COMTIP_RAISE`` (the test suite sets it) the
   real exception propagates instead.
+* :func:`add_sample_args` / :func:`load_sample_from_args` / :func:`gene_list`: the options every
+  sample-reading subcommand shares; :func:`one_line_warnings`: warnings as one line.
 """
 
 from __future__ import annotations
@@ -134,4 +136,47 @@ def run_guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
         return EXIT_INTERNAL
 
 
-__all__ = ["int_at_least", "float_above", "run_guarded", "write_internal_log", "describe_os_error", "RAISE_ENV"]
+# --------------------------------------------------------------------------- shared options
+def add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True, many: bool = False) -> None:
+    """The options every command that reads a sample shares (same meaning everywhere)."""
+    if many:
+        p.add_argument("path", nargs="*", help="dataset folder, Space Ranger outs/ folder, .h5ad file, HEST sample "
+                       "folder or slide file; several, or a folder of them, predict a cohort (--out is then a folder)")
+    elif path_required:
+        p.add_argument("path", help="dataset folder, Space Ranger outs/ folder, .h5ad file, HEST sample folder or slide file")
+    else:
+        p.add_argument("path", nargs="?", default=None, help="dataset folder, .h5ad, HEST folder or slide file")
+    p.add_argument("--sample", default=None, help="sample/section name inside a multi-sample dataset (e.g. C2 for her2st)")
+    p.add_argument("--slide", default=None, help="full-resolution slide to use instead of the one found next to the data")
+    p.add_argument("--pitch-um", type=float_above(0), default=None, help="spot pitch in micrometres for a bare slide grid (default: Visium, 100)")
+    p.add_argument("--mpp", type=float_above(0), default=None, help="override microns per pixel of the full-resolution image")
+
+
+def load_sample_from_args(args: argparse.Namespace, progress=None):
+    """The sample named by the options of :func:`add_sample_args`."""
+    from .io import load_sample
+
+    return load_sample(args.path, sample=args.sample, slide=args.slide, pitch_um=args.pitch_um, mpp=args.mpp,
+                       progress=progress)
+
+
+def gene_list(text: str | None) -> list[str] | None:
+    """``--genes A,B`` -> ``["A", "B"]`` (None: the whole panel)."""
+    return [g.strip() for g in text.split(",") if g.strip()] if text else None
+
+
+def one_line_warnings() -> None:
+    """Format our warnings (e.g. spots dropped) as one ``warning: ...`` line, without source lines.
+
+    Only the format changes (not ``showwarning``), so callers that record warnings still see them.
+    """
+    import warnings
+
+    def fmt(message, category, filename, lineno, line=None):
+        return f"warning: {message}\n"
+
+    warnings.formatwarning = fmt
+
+
+__all__ = ["int_at_least", "float_above", "run_guarded", "write_internal_log", "describe_os_error", "RAISE_ENV",
+           "add_sample_args", "load_sample_from_args", "gene_list", "one_line_warnings"]

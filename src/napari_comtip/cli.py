@@ -18,7 +18,9 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from ._cli_support import float_above, int_at_least, run_guarded
+from ._cli_support import (
+    add_sample_args, float_above, gene_list, int_at_least, load_sample_from_args, one_line_warnings, run_guarded,
+)
 from .constants import PREDICT_MODES, Cohort, Default
 from .progress import tqdm_progress
 
@@ -27,38 +29,10 @@ CHECKPOINT_HELP = ("a bundled checkpoint's name (see `comtip checkpoints`, e.g. 
                    "of a CoMTIP .pt file; default: the bundled comtip-tiny-her2st")
 
 
-# --------------------------------------------------------------------------- helpers
-def _add_sample_args(p: argparse.ArgumentParser, *, path_required: bool = True, many: bool = False) -> None:
-    """The options every command that reads a sample shares (same meaning everywhere)."""
-    if many:
-        p.add_argument("path", nargs="*", help="dataset folder, Space Ranger outs/ folder, .h5ad file, HEST sample "
-                       "folder or slide file; several, or a folder of them, predict a cohort (--out is then a folder)")
-    elif path_required:
-        p.add_argument("path", help="dataset folder, Space Ranger outs/ folder, .h5ad file, HEST sample folder or slide file")
-    else:
-        p.add_argument("path", nargs="?", default=None, help="dataset folder, .h5ad, HEST folder or slide file")
-    p.add_argument("--sample", default=None, help="sample/section name inside a multi-sample dataset (e.g. C2 for her2st)")
-    p.add_argument("--slide", default=None, help="full-resolution slide to use instead of the one found next to the data")
-    p.add_argument("--pitch-um", type=float_above(0), default=None, help="spot pitch in micrometres for a bare slide grid (default: Visium, 100)")
-    p.add_argument("--mpp", type=float_above(0), default=None, help="override microns per pixel of the full-resolution image")
-
-
-def _load_sample_from_args(args: argparse.Namespace, progress=None):
-    from .io import load_sample
-
-    return load_sample(args.path, sample=args.sample, slide=args.slide, pitch_um=args.pitch_um, mpp=args.mpp,
-                       progress=progress)
-
-
-def _gene_list(text: str | None) -> list[str] | None:
-    """``--genes A,B`` -> ``["A", "B"]`` (None: the whole panel)."""
-    return [g.strip() for g in text.split(",") if g.strip()] if text else None
-
-
 # --------------------------------------------------------------------------- inspect
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="load a sample and print what was found (a multi-sample dataset: list its samples)")
-    _add_sample_args(p)
+    add_sample_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -76,7 +50,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
                       f"samples      {len(names)}: {', '.join(names)}\n"
                       f"inspect one  comtip inspect {args.path} --sample {names[0]}")
             return 0
-    sample = _load_sample_from_args(args, progress=tqdm_progress("loading"))
+    sample = load_sample_from_args(args, progress=tqdm_progress("loading"))
     info = sample.summary()
     if args.json:
         print(json.dumps(info, default=str))
@@ -99,7 +73,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- predict
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict gene expression for every spot of a slide, or of a cohort")
-    _add_sample_args(p, many=True)
+    add_sample_args(p, many=True)
     p.add_argument("--manifest", default=None,
                    help="cohort CSV with columns path and optional sample, slide, mpp, pitch_um, out (one row per sample)")
     p.add_argument("--checkpoint", default=None, metavar="NAME|PATH", help=CHECKPOINT_HELP)
@@ -122,20 +96,20 @@ def _is_cohort(args: argparse.Namespace) -> bool:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from .engine.predict import check_outputs, predict_to_file
+    from .engine.predict_file import check_outputs, predict_to_file
 
     if _is_cohort(args):
         return _run_cohort(args)
     args.path = args.path[0]
 
     check_outputs(args.out, args.csv, args.overwrite)  # fail before the slow part
-    sample = _load_sample_from_args(args, progress=tqdm_progress("loading"))
+    sample = load_sample_from_args(args, progress=tqdm_progress("loading"))
     result = predict_to_file(
         sample,
         out=args.out,
         checkpoint=args.checkpoint,
         mode=args.mode,
-        genes=_gene_list(args.genes),
+        genes=gene_list(args.genes),
         device=args.device,
         batch_size=args.batch_size,
         reference=args.reference,
@@ -177,7 +151,7 @@ def _run_cohort(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     bar = tqdm_progress(f"samples (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else "samples",
                         unit="sample", leave=True, position=0, close_when_done=False)
-    result = predict_cohort(items, args.out, checkpoint=args.checkpoint, mode=args.mode, genes=_gene_list(args.genes),
+    result = predict_cohort(items, args.out, checkpoint=args.checkpoint, mode=args.mode, genes=gene_list(args.genes),
                             device=args.device, batch_size=args.batch_size, reference=args.reference,
                             reference_samples=args.reference_sample, csv_tables=args.csv_each,
                             overwrite=args.overwrite, progress=bar,
@@ -219,7 +193,8 @@ def _add_pretrain(sub) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .engine.training import TqdmCallback, pretrain_run
+    from .engine.callbacks import TqdmCallback
+    from .engine.training import pretrain_run
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     bar = TqdmCallback() if main_rank else None
@@ -336,7 +311,7 @@ def _run_loso(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- view
 def _add_view(sub) -> None:
     p = sub.add_parser("view", help="open napari with the slide and the Predict widget docked")
-    _add_sample_args(p, path_required=False)
+    add_sample_args(p, path_required=False)
     p.add_argument("--gene", default=None, help="gene to show (symbol or feature id)")
     p.add_argument("--checkpoint", default=None, metavar="NAME|PATH", help=CHECKPOINT_HELP)
     p.add_argument("--mode", choices=PREDICT_MODES, default=Default.PREDICT_MODE,
@@ -400,25 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings() -> None:
-    """Format our warnings (e.g. spots dropped) as one ``warning: ...`` line, without source lines.
-
-    Only the format changes (not ``showwarning``), so callers that record warnings still see them.
-    """
-    import warnings
-
-    def fmt(message, category, filename, lineno, line=None):
-        return f"warning: {message}\n"
-
-    warnings.formatwarning = fmt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not args.debug:
-        _one_line_warnings()
+        one_line_warnings()
     return run_guarded(_COMMANDS[args.command][1], args, argv)
 
 

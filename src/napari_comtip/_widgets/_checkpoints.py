@@ -1,9 +1,14 @@
-"""The Predict widget's checkpoint chooser (Qt): bundled checkpoints by name, or a file."""
+"""The Predict widget's checkpoint chooser (Qt): bundled checkpoints by name, or a file.
+
+:func:`checkpoint_box` builds the chooser; :class:`CheckpointChoice` is the Predict widget's part
+that reads and sets it (a mixin of :class:`~napari_comtip._widgets.predict.PredictWidget`)."""
 
 from __future__ import annotations
 
+import os
+
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ..errors import ComtipError
 
@@ -35,4 +40,28 @@ def checkpoint_box() -> QComboBox:
     return box
 
 
-__all__ = ["checkpoint_box"]
+
+class CheckpointChoice:
+    """The checkpoint of the next Run: ``self.checkpoint_box`` (a :func:`checkpoint_box`) and Browse…."""
+
+    def _browse_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "CoMTIP checkpoint", "", "CoMTIP checkpoint (*.pt);;All files (*)")
+        if path:
+            self.set_checkpoint(path)
+
+    def set_checkpoint(self, checkpoint: str | os.PathLike | None) -> None:
+        """Use ``checkpoint`` (a bundled name or a file; None: the default bundled one) for the next Run."""
+        from ..model.bundled import DEFAULT_NAME
+
+        text = DEFAULT_NAME if checkpoint is None or not str(checkpoint).strip() else str(checkpoint).strip()
+        if self.checkpoint_box.findText(text) < 0:
+            self.checkpoint_box.addItem(text)
+            self.checkpoint_box.setItemData(self.checkpoint_box.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
+        self.checkpoint_box.setCurrentText(text)
+
+    def checkpoint(self) -> str | None:
+        """The chosen checkpoint: a bundled name or a path (None: the field is empty, the default one)."""
+        return self.checkpoint_box.currentText().strip() or None
+
+
+__all__ = ["checkpoint_box", "CheckpointChoice"]

@@ -46,6 +46,8 @@ def preload_model_stack() -> None:
 
     import napari_comtip.engine.inference  # noqa: F401
     import napari_comtip.engine.predict  # noqa: F401
+    import napari_comtip.engine.predict_inputs  # noqa: F401
+    import napari_comtip.engine.provenance  # noqa: F401
     import napari_comtip.model.comtip  # noqa: F401
     import napari_comtip.model.factory  # noqa: F401
 

@@ -53,7 +53,7 @@ class PredictSession:
     @staticmethod
     def checkpoint(path: str | os.PathLike | None):
         """The loaded checkpoint for ``path`` (None: the bundled one), kept in memory by the engine."""
-        from ..engine.predict import get_checkpoint
+        from ..engine.predict_inputs import get_checkpoint
 
         return get_checkpoint(None if not path else os.fspath(path))
 

@@ -10,7 +10,8 @@ of ``comtip predict``) or CSV, atomically and never over an input.
 
 Image embeddings are cached per (slide, spot grid, checkpoint, patch size) in
 :class:`~napari_comtip._widgets._session.PredictSession`: changing the gene re-runs nothing,
-changing the predictor re-runs only the predictor.
+changing the predictor re-runs only the predictor. The checkpoint chooser's part is in
+``_checkpoints.py``, the gene view in ``_genes.py`` and the export in ``_export.py`` (mixins).
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from napari.layers import Image, Points
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+    QCheckBox, QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel,
     QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
@@ -32,10 +32,12 @@ from ..constants import PREDICT_MODES, Default, Key
 from ..errors import Cancelled, ComtipError, InputError
 from ..progress import CancelToken
 from . import _layers as L
-from ._checkpoints import checkpoint_box as _checkpoint_box
+from ._checkpoints import CheckpointChoice, checkpoint_box as _checkpoint_box
 from ._compat import preload_model_stack
 from ._display import ExpressionDisplay, GeneView
-from ._progress import ProgressRelay, notify_error, notify_info, notify_warning
+from ._export import PredictionExport
+from ._genes import GeneChoice
+from ._progress import ProgressRelay, notify_error, notify_info
 from ._session import Prediction, PredictSession
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +61,7 @@ def spots_from_points(layer, sample: "SpatialSample") -> "SpatialSample":
                                expression=None)
 
 
-class PredictWidget(QWidget):
+class PredictWidget(CheckpointChoice, GeneChoice, PredictionExport, QWidget):
     """Predict expression for every spot of a slide and explore it gene by gene."""
 
     def __init__(self, napari_viewer: "napari.Viewer", parent: QWidget | None = None) -> None:
@@ -254,26 +256,6 @@ class PredictWidget(QWidget):
 
         return load
 
-    # ------------------------------------------------------------------ checkpoint
-    def _browse_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "CoMTIP checkpoint", "", "CoMTIP checkpoint (*.pt);;All files (*)")
-        if path:
-            self.set_checkpoint(path)
-
-    def set_checkpoint(self, checkpoint: str | os.PathLike | None) -> None:
-        """Use ``checkpoint`` (a bundled name or a file; None: the default bundled one) for the next Run."""
-        from ..model.bundled import DEFAULT_NAME
-
-        text = DEFAULT_NAME if checkpoint is None or not str(checkpoint).strip() else str(checkpoint).strip()
-        if self.checkpoint_box.findText(text) < 0:
-            self.checkpoint_box.addItem(text)
-            self.checkpoint_box.setItemData(self.checkpoint_box.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
-        self.checkpoint_box.setCurrentText(text)
-
-    def checkpoint(self) -> str | None:
-        """The chosen checkpoint: a bundled name or a path (None: the field is empty, the default one)."""
-        return self.checkpoint_box.currentText().strip() or None
-
     # ------------------------------------------------------------------ run / cancel
     def run(self):
         """Start a prediction off the GUI thread; returns the worker (None if nothing started)."""
@@ -354,161 +336,6 @@ class PredictWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1 if self.prediction is not None else 0)
-
-    # ------------------------------------------------------------------ genes
-    def set_prediction(self, prediction: Prediction, gene: str | None = None) -> None:
-        """Show a finished prediction: fill the gene list and colour the layers."""
-        self.prediction = prediction
-        reused = "encoder reused" if not prediction.encoder_ran else "encoder ran"
-        self.status_label.setText(f"{prediction.sample.name}: {prediction.adata.n_obs} spots x "
-                                  f"{prediction.adata.n_vars} genes, {prediction.mode}, ran on {prediction.device}, "
-                                  f"{prediction.seconds:.1f} s ({reused})"
-                                  + "".join(f"\nwarning: {w}" for w in prediction.warnings))
-        for w in prediction.warnings:
-            notify_warning(w)
-        previous = self.gene_box.currentText()
-        genes = sorted(prediction.genes, key=str.upper)
-        self.gene_box.blockSignals(True)
-        self.gene_box.clear()
-        self.gene_box.addItems(genes)
-        self.gene_box.blockSignals(False)
-        self.gene_box.setEnabled(True)
-        for b in (self.export_h5ad_button, self.export_csv_button):
-            b.setEnabled(True)
-        chosen = gene or (previous if previous in prediction.adata.var_names else None) or self._default_gene(prediction)
-        self.show_gene(chosen)
-
-    @staticmethod
-    def _default_gene(prediction: Prediction) -> str:
-        """The gene whose prediction varies most across the slide (the most informative map)."""
-        x = prediction.adata.X
-        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-        return str(prediction.adata.var_names[int(np.nanargmax(np.nanvar(x, axis=0)))])
-
-    def show_gene(self, gene: str) -> GeneView | None:
-        """Recolour the prediction layers by ``gene``; unknown genes give a notification."""
-        if self.prediction is None:
-            self._error("no prediction yet: press Run first")
-            return None
-        gene = gene.strip()
-        expr = self.prediction.sample.expression
-        if expr is not None:  # a feature id (e.g. ENSMUSG...) names its symbol
-            from ..io.expression import symbols_for
-
-            gene = symbols_for([gene], expr.var)[0]
-        match = [g for g in self.prediction.genes if g.upper() == gene.upper()]
-        try:
-            if not match:
-                raise self._not_in_panel(gene)
-            view = self.display.show(self.prediction, match[0])
-        except ComtipError as exc:
-            self._error(str(exc))
-            return None
-        if self.gene_box.currentText() != view.gene:
-            self.gene_box.setCurrentText(view.gene)
-        self.last_view = view
-        lo, hi = view.limits
-        if view.measured:
-            self.pcc_label.setText(f"{view.gene}: Pearson r = {view.pearson_r:.3f} between predicted and measured "
-                                   f"over {view.n_spots} spots (colour scale {lo:.2f}–{hi:.2f}, shared)")
-        else:
-            self.pcc_label.setText(f"{view.gene}: not measured on this slide (colour scale {lo:.2f}–{hi:.2f})")
-        return view
-
-    def _not_in_panel(self, gene: str) -> InputError:
-        """A gene outside the panel; names the bundled checkpoint that has it (another species or panel)."""
-        from ..model.catalogue import bundled_with_gene
-
-        ck = self.prediction.checkpoint
-        other = (bundled_with_gene(gene, exclude=ck) if ck else [])[:1]
-        has = f"; the bundled checkpoint {other[0][0]} has it as {other[0][1]}" if other else ""
-        return InputError(f"gene '{gene}' is not in the checkpoint's panel ({self.prediction.adata.n_vars} genes){has}",
-                          hint=f"choose {other[0][0]} under Checkpoint and press Run" if other
-                          else "pick one from the list (type to search)")
-
-    def _toggle_heatmap(self, on: bool) -> None:
-        self.display.heatmap = bool(on)
-        if self.prediction is not None and self.last_view is not None:
-            self.show_gene(self.last_view.gene)
-
-    # ------------------------------------------------------------------ export
-    def _input_paths(self) -> list[str]:
-        """Files the prediction was made from (slide, counts, checkpoint): never export over them."""
-        if self.prediction is None:
-            return []
-        inputs = list(self.prediction.provenance.get("inputs") or [])
-        inputs += list(self.prediction.sample.provenance.get("inputs") or [])
-        return [str(p) for p in inputs if p]
-
-    def _target(self, path, title: str, filt: str, suffix: str) -> tuple[Path, bool] | None:
-        """(output path, whether the user already confirmed replacing it), or None after an error.
-
-        An input of the prediction is refused first; a name without a suffix gets ``suffix``; a
-        name with another suffix is refused (never silently renamed next to someone's data).
-        """
-        if self.prediction is None:
-            self._error("no prediction to export: press Run first")
-            return None
-        confirmed = False
-        if path is None:
-            chosen, _ = QFileDialog.getSaveFileName(self, title, f"{self.prediction.sample.name}-predicted{suffix}",
-                                                    filt)
-            if not chosen:
-                return None
-            path, confirmed = chosen, True  # the dialog asked before replacing an existing file
-        out = Path(path).expanduser()
-        inputs = {Path(p).expanduser().resolve() for p in self._input_paths()}
-        if out.resolve() in inputs:
-            self._error(str(InputError("refusing to write over an input of this prediction", path=out,
-                                       hint="choose another file name")))
-            return None
-        if not out.suffix:
-            out = out.with_name(out.name + suffix)
-        elif out.suffix.lower() != suffix:
-            self._error(str(InputError(f"the export must be a {suffix} file", path=out,
-                                       hint=f"name it e.g. {self.prediction.sample.name}-predicted{suffix}")))
-            return None
-        return out, confirmed
-
-    def export_h5ad(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
-        """Write the prediction as ``.h5ad`` (same layout as ``comtip predict``)."""
-        target = self._target(path, "Export predictions", "AnnData (*.h5ad)", ".h5ad")
-        if target is None:
-            return None
-        from ..io.writers import write_h5ad_atomic
-
-        out, confirmed = target
-        try:
-            written = write_h5ad_atomic(self.prediction.adata, out, overwrite=overwrite or confirmed,
-                                        protect=self._input_paths())
-        except ComtipError as exc:
-            self._error(str(exc))
-            return None
-        except OSError as exc:  # disk full, read-only folder: one line naming the file
-            self._error(f"{exc.filename or out}: {exc.strerror or exc}")
-            return None
-        notify_info(f"wrote {self.prediction.adata.n_obs} spots x {self.prediction.adata.n_vars} genes to {written}")
-        return Path(written)
-
-    def export_csv(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
-        """Write the prediction as a CSV table (io/export_csv.py: units, provenance lines, uncertainty)."""
-        target = self._target(path, "Export predictions as CSV", "CSV table (*.csv)", ".csv")
-        if target is None:
-            return None
-        from ..io.writers import write_prediction_csv_atomic
-
-        out, confirmed = target
-        try:
-            written = write_prediction_csv_atomic(self.prediction.adata, out, overwrite=overwrite or confirmed,
-                                                  protect=self._input_paths())
-        except ComtipError as exc:
-            self._error(str(exc))
-            return None
-        except OSError as exc:
-            self._error(f"{exc.filename or out}: {exc.strerror or exc}")
-            return None
-        notify_info(f"wrote {written}")
-        return Path(written)
 
 
 __all__ = ["PredictWidget", "spots_from_points"]

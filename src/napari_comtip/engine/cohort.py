@@ -1,7 +1,7 @@
 """Cohort prediction: many samples, resumable, sharded over torchrun ranks.
 
 :func:`predict_cohort` runs the one-sample path of ``comtip predict``
-(:func:`engine.predict.predict_to_file`, which writes through ``io.writers``) for each
+(:func:`engine.predict_file.predict_to_file`, which writes through ``io.writers``) for each
 :class:`~napari_comtip.io.manifest.CohortItem`, so every output is what ``comtip predict`` would
 write for that sample alone. Around it:
 
@@ -171,7 +171,8 @@ def predict_cohort(
     """
     from ..constants import Default
     from .device import resolve_device
-    from .predict import get_checkpoint, predict_to_file, resolve_genes
+    from .predict_file import predict_to_file
+    from .predict_inputs import get_checkpoint, resolve_genes
 
     out_dir = Path(out_dir).expanduser()
     check_items(items, out_dir)

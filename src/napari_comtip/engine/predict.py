@@ -1,4 +1,4 @@
-"""One entry point for the three predictors, and the atomic writers of ``comtip predict``.
+"""One entry point for the three predictors: :func:`predict_sample`.
 
 :func:`predict_sample` embeds the spot patches of a sample (:func:`engine.inference.embed_sample`,
 cached) and turns the embeddings into predicted log-normalised expression with one of
@@ -22,22 +22,18 @@ with the reason in the provenance, for a stored probe that predates it; docs/mod
 (checkpoint path, digest and training provenance, predictor and its parameters, device actually
 used, batch size, patch size, package versions, time, sample source).
 
-:func:`predict_to_file` also writes it, atomically (temporary file + rename): an existing output
-is refused without ``overwrite=True``, and an input file is never written over.
+:func:`engine.predict_file.predict_to_file` also writes it, atomically. The checkpoint, genes
+and reference come from :mod:`engine.predict_inputs`, the provenance's helpers from
+:mod:`engine.provenance`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import difflib
-import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Sequence
-from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,228 +42,20 @@ import pandas as pd
 from ..constants import PREDICT_MODES, Default, Key
 from ..errors import InputError
 from ..progress import Cancel, Progress
-from ..io.export_csv import prediction_table  # noqa: F401 - the CSV table, exported from here too
-from ..io.writers import check_writable
+from .predict_inputs import (
+    as_samples, get_checkpoint, reference_data, resolve_genes, warn_if_other_species, warn_if_unreliable,
+)
+from .provenance import h5ad_safe, uncertainty_note, versions
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
 
     from ..io.record import SpatialSample
-    from ..model.checkpoint import Checkpoint
     from .inference import Embeddings
 
 log = logging.getLogger(__name__)
 
 _MODE_ALIASES = {"zero_shot": "zero-shot", "zeroshot": "zero-shot", "knn": "retrieval", "ridge": "probe"}
-
-
-# =========================================================================== checkpoints
-_CKPT_LOCK = threading.Lock()
-_CKPT_MEMO: dict[str, Any] = {}  # one loaded checkpoint, keyed by file identity
-
-
-def get_checkpoint(checkpoint: Any = None) -> "Checkpoint":
-    """The loaded :class:`~napari_comtip.model.checkpoint.Checkpoint` for None (the default
-    bundled one), a bundled name, a path, or a loaded one (returned as is).
-
-    The last checkpoint loaded from a file is kept in memory (keyed by path, size and mtime), so
-    repeated predictions from the widget do not reload it.
-    """
-    from ..io.cache import file_identity
-    from ..model.bundled import resolve_checkpoint
-    from ..model.checkpoint import Checkpoint, load_checkpoint
-
-    if isinstance(checkpoint, Checkpoint):
-        return checkpoint
-    path = resolve_checkpoint(checkpoint)
-    key = file_identity(path)
-    with _CKPT_LOCK:
-        if key not in _CKPT_MEMO:
-            loaded = load_checkpoint(path, map_location="cpu")
-            _CKPT_MEMO.clear()
-            _CKPT_MEMO[key] = loaded
-        return _CKPT_MEMO[key]
-
-
-# =========================================================================== genes
-def resolve_genes(genes: Sequence[str] | str | None, panel: Sequence[str], checkpoint_label: str = "the checkpoint",
-                  *, checkpoint_path: str | os.PathLike | None = None) -> list[int]:
-    """Panel indices of ``genes`` (all of the panel when None), in the requested order, deduplicated.
-
-    Symbols match case-insensitively. An unknown symbol raises :class:`InputError` naming the
-    closest panel symbols and, when ``checkpoint_path`` is given, the bundled checkpoint whose
-    panel has it (a checkpoint of another panel or species).
-    """
-    panel = [str(g) for g in panel]
-    if genes is None:
-        return list(range(len(panel)))
-    if isinstance(genes, str):
-        genes = [g.strip() for g in genes.split(",") if g.strip()]
-    if len(genes) == 0:
-        raise InputError("no gene given", hint="pass gene symbols, e.g. --genes ERBB2,KRT19, or omit --genes for the whole panel")
-    lookup = {g: i for i, g in enumerate(panel)}
-    upper = {}
-    for g, i in lookup.items():
-        upper.setdefault(g.upper(), i)
-    out: list[int] = []
-    for g in genes:
-        g = str(g).strip()
-        i = lookup.get(g, upper.get(g.upper()))
-        if i is None:
-            raise _gene_not_in_panel(g, panel, checkpoint_label, checkpoint_path)
-        if i not in out:
-            out.append(i)
-    return out
-
-
-def _gene_not_in_panel(gene: str, panel: list[str], label: str, path: str | os.PathLike | None) -> InputError:
-    """The one-line error for a gene outside the panel: close matches, and which bundled checkpoint has it."""
-    spelt = {p.upper(): p for p in reversed(panel)}
-    close = difflib.get_close_matches(gene, panel, n=5, cutoff=0.6) or \
-        [spelt[c] for c in difflib.get_close_matches(gene.upper(), list(spelt), n=5, cutoff=0.6)]
-    close_txt = f"; close matches: {', '.join(close)}" if close else ""
-    others, species = [], None
-    if path is not None:
-        from ..model.catalogue import bundled_with_gene, checkpoint_info
-
-        others = bundled_with_gene(gene, exclude=path)
-        species = checkpoint_info(path)["species"]
-    what = f"{len(panel)} {species} genes" if species else f"{len(panel)} genes"
-    if others:
-        name, symbol = others[0]
-        sp = checkpoint_info(name)["species"]
-        return InputError(f"gene '{gene}' is not in the gene panel of {label} ({what}){close_txt}; the bundled "
-                          f"checkpoint {name} ({sp}) has it as {symbol}",
-                          hint=f"pass --checkpoint {name} (the Predict widget: choose it under Checkpoint), "
-                               f"or run without --genes to predict the whole panel of {label}")
-    return InputError(f"gene '{gene}' is not in the gene panel of {label} ({what}){close_txt}",
-                      hint="run `comtip predict` without --genes to predict the whole panel; its var_names list "
-                           "every gene (`comtip checkpoints` lists the bundled checkpoints and their species)")
-
-
-# =========================================================================== references
-def _as_samples(reference, reference_samples, progress: Progress | None) -> list["SpatialSample"]:
-    """Load the reference dataset(s): a path (all its samples, or ``reference_samples``) or samples."""
-    from ..io.record import SpatialSample
-
-    if isinstance(reference, SpatialSample):
-        return [reference]
-    if isinstance(reference, (list, tuple)) and reference and all(isinstance(r, SpatialSample) for r in reference):
-        return list(reference)
-    from ..io import list_samples, load_sample
-
-    refs = list(reference) if isinstance(reference, (list, tuple)) else [reference]
-    out = []
-    for ref in refs:
-        names = list(reference_samples) if reference_samples else (list_samples(ref) or [None])
-        for name in names:
-            out.append(load_sample(ref, sample=name))
-    return out
-
-
-def _reference_data(refs: Sequence["SpatialSample"], model, panel: list[str], *, device, batch_size,
-                    features: bool, progress, cancel, context: str = "none") -> dict[str, Any]:
-    """Embeddings (and probe inputs: features in ``context``, per section) of every reference spot
-    plus their panel expression."""
-    from .context import context_features
-    from .data import panel_matrix
-    from .inference import embed_sample
-
-    embs, feats, exprs, names, centres, groups = [], [], [], [], [], []
-    for ref in refs:
-        if ref.expression is None:
-            raise InputError(f"reference sample '{ref.name}' has no measured expression",
-                             path=ref.provenance.get("root") or ref.provenance.get("image"),
-                             hint="a reference needs counts (e.g. a her2st section or a Space Ranger outs/ folder)")
-        e = embed_sample(ref, model, device=device, batch_size=batch_size, progress=progress, cancel=cancel,
-                         cache=True, features=features)
-        embs.append(np.asarray(e.image, dtype=np.float32))
-        if features:
-            feats.append(context_features(np.asarray(e.features, dtype=np.float32), ref.centers_rc(), context))
-        exprs.append(panel_matrix(ref.expression, panel, sample_name=ref.name,
-                                  min_shared=Default.MIN_SHARED_GENES))
-        names.append(ref.name)
-        centres.append(ref.centers_rc())
-        groups.append(np.full(ref.n_spots, len(names) - 1))
-    var_sets = [set(map(str, r.expression.var_names)) for r in refs]
-    missing = [g for g in panel if not any(g in s for s in var_sets)]
-    return {
-        "image_emb": np.concatenate(embs),
-        "features": np.concatenate(feats) if features else None,
-        "expr": np.concatenate(exprs).astype(np.float32),
-        "samples": names,
-        "centres": np.concatenate(centres),
-        "groups": np.concatenate(groups),
-        "missing_genes": missing,
-        "paths": [p for r in refs for p in r.provenance.get("inputs", [])],
-    }
-
-
-# =========================================================================== provenance
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("napari-comtip", "torch", "timm", "anndata", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:  # pragma: no cover
-            out[pkg] = "not installed"
-    return out
-
-
-def _h5ad_safe(obj: Any, depth: int = 0) -> Any:
-    """Make ``obj`` storable in ``uns`` of an .h5ad (no None, no mixed lists, no objects)."""
-    if depth > 6:
-        return json.dumps(obj, default=str)
-    if obj is None:
-        return ""
-    if isinstance(obj, (bool, int, float, str, np.integer, np.floating, np.bool_)):
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _h5ad_safe(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        if all(isinstance(v, str) for v in obj):
-            return [str(v) for v in obj] if obj else np.array([], dtype=str)
-        if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in obj):
-            return np.asarray(obj)
-        return json.dumps(obj, default=str)
-    if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf" and obj.size <= 4096:
-        return obj
-    return str(obj)
-
-
-def _warn_if_other_species(sample: "SpatialSample", ck: "Checkpoint") -> None:
-    """Warn when the sample's measured genes barely meet the checkpoint's panel but fit another
-    bundled checkpoint (a model of another species or tissue), naming that one."""
-    import warnings
-
-    from ..model.catalogue import better_bundled_for
-
-    if sample.expression is None:
-        return
-    b = better_bundled_for(sample.expression.var_names, ck.path)
-    if b is not None:
-        own = f"{ck.label} ({b['own_species']})" if b["own_species"] else ck.label
-        warnings.warn(f"sample '{sample.name}' measures only {b['own_shared']} of the {b['own_genes']} genes of {own} "
-                      f"but {b['shared']} of the {b['n_genes']} of the bundled {b['name']} ({b['species']}): "
-                      f"a model of another species or tissue? use --checkpoint {b['name']} "
-                      f"(the Predict widget: its Checkpoint list)", UserWarning, stacklevel=3)
-
-
-def _warn_if_unreliable(ck: "Checkpoint", mode: str) -> None:
-    """Warn when the checkpoint's own held-out evaluation (``extras["evaluation"]``, written by
-    its maintainers, see docs/model-card.md) says this predictor's output does not track the
-    measured expression (mean per-gene PCC <= 0 on held-out sections)."""
-    import warnings
-
-    ev = ck.evaluation
-    m = (ev.get("predictors") or {}).get(mode) or {}
-    r = m.get("pcc_hvg50")
-    if isinstance(r, (int, float)) and r <= 0:
-        warnings.warn(f"{mode} predictions of {ck.label} were not positively correlated with measured expression "
-                      f"on held-out sections (HVG-50 PCC {r:.2f}, {ev.get('protocol', 'see its model card')}); "
-                      f"use --mode probe for expression patterns", UserWarning, stacklevel=3)
 
 
 # =========================================================================== predict
@@ -326,7 +114,7 @@ def predict_sample(
 
         genes = symbols_for([g for g in genes.split(",") if g.strip()] if isinstance(genes, str) else genes,
                             sample.expression.var)
-    _warn_if_other_species(sample, ck)
+    warn_if_other_species(sample, ck)
     gene_idx = resolve_genes(genes, panel, ck_label, checkpoint_path=ck.path)
     gene_names = [panel[i] for i in gene_idx]
 
@@ -355,8 +143,8 @@ def predict_sample(
         context = stored
     context = check_context(context or Default.PROBE_CONTEXT)
     if reference is not None and mode != "zero-shot":
-        refs = _as_samples(reference, reference_samples, progress)
-        ref = _reference_data(refs, model, panel, device=dev, batch_size=batch_size, features=mode == "probe",
+        refs = as_samples(reference, reference_samples, progress)
+        ref = reference_data(refs, model, panel, device=dev, batch_size=batch_size, features=mode == "probe",
                               progress=progress, cancel=cancel, context=context)
         if ref["missing_genes"]:
             miss = [g for g in gene_names if g in set(ref["missing_genes"])]
@@ -412,7 +200,7 @@ def predict_sample(
         params = {"grid": int(model.config.zero_shot.grid),
                   "temperature": model.config.zero_shot.temperature or float(model.temperature())}
     if ref is None:  # the checkpoint's own bank / probe / text encoder: its stored evaluation applies
-        _warn_if_unreliable(ck, mode)
+        warn_if_unreliable(ck, mode)
 
     U: np.ndarray | None = np.empty((n, G), dtype=np.float32)
     chunk = int(Default.EMBED_CHUNK_SPOTS)
@@ -457,7 +245,7 @@ def predict_sample(
     prov: dict[str, Any] = {
         "predictor": mode,
         "params": params,
-        "uncertainty": _uncertainty_note(mode, params, probe, U is not None),
+        "uncertainty": uncertainty_note(mode, params, probe, U is not None),
         "genes_requested": "all" if genes is None else ",".join(gene_names),
         "checkpoint": ck_path,
         "checkpoint_name": ck.label,
@@ -480,100 +268,13 @@ def predict_sample(
                    "source": str(sample.provenance.get("root") or sample.provenance.get("image") or ""),
                    **({"grid": sample.provenance["grid"]} if "grid" in sample.provenance else {})},
         "inputs": inputs,
-        "versions": _versions(),
+        "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 3),
         "timings": {k2: float(v) for k2, v in (emb.timings or {}).items()},
     }
-    adata.uns[Key.PROVENANCE] = _h5ad_safe(prov)
+    adata.uns[Key.PROVENANCE] = h5ad_safe(prov)
     return adata
 
 
-def _uncertainty_note(mode: str, params: dict[str, Any], probe, available: bool) -> dict[str, Any]:
-    """What ``layers[Key.UNCERTAINTY]`` holds (the provenance's words for it)."""
-    note: dict[str, Any] = {"layer": Key.UNCERTAINTY if available else "",
-                            "units": "standard deviation, log-normalised expression (log1p of counts per 1e4)"}
-    if mode == "retrieval":
-        note["what"] = f"spread (standard deviation) of the {params.get('k')} retrieved neighbours' values around their mean"
-    elif mode == "zero-shot":
-        note["what"] = (f"spread (standard deviation) of the zero-shot softmax over the {params.get('grid')}-value grid "
-                        "(through the model's per-gene calibration line, when it has one)")
-    elif available:
-        rule = getattr(probe, "resid_rule", None) or "cross-validation"
-        s2 = (f"the gene's residual variance at the spot from a ridge of the log squared training residuals, its mean "
-              f"the held-out residual variance ({rule})" if getattr(probe, "var_weight", None) is not None
-              else f"the gene's held-out residual variance ({rule})")
-        note["what"] = f"the ridge probe's predictive standard deviation sqrt(s2_g (1 + 1/n + z' (Z'Z + alpha I)^-1 z)), s2_g = {s2}"
-    else:
-        note["what"] = ("not available: this probe was stored before probes kept their predictive spread; re-fit it "
-                        "(training/refit_probe.py) or pass --reference to fit one here")
-    return note
-
-
-def check_outputs(out: str | os.PathLike, csv: str | os.PathLike | None = None, overwrite: bool = False,
-                  protected: Sequence[str] = ()) -> None:
-    """Raise :class:`InputError` now if ``out``/``csv`` could not be written later (before slow work).
-
-    The same check as the writers' (:mod:`io.writers`), which run it again when they write.
-    """
-    from ..io.writers import _check_target, _protected_paths
-
-    guard = _protected_paths(None, protected)
-    out = _check_target(Path(out), overwrite, guard)
-    if out.suffix.lower() != ".h5ad":
-        raise InputError("the output must be an .h5ad file", path=out,
-                         hint="name it e.g. prediction.h5ad (use --csv for a table)")
-    if csv is not None:
-        csv_path = _check_target(Path(csv), overwrite, guard)
-        if csv_path.resolve() == out.resolve():
-            raise InputError("--csv and --out name the same file", path=csv_path, hint="give the CSV its own name")
-        check_writable(csv_path.parent)
-    check_writable(out.parent)  # a real probe file and some free space (io/writers.py)
-
-
-def predict_to_file(
-    sample: "SpatialSample | str | os.PathLike",
-    out: str | os.PathLike,
-    checkpoint: Any = None,
-    mode: str = Default.PREDICT_MODE,
-    genes: Sequence[str] | str | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    reference: Any = None,
-    reference_samples: Sequence[str] | None = None,
-    csv: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    cancel: Cancel | None = None,
-    embeddings: "Embeddings | None" = None,
-    **kwargs: Any,
-) -> "anndata.AnnData":
-    """:func:`predict_sample`, then write ``out`` (.h5ad) and optionally ``csv``, atomically.
-
-    The output paths are checked before any work: an existing file is refused without
-    ``overwrite`` and an input of the prediction (slide, counts, checkpoint, reference) is never
-    a valid output.
-    """
-    from ..io.writers import write_prediction
-    from ..model.bundled import resolve_checkpoint
-    from ..model.checkpoint import Checkpoint
-
-    if isinstance(sample, (str, os.PathLike)):
-        from ..io import load_sample
-
-        sample = load_sample(sample)
-    protected = [str(p) for p in sample.provenance.get("inputs", [])]
-    protected.append(str(checkpoint.path if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)))
-    check_outputs(out, csv, overwrite, protected)
-    csv_path = Path(csv).expanduser() if csv is not None else None
-
-    adata = predict_sample(sample, checkpoint=checkpoint, mode=mode, genes=genes, device=device,
-                           batch_size=batch_size, reference=reference, reference_samples=reference_samples,
-                           progress=progress, cancel=cancel, embeddings=embeddings, **kwargs)
-    prov_inputs = list(adata.uns[Key.PROVENANCE].get("inputs", []))
-    write_prediction(adata, out, csv_path, overwrite=overwrite, protect=prov_inputs)  # both or neither
-    return adata
-
-
-__all__ = ["predict_sample", "predict_to_file", "check_outputs", "resolve_genes", "get_checkpoint",
-           "prediction_table"]
+__all__ = ["predict_sample"]

@@ -9,7 +9,8 @@ overrides and dataset paths). The parts of a run live beside it:
   ``checkpoints/step-NNNNNNN.pt`` (resumable state), ``model.pt``;
 * ``engine/batches.py`` -- the seeded batches (augmentation, gene sentences);
 * ``engine/bank_probe.py`` -- the retrieval bank and probe stored in ``model.pt``;
-* ``engine/distributed.py`` -- torchrun's process group (DDP: gloo on CPU, nccl on GPU).
+* ``engine/distributed.py`` -- torchrun's process group (DDP: gloo on CPU, nccl on GPU);
+* ``engine/callbacks.py`` -- ``Callback`` (per step, per checkpoint, stop) and the progress bar.
 
 Determinism: every random draw of a step (batch order, augmentation, gene sentences, masks and
 PAAT permutations inside the model) is seeded from ``(seed, step, rank)``; a run killed after a
@@ -24,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -36,62 +36,10 @@ from ..progress import Cancel, Progress
 from . import run_folder as rf
 from .bank_probe import build_bank_and_probe, panel_rule_text, save_final
 from .batches import Augment, BatchSet, step_seed
+from .callbacks import Callback, FnCallback
 from .data import TrainingSet, build_training_set, load_training_samples, resolve_data_specs
 from .distributed import Dist, init_dist
 from .run_config import RunConfig, load_run_config, run_config_from_dict, save_run_config
-
-
-# --------------------------------------------------------------------------- callbacks
-class Callback:
-    """Override any of these; the pretrain widget and the CLI's progress bar are callbacks."""
-
-    def on_step(self, step: int, total: int, metrics: dict[str, float]) -> None:  # noqa: D401
-        pass
-
-    def on_checkpoint(self, path: Path) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
-class _FnCallback(Callback):
-    def __init__(self, progress=None, cancel=None):
-        self.progress, self.cancel = progress, cancel
-
-    def on_step(self, step, total, metrics):
-        if self.progress is not None:
-            self.progress(step, total, f"loss {metrics['loss']:.4f}")
-
-    def should_stop(self):
-        return bool(self.cancel is not None and self.cancel())
-
-
-class TqdmCallback(Callback):
-    """Terminal progress bar with the loss terms and the throughput."""
-
-    def __init__(self, initial: int = 0):
-        self.bar = None
-        self.initial = initial
-
-    def on_step(self, step, total, metrics):
-        from tqdm.auto import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, initial=step - 1, desc="pretrain", unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix_str(
-            f"loss {metrics['loss']:.3f} nce {metrics['infonce']:.3f} mfm {metrics['mfm']:.3f} "
-            f"paat {metrics['paat']:.3f} {metrics['samples_per_s']:.0f} spots/s", refresh=False)
-
-    def on_checkpoint(self, path):
-        if self.bar is not None:
-            self.bar.write(f"checkpoint {path}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 # --------------------------------------------------------------------------- model step
@@ -173,7 +121,7 @@ def pretrain(config: RunConfig | str | os.PathLike | dict, data_specs: Sequence,
     out = Path(out_dir)
     callbacks = list(callbacks)
     if progress is not None or cancel is not None:
-        callbacks.append(_FnCallback(progress, cancel))
+        callbacks.append(FnCallback(progress, cancel))
 
     dev = resolve_device(device)
     dist = init_dist(dev)
@@ -404,4 +352,4 @@ def pretrain_run(config: str | os.PathLike | None, data: Sequence[str], out_dir:
                     callbacks=callbacks, device=device)
 
 
-__all__ = ["Callback", "TqdmCallback", "pretrain", "pretrain_run"]
+__all__ = ["pretrain", "pretrain_run"]

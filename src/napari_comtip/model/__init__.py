@@ -14,11 +14,11 @@ from .checkpoint import (
     Bank,
     Checkpoint,
     StoredProbe,
-    checkpoint_digest,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
+from .checkpoint_file import checkpoint_digest
 from .comtip import CoMTIP, clip_loss
 from .config import MODEL_VERSION, ComtipConfig
 from .factory import build_model, embed_gene_names

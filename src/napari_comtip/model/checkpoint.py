@@ -23,13 +23,13 @@ so opening a checkpoint from someone else cannot run code. Layout (``FORMAT_VERS
 default bundled one, a bundled name, or a path) becomes a file, and the one place its existence is
 checked; every reader here goes through it. :func:`load_checkpoint` returns a :class:`Checkpoint` (model, panel,
 path, digest, :class:`Bank`, :class:`StoredProbe`, metadata). Files are written to a temporary
-file in the target folder and renamed (``os.replace``).
+file in the target folder and renamed (``os.replace``). The digest and the conversion to
+weights_only-safe primitives are in :mod:`model.checkpoint_file`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import pickle
 import zipfile
@@ -44,6 +44,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..io.writers import atomic_replace
 from .bundled import checkpoint_name, resolve_checkpoint
+from .checkpoint_file import checkpoint_digest, to_primitive, torch_save
 from .comtip import CoMTIP
 from .config import MODEL_VERSION, ComtipConfig
 
@@ -129,53 +130,12 @@ class Checkpoint:
         return (self.meta.get("extras") or {}).get("evaluation") or {}
 
 
-# ---------------------------------------------------------------------------- digest
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def checkpoint_digest(path: str | os.PathLike) -> str:
-    """First 16 hex digits of the file's SHA-256 (a cache key; memoised per path/size/mtime)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()[:16]
-    return _DIGESTS[key]
-
-
 # ---------------------------------------------------------------------------- save
-def _primitive(obj: Any, where: str) -> Any:
-    """Convert numpy to torch/python and refuse anything weights_only loading would reject."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind in "OUS":
-            return [_primitive(x, where) for x in obj.tolist()]
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {str(k): _primitive(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_primitive(v, where) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # e.g. engine.predictors.Probe
-        return _primitive(obj.to_dict(), where)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    raise TypeError(f"checkpoint entry {where} has type {type(obj).__name__}; store tensors, arrays and primitives only")
-
-
 def _bank_entry(bank: Any, n_genes: int, dim: int) -> dict:
     """Normalise a bank to {"emb" (M, D) fp16, "expr" (M, G) fp16, "ids" [str], other metadata}."""
     if isinstance(bank, Bank):
         bank = {"emb": bank.emb, "expr": bank.expr, "ids": bank.ids, **bank.meta}
-    bank = _primitive(dict(bank), "bank")
+    bank = to_primitive(dict(bank), "bank")
     emb, expr = bank.get("emb"), bank.get("expr")
     if not isinstance(emb, torch.Tensor) or not isinstance(expr, torch.Tensor):
         raise ValueError("extras['bank'] needs tensors 'emb' (M, D) and 'expr' (M, G)")
@@ -225,7 +185,7 @@ def save_checkpoint(
     from .. import __version__
 
     normalization = {"target_sum": float(cfg.target_sum), "log1p": bool(cfg.log1p)}
-    normalization.update(_primitive(extras.pop("normalization", {}) or {}, "normalization"))
+    normalization.update(to_primitive(extras.pop("normalization", {}) or {}, "normalization"))
     bank = extras.pop("bank", None)
     probe = extras.pop("probe", None)
     provenance = extras.pop("provenance", None)
@@ -243,20 +203,14 @@ def save_checkpoint(
         "patch_um": float(cfg.patch_um),
         "storage_dtype": "float16" if half else "float32",
         "state_dict": state,
-        "provenance": _primitive(provenance or {}, "provenance"),
+        "provenance": to_primitive(provenance or {}, "provenance"),
         "bank": None if bank is None else _bank_entry(bank, model.n_genes, model.embed_dim),
-        "probe": None if probe is None else _primitive(probe, "probe"),
-        "extras": _primitive(extras, "extras"),
+        "probe": None if probe is None else to_primitive(probe, "probe"),
+        "extras": to_primitive(extras, "extras"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_replace(path, lambda tmp: _torch_save(blob, tmp))  # a full disk: the old file stays, one OSError
+    atomic_replace(path, lambda tmp: torch_save(blob, tmp))  # a full disk: the old file stays, one OSError
     return path
-
-
-def _torch_save(blob: dict, tmp: str) -> None:
-    """``torch.save`` through a Python file: a full disk raises ``OSError(ENOSPC)``, not "unexpected pos"."""
-    with open(tmp, "wb") as fh:
-        torch.save(blob, fh)
 
 
 def _arch_dict(cfg: ComtipConfig) -> dict:
@@ -336,12 +290,12 @@ def update_checkpoint(path: str | os.PathLike, *, probe: dict | None = None, ext
     path = resolve_checkpoint(path)  # a bundled name is rewritten where it lies, never in the cwd
     blob = read_checkpoint(path)
     if probe is not None:
-        blob["probe"] = _primitive(probe, "probe")
+        blob["probe"] = to_primitive(probe, "probe")
     if extras:
-        blob["extras"] = dict(blob.get("extras") or {}, **_primitive(extras, "extras"))
+        blob["extras"] = dict(blob.get("extras") or {}, **to_primitive(extras, "extras"))
     prov = dict(blob.get("provenance") or {})
     updates = list(prov.get("updates") or [])
-    updates.append(_primitive(dict(note or {}, at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+    updates.append(to_primitive(dict(note or {}, at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
                               "note"))
     prov["updates"] = updates
     blob["provenance"] = prov
@@ -421,5 +375,5 @@ def _check_panel(path: Path, panel: list[str], expected: list[str]) -> None:
     )
 
 
-__all__ = ["Bank", "Checkpoint", "StoredProbe", "FORMAT_VERSION", "checkpoint_digest",
+__all__ = ["Bank", "Checkpoint", "StoredProbe", "FORMAT_VERSION",
            "load_checkpoint", "read_checkpoint", "save_checkpoint", "update_checkpoint"]
