@@ -33,7 +33,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from napari_comtip.io.image import decode_image  # noqa: E402
+from napari_comtip.io.decode import decode_image  # noqa: E402
 from napari_comtip.io.legacy_st import estimate_pitch_px, read_selection, sample_files  # noqa: E402
 
 SECTION = "C2"
