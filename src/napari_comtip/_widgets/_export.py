@@ -56,42 +56,36 @@ class PredictionExport:
 
     def export_h5ad(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
         """Write the prediction as ``.h5ad`` (same layout as ``comtip predict``)."""
-        target = self._target(path, "Export predictions", "AnnData (*.h5ad)", ".h5ad")
-        if target is None:
-            return None
         from ..io.writers import write_h5ad_atomic
 
+        def done(written) -> str:
+            adata = self.prediction.adata
+            return f"wrote {adata.n_obs} spots x {adata.n_vars} genes to {written}"
+
+        return self._export(path, overwrite, write_h5ad_atomic, "Export predictions", "AnnData (*.h5ad)", ".h5ad", done)
+
+    def export_csv(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
+        """Write the prediction as a CSV table (io/export_csv.py: units, provenance lines, uncertainty)."""
+        from ..io.writers import write_prediction_csv_atomic
+
+        return self._export(path, overwrite, write_prediction_csv_atomic, "Export predictions as CSV",
+                            "CSV table (*.csv)", ".csv", lambda written: f"wrote {written}")
+
+    def _export(self, path, overwrite: bool, write, title: str, file_filter: str, suffix: str, done) -> Path | None:
+        """Choose the target, write through ``write`` (atomic, inputs protected); errors as one line."""
+        target = self._target(path, title, file_filter, suffix)
+        if target is None:
+            return None
         out, confirmed = target
         try:
-            written = write_h5ad_atomic(self.prediction.adata, out, overwrite=overwrite or confirmed,
-                                        protect=self._input_paths())
+            written = write(self.prediction.adata, out, overwrite=overwrite or confirmed, protect=self._input_paths())
         except ComtipError as exc:
             self._error(str(exc))
             return None
         except OSError as exc:  # disk full, read-only folder: one line naming the file
             self._error(f"{exc.filename or out}: {exc.strerror or exc}")
             return None
-        notify_info(f"wrote {self.prediction.adata.n_obs} spots x {self.prediction.adata.n_vars} genes to {written}")
-        return Path(written)
-
-    def export_csv(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path | None:
-        """Write the prediction as a CSV table (io/export_csv.py: units, provenance lines, uncertainty)."""
-        target = self._target(path, "Export predictions as CSV", "CSV table (*.csv)", ".csv")
-        if target is None:
-            return None
-        from ..io.writers import write_prediction_csv_atomic
-
-        out, confirmed = target
-        try:
-            written = write_prediction_csv_atomic(self.prediction.adata, out, overwrite=overwrite or confirmed,
-                                                  protect=self._input_paths())
-        except ComtipError as exc:
-            self._error(str(exc))
-            return None
-        except OSError as exc:
-            self._error(f"{exc.filename or out}: {exc.strerror or exc}")
-            return None
-        notify_info(f"wrote {written}")
+        notify_info(done(written))
         return Path(written)
 
 
