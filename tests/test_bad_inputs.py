@@ -69,6 +69,14 @@ ROWS = [
 ]
 
 
+def _assert_one_line_failure(err: str, code, status: int, pattern: str) -> None:
+    """The exit status, no traceback, and the last stderr line matching ``pattern``."""
+    assert code == status, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.search(pattern, last), last
+
+
 @pytest.mark.parametrize("argv,status,pattern", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_bad_input(work, capsys, argv, status, pattern):
     subst = {"tiny": str(TINY_YAML), **{k: str(v) for k, v in work.items()}}
@@ -78,11 +86,7 @@ def test_bad_input(work, capsys, argv, status, pattern):
         code = main(argv)
     except SystemExit as exc:  # argparse refuses an option
         code = exc.code
-    err = capsys.readouterr().err
-    assert code == status, err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert re.search(pattern, last), last
+    _assert_one_line_failure(capsys.readouterr().err, code, status, pattern)
     assert _digest(work["data"]) == before, "an input changed"
     assert list(work["out"].iterdir()) == [], "output or temp left behind"
 
@@ -186,11 +190,7 @@ def test_bad_output_or_count(work, tmp_path, request, capsys, argv, status, patt
                 code = main(args)
             except SystemExit as exc:
                 code = exc.code
-        err = capsys.readouterr().err
-        assert code == status, err
-        assert "Traceback" not in err
-        last = err.strip().splitlines()[-1]
-        assert re.search(pattern, last), last
+        _assert_one_line_failure(capsys.readouterr().err, code, status, pattern)
         assert [_digest(d) for d in watched] == before, "an input changed"
         assert list(work["out"].iterdir()) == [], "output or temp left behind"
         for k in ("ro", "full"):

@@ -15,20 +15,13 @@ from napari_comtip.cli import main
 from napari_comtip.engine.run_config import load_run_config
 from napari_comtip.errors import ConfigError
 from napari_comtip.model import PRESETS, describe_presets, get_preset, preset_names
+from napari_comtip.model.checkpoint import _flat  # dotted keys, as the checkpoint's config diff uses them
 from napari_comtip.model.presets import preset_sections
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "src" / "napari_comtip"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "overrides":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def test_one_list_every_preset_resolves_and_says_what_it_is_for():
