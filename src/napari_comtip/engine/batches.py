@@ -151,6 +151,8 @@ class BatchSet(torch.utils.data.Dataset):
         else:
             imgs = torch.from_numpy(idx.astype(np.int64))
         expr = torch.from_numpy(np.asarray(self.ts.expr[idx]))
+        # the profile term's input: the log-normalised vector itself (empty when w_profile is off)
+        profile = expr.float() if self.cfg.model.w_profile > 0 else torch.zeros((0, expr.shape[1]))
         if self.cfg.model.text.value_transform == "spot_rank":
             expr = spot_rank(expr)
         dc = self.cfg.data
@@ -168,7 +170,7 @@ class BatchSet(torch.utils.data.Dataset):
             u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
             us = np.sort(u)
             extra = self.aug(torch.from_numpy(np.asarray(self.ts.unlabelled[us])), g)
-        return imgs, gene_idx, values, mask, extra
+        return imgs, gene_idx, values, mask, extra, profile
 
 
 __all__ = ["BatchSet", "Augment", "expressed_sentences", "step_seed", "generator"]

@@ -27,6 +27,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "comtip-lib": {"model.w_mfm": 0.0, "model.text.library_token": True},
     "comtip-rank": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank"},
     "comtip-rank-lib": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.text.library_token": True},
+    # the whole expression vector as a second text view beside the sentences (model.w_profile)
+    "comtip-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0},
     "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
     "comtip-zs-w3": {"model.w_mfm": 0.0, "data.expressed_weight": 3.0, "model.text.p_single": 0.3},
 }
@@ -47,6 +49,7 @@ ARM_TEXT = {
     "comtip-lib": "names+values, no MFM, library-size token in every sentence",
     "comtip-rank": "names+values, no MFM, values = within-spot ranks",
     "comtip-rank-lib": "names+values, no MFM, within-spot ranks and the library-size token",
+    "comtip-profile": "comtip-rank plus the profile term (the whole expression vector through the text branch's MLP)",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
     "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
 }

@@ -64,9 +64,10 @@ class _StepModule(torch.nn.Module):
         if self.training:
             self._captured.append(out.detach())
 
-    def forward(self, images, gene_idx, values, mask, extra_images=None, pooled: bool = False):
+    def forward(self, images, gene_idx, values, mask, extra_images=None, pooled: bool = False, profile=None):
         self._captured.clear()
-        out = dict(self.model(images, gene_idx, values, mask, pooled=pooled))
+        prof = profile if profile is not None and profile.shape[0] else None
+        out = dict(self.model(images, gene_idx, values, mask, pooled=pooled, profile=prof))
         if self._captured:
             out["img_emb"] = torch.nn.functional.normalize(self._captured[0].float(), dim=-1)
         self._captured.clear()
@@ -263,7 +264,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, sampler=sampler, num_workers=tc.num_workers,
             pin_memory=dev.type == "cuda", persistent_workers=False)
-        for imgs, gene_idx, values, mask, extra in loader:
+        for imgs, gene_idx, values, mask, extra, profile in loader:
             ts0 = time.time()
             if fcache is not None:  # imgs are spot indices: cached pooled features of their view
                 x, xe = fcache.features(imgs.numpy(), epoch), None
@@ -274,7 +275,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
             gene_idx, values, mask = gene_idx.to(dev), values.to(dev), mask.to(dev)
             torch.manual_seed(step_seed(tc.seed, step, dist.rank, 3))  # model-internal randomness
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outd = train_mod(x, gene_idx, values, mask, xe, pooled=fcache is not None)
+                outd = train_mod(x, gene_idx, values, mask, xe, pooled=fcache is not None, profile=profile.to(dev))
             loss = outd["loss"]
             bad = not bool(torch.isfinite(loss.detach()).item())
             if dist.any_true(bad):

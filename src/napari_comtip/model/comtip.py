@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .config import ComtipConfig
 from .foundation import fully_frozen
 from .sentences import permute_values, sample_gene_subsets, spot_rank
-from .text import GeneTextEncoder
+from .text import GeneTextEncoder, ProfileHead
 from .vision import MaskedViT, resolve_normalization
 
 
@@ -66,6 +66,9 @@ class CoMTIP(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.image_proj = nn.Linear(self.vision.feature_dim, config.embed_dim)
         self.text = GeneTextEncoder(config, g, name_embeddings)
+        t = config.text
+        self.profile_head = (ProfileHead(g, t.width, config.embed_dim, t.values_mlp_layers, t.dropout)
+                             if config.w_profile > 0 else None)
         init = math.log(1.0 / config.init_temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=config.learn_temperature)
         use_disc = config.w_paat > 0 and config.paat.discriminator and self.text.encodes_values
@@ -253,9 +256,11 @@ class CoMTIP(nn.Module):
         generator: torch.Generator | None = None,
         *,
         pooled: bool = False,
+        profile: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``pooled=True``: ``images`` are pooled ViT features (B, F) of a frozen ViT (the
-        frozen-feature cache, engine/feature_cache.py); the ViT and MFM are skipped."""
+        frozen-feature cache, engine/feature_cache.py); the ViT and MFM are skipped. ``profile``:
+        the spots' log-normalised expression (B, G) for the ``w_profile`` term (ignored when off)."""
         cfg = self.config
         mask = mask.bool()
         if self.training:
@@ -284,7 +289,11 @@ class CoMTIP(nn.Module):
             paat = paat_terms["paat_hard"] + paat_terms.get("paat_disc", zero) * cfg.paat.w_discriminator
             paat = paat + paat_terms.get("paat_adv", zero) * cfg.paat.w_adversarial
         out["paat"] = paat
-        out["loss"] = infonce + cfg.w_mfm * mfm + cfg.w_paat * paat
+        prof = zero
+        if self.profile_head is not None and profile is not None and profile.shape[0] == img.shape[0]:
+            prof = clip_loss(img, self.profile_head(profile), scale)
+        out["profile"] = prof
+        out["loss"] = infonce + cfg.w_mfm * mfm + cfg.w_paat * paat + cfg.w_profile * prof
         with torch.no_grad():
             logits = img @ txt.t()
             out["i2t_acc"] = (logits.argmax(1) == torch.arange(len(img), device=img.device)).float().mean()

@@ -136,6 +136,12 @@ class ComtipConfig:
     mask_ratio: float = 0.5  # fraction of patch tokens hidden from the masked branch
     w_mfm: float = 1.0  # weight of the MFM loss (0 = off: the masked branch is not run)
     w_paat: float = 0.5  # weight of the PAAT loss (0 = off)
+    # weight of the profile term (0 = off): a second InfoNCE between the image embedding and the
+    # spot's whole log-normalised expression vector through an MLP of the text branch (ProfileHead,
+    # model/text.py). Gene sentences of a few genes carry too little of the spot for the image
+    # side to learn from them alone (docs/results.md, "Round of 2026-12-03b"); the sentence term is
+    # unchanged and still carries names, values and zero-shot
+    w_profile: float = 0.0
     init_temperature: float = 0.07  # CLIP's initial temperature
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
     learn_temperature: bool = True
@@ -193,13 +199,15 @@ class ComtipConfig:
         _choice("text.value_transform", t.value_transform, VALUE_TRANSFORMS)
         if t.value_transform != "lognorm" and t.mode != "names+values":
             raise ConfigError(f"text.value_transform {t.value_transform!r} needs text.mode names+values, got {t.mode!r}")
+        if self.w_profile > 0 and t.mode != "names+values":
+            raise ConfigError(f"w_profile needs text.mode names+values (the values mode already reads the whole vector), got {t.mode!r}")
         if t.library_token and t.mode != "names+values":
             raise ConfigError(f"text.library_token needs text.mode names+values, got {t.mode!r}")
         if not 1 <= t.min_genes <= t.max_genes:
             raise ConfigError(f"need 1 <= text.min_genes <= text.max_genes, got {t.min_genes}, {t.max_genes}")
         if self.embed_dim < 1 or v.img_size < 8:
             raise ConfigError("embed_dim and vision.img_size must be positive (img_size >= 8)")
-        for name in ("w_mfm", "w_paat"):
+        for name in ("w_mfm", "w_paat", "w_profile"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.zero_shot.grid < 2:

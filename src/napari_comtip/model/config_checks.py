@@ -66,6 +66,7 @@ RANGES: dict[str, Range] = {
     "mask_ratio": Range(0.0, 1.0, lo_open=True, hi_open=True),
     "w_mfm": _ge(0),
     "w_paat": _ge(0),
+    "w_profile": _ge(0),
     "init_temperature": _gt(0),
     "max_logit_scale": _gt(0),
     "patch_um": _gt(0),

@@ -199,6 +199,30 @@ class AttentionPool(nn.Module):
         return self.attn(q, x, x, key_padding_mask=~mask, need_weights=False)[0][:, 0]
 
 
+# ---------------------------------------------------------------------------- profile head
+class ProfileHead(nn.Module):
+    """The spot's whole log-normalised expression vector (B, G) -> (B, embed_dim), L2-normalised.
+
+    The second text view of the ``w_profile`` term (``ComtipConfig.w_profile``): the same input
+    and MLP as the BLEEP-style ``values`` mode (values and a detected flag per gene), beside the
+    gene sentences of ``names+values``, so that every training spot is described to the image
+    side in full whatever its sentence drew."""
+
+    def __init__(self, n_genes: int, width: int, embed_dim: int, layers: int = 2, dropout: float = 0.0):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Linear(2 * int(n_genes), width)]
+        for _ in range(max(0, int(layers) - 1)):
+            mods += [nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width)]
+        self.mlp = nn.Sequential(*mods)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim)
+
+    def forward(self, expr: torch.Tensor) -> torch.Tensor:
+        x = expr.float()
+        x = torch.cat([x, (x > 0).to(x.dtype)], dim=1).to(self.proj.weight.dtype)
+        return F.normalize(self.proj(self.norm(self.mlp(x))), dim=-1)
+
+
 # ---------------------------------------------------------------------------- encoder
 class GeneTextEncoder(nn.Module):
     """(gene_idx (B, L) long, values (B, L) float, mask (B, L) bool) -> (B, embed_dim), L2-normalised."""
