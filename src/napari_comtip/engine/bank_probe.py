@@ -26,7 +26,7 @@ from .run_config import DataConfig, RunConfig
 @torch.no_grad()
 def embed_patches(model, patches: np.ndarray, device: torch.device, batch_size: int = 128,
                   features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """L2-normalised image embeddings (and pooled features) of uint8 patches, no augmentation."""
+    """L2-normalised image embeddings (and the probe's features) of uint8 patches, no augmentation."""
     model.eval()
     embs, feats = [], []
     for s in range(0, len(patches), batch_size):
@@ -34,7 +34,7 @@ def embed_patches(model, patches: np.ndarray, device: torch.device, batch_size: 
         x = model.preprocess(x)
         embs.append(model.encode_image(x).float().cpu())
         if features:
-            feats.append(model.image_features(x).float().cpu())
+            feats.append(model.probe_features(x).float().cpu())
     e = torch.cat(embs).numpy()
     f = torch.cat(feats).numpy() if features else None
     return e, f

@@ -10,6 +10,9 @@ This reproduces the floor of ``/work/shared/reference/peers.md`` (measured there
 * gradients: Sobel magnitude of the grey image, mean / std / 90th percentile, at full and at
   half resolution (6).
 
+(computed by :func:`napari_comtip.model.colour.colour_texture`, which the probe's optional
+colour features share).
+
 Features are standardised on the training spots; the ridge penalty is chosen by exact
 leave-one-out on the training spots only, from a fixed grid (the learned probe's rule). Its
 uncertainty is the learned probe's: the ridge's predictive standard deviation with each gene's
@@ -27,54 +30,17 @@ from .ridge_spread import loo_gene_mse, predictive_std, ridge_cov, variance_head
 ALPHAS = Default.PROBE_ALPHAS  # the probe's grid: the two differ only in their features
 
 
-def _rgb_to_hsv(x: np.ndarray) -> np.ndarray:
-    """(..., 3) float in [0, 1] -> HSV in [0, 1]."""
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    mx = x.max(-1)
-    mn = x.min(-1)
-    d = mx - mn
-    s = np.where(mx > 0, d / np.maximum(mx, 1e-8), 0.0)
-    dd = np.maximum(d, 1e-8)
-    h = np.where(mx == r, ((g - b) / dd) % 6, np.where(mx == g, (b - r) / dd + 2, (r - g) / dd + 4))
-    h = np.where(d > 0, h / 6.0, 0.0)
-    return np.stack([h, s, mx], -1)
-
-
-def _sobel_mag(grey: np.ndarray) -> np.ndarray:
-    """Sobel gradient magnitude of a (B, H, W) image (valid region)."""
-    g = grey
-    gx = (g[:, :-2, 2:] + 2 * g[:, 1:-1, 2:] + g[:, 2:, 2:]) - (g[:, :-2, :-2] + 2 * g[:, 1:-1, :-2] + g[:, 2:, :-2])
-    gy = (g[:, 2:, :-2] + 2 * g[:, 2:, 1:-1] + g[:, 2:, 2:]) - (g[:, :-2, :-2] + 2 * g[:, :-2, 1:-1] + g[:, :-2, 2:])
-    return np.sqrt(gx * gx + gy * gy)
-
-
 def colour_texture_features(patches: np.ndarray, batch: int = 128) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, 70) float32 features (see module docstring)."""
+    """(N, H, W, 3) uint8 -> (N, 70) float32 features (see the module docstring and
+    :mod:`napari_comtip.model.colour`, their one definition)."""
+    import torch
+
+    from ..model.colour import N_COLOUR_FEATURES, colour_texture
+
     patches = np.asarray(patches)
-    out = []
-    for s in range(0, len(patches), batch):
-        x = patches[s:s + batch].astype(np.float32) / 255.0
-        B = x.shape[0]
-        hsv = _rgb_to_hsv(x)
-        feats = [x.reshape(B, -1, 3).mean(1), x.reshape(B, -1, 3).std(1),
-                 hsv.reshape(B, -1, 3).mean(1), hsv.reshape(B, -1, 3).std(1)]
-        for arr in (x, hsv):
-            flat = arr.reshape(B, -1, 3)
-            for c in range(3):
-                idx = np.clip((flat[:, :, c] * 8).astype(np.int64), 0, 7)
-                h = np.zeros((B, 8), dtype=np.float32)
-                np.add.at(h, (np.repeat(np.arange(B), idx.shape[1]), idx.ravel()), 1.0)
-                feats.append(h / idx.shape[1])
-        v = hsv[..., 2].reshape(B, -1)
-        sat = hsv[..., 1].reshape(B, -1)
-        feats.append(np.stack([(v < 0.3).mean(1), (v < 0.45).mean(1), (v < 0.6).mean(1),
-                               ((v > 0.85) & (sat < 0.1)).mean(1)], 1))
-        grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        for g in (grey, grey[:, ::2, ::2]):
-            m = _sobel_mag(g).reshape(B, -1)
-            feats.append(np.stack([m.mean(1), m.std(1), np.percentile(m, 90, axis=1)], 1))
-        out.append(np.concatenate(feats, 1).astype(np.float32))
-    return np.concatenate(out, 0) if out else np.zeros((0, 70), np.float32)
+    out = [colour_texture(torch.from_numpy(np.ascontiguousarray(patches[s:s + batch])).float() / 255.0).numpy()
+           for s in range(0, len(patches), batch)]
+    return np.concatenate(out, 0).astype(np.float32) if out else np.zeros((0, N_COLOUR_FEATURES), np.float32)
 
 
 class RidgeFloor:

@@ -105,6 +105,7 @@ def embedding_signature(sample: "SpatialSample", model: torch.nn.Module, *, prec
         "weights_digest": weights_digest(model),
         "patch_um": model_patch_um(model),
         "img_size": model_img_size(model),
+        "features": str(getattr(model, "probe_feature_spec", "vit")),
         "pad_value": int(Default.PAD_VALUE),
         "precision": str(precision),
     }

@@ -51,7 +51,7 @@ class Encoder:
             both = getattr(self.model, "encode_image_and_features", None)
             if callable(both):  # one encoder pass for both outputs
                 return both(x)
-            return self.model.encode_image(x), self.model.image_features(x)
+            return self.model.encode_image(x), getattr(self.model, "probe_features", self.model.image_features)(x)
 
     def run(self, batch: torch.Tensor):
         """Encode ``batch`` (B, H, W, 3) uint8 on the host.

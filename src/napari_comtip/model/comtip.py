@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .config import ComtipConfig
 from .foundation import fully_frozen
 from .sentences import permute_values, sample_gene_subsets, spot_rank
+from .colour import N_COLOUR_FEATURES, colour_texture
 from .text import GeneTextEncoder, ProfileHead
 from .vision import MaskedViT, resolve_normalization
 
@@ -153,8 +154,24 @@ class CoMTIP(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-projection ViT features (B, F), for the probe predictor."""
+        """Pooled pre-projection ViT features (B, F) (what the projection reads)."""
         return self.vision(x)
+
+    def probe_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The probe's input (B, F'): the pooled ViT features, followed by the colour-texture
+        statistics of the input patch when ``vision.colour_features`` (model/colour.py)."""
+        return self._with_colour(x, self.vision(x))
+
+    @property
+    def probe_feature_spec(self) -> str:
+        """What :meth:`probe_features` returns, for the embedding cache's signature."""
+        return f"vit-{self.config.vision.pool}" + (f"+colour{N_COLOUR_FEATURES}" if self.config.vision.colour_features else "")
+
+    def _with_colour(self, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        if not self.config.vision.colour_features:
+            return feats
+        rgb = ((x.float() * self.pixel_std + self.pixel_mean) / 255.0).clamp(0.0, 1.0)  # undo preprocess
+        return torch.cat([feats.float(), colour_texture(rgb.permute(0, 2, 3, 1))], 1)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embedding in the shared space (B, D)."""
@@ -163,7 +180,7 @@ class CoMTIP(nn.Module):
     def encode_image_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both at the cost of one ViT pass: ((B, D) embedding, (B, F) features)."""
         feats = self.vision(x)
-        return F.normalize(self.image_proj(feats), dim=-1), feats
+        return F.normalize(self.image_proj(feats), dim=-1), self._with_colour(x, feats)
 
     # ------------------------------------------------------------------ genes
     def encode_genes(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

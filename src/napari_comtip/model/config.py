@@ -49,6 +49,10 @@ class VisionConfig:
     # bring-your-own foundation model (docs/foundation-models.md)
     freeze: Any = False  # true: the ViT is fixed (only heads + text train); false; N: train the last N blocks
     licence: str | None = None  # the backbone's licence terms, recorded in checkpoints and model cards
+    # morphology prior of the probe: append the 70 colour-texture statistics of the encoder's own
+    # input patch (model/colour.py, the floor's features) to the pooled features the probe and the
+    # embedding cache read; training, the embedding and zero-shot are unchanged (docs/model.md)
+    colour_features: bool = False
 
 
 @dataclass
