@@ -45,7 +45,7 @@ import numpy as np
 
 from ..constants import PREDICT_MODES
 from ..errors import ConfigError, InputError
-from .loso_arms import ARMS, LEARNED_MODES, arm_overrides
+from .loso_arms import ARMS, LEARNED_MODES, arm_overrides, is_untrained
 from .loso_table import RESULT_FILE
 from .run_config import with_overrides
 
@@ -198,7 +198,7 @@ def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, 
     from .predict import predict_sample
 
     out: dict[str, dict[str, Any]] = {}
-    if cfg.model.text.mode == "names" or arm == "untrained":  # zero-shot is undefined / meaningless there
+    if cfg.model.text.mode == "names" or is_untrained(arm):  # zero-shot is undefined / meaningless there
         modes = [m for m in modes if m != "zero-shot"]
     for mode in modes:
         t1 = time.time()
@@ -238,7 +238,7 @@ def run_model_fold(arm: str, cfg, fold_dir: Path, train_ts, train_samples, test_
     ckpt = fold_dir / "run" / "model.pt"
     train_s = None
     if not ckpt.exists():
-        if arm == "untrained":
+        if is_untrained(arm):
             save_untrained(cfg, train_ts, ckpt, device=device)
         else:
             ckpt = pretrain(cfg, [], fold_dir / "run", overwrite=True, max_steps=max_steps, device=device,

@@ -11,6 +11,7 @@ from ..errors import ConfigError
 ARMS: dict[str, dict[str, Any]] = {
     "ridge": {},
     "untrained": {},  # the config's architecture with random weights: no training step (save_untrained)
+    "untrained-colour": {"model.vision.colour_features": True},  # ... with the probe's colour statistics
     "comtip": {},
     "comtip-nomfm": {"model.w_mfm": 0.0},
     "comtip-nopaat": {"model.w_paat": 0.0},
@@ -43,6 +44,7 @@ ARMS: dict[str, dict[str, Any]] = {
 ARM_TEXT = {
     "ridge": "colour-texture features + ridge (floor)",
     "untrained": "the recipe's architecture with random weights, same probe rule (control)",
+    "untrained-colour": "the untrained control, its probe also reading the patch's colour-texture statistics",
     "comtip": "CoMTIP: names+values, MFM, PAAT",
     "comtip-nomfm": "names+values, PAAT, no MFM",
     "comtip-nopaat": "names+values, MFM, no PAAT",
@@ -73,10 +75,15 @@ LEARNED_MODES = ("retrieval", "probe-raw", "probe", "floor+probe", "zero-shot")
 MODE_ORDER = FLOOR_MODES + LEARNED_MODES
 
 
+def is_untrained(arm: str) -> bool:
+    """An arm without a training step (random weights; see engine/loso.py save_untrained)."""
+    return arm == "untrained" or arm.startswith("untrained-")
+
+
 def arm_overrides(arm: str) -> dict[str, Any]:
     if arm not in ARMS:
         raise ConfigError(f"unknown arm {arm!r}", hint=f"choose from {', '.join(ARMS)}")
     return dict(ARMS[arm])
 
 
-__all__ = ["ARMS", "ARM_TEXT", "FLOOR_MODES", "LEARNED_MODES", "MODE_ORDER", "arm_overrides"]
+__all__ = ["ARMS", "ARM_TEXT", "is_untrained", "FLOOR_MODES", "LEARNED_MODES", "MODE_ORDER", "arm_overrides"]
