@@ -45,10 +45,21 @@ def test_tiny_is_the_recipe_of_the_bundled_checkpoint():
     assert differ == {"training.threads": (1, 0)}, differ  # the bundled run was given --set training.threads=1
 
 
-def test_loso_preset_is_tiny_with_its_three_switches():
+def test_loso_preset_is_tiny_with_its_five_switches():
     tiny, loso = _flat(load_run_config(None, preset="tiny").to_dict()), _flat(load_run_config(None, preset="loso").to_dict())
     assert {k for k in tiny if tiny[k] != loso[k]} == {"preset", "model.w_mfm", "model.text.value_transform",
+                                                        "model.w_profile", "model.vision.colour_features",
                                                         "training.threads"}
+
+
+def test_the_shipped_arm_is_exactly_tiny():
+    """comtip-profile-colour (docs/results.md) on the loso base is the tiny preset."""
+    from napari_comtip.engine.loso_arms import arm_overrides
+    from napari_comtip.engine.run_config import with_overrides
+
+    tiny = _flat(load_run_config(None, preset="tiny").to_dict())
+    arm = _flat(with_overrides(load_run_config(None, preset="loso"), arm_overrides("comtip-profile-colour")).to_dict())
+    assert {k for k in tiny if tiny[k] != arm[k]} == {"preset", "training.threads"}
 
 
 def test_training_configs_are_thin_and_do_not_repeat_their_preset():
