@@ -59,7 +59,7 @@ def _direct(model, sample, idx, features=False):
     with torch.inference_mode():
         x = model.preprocess(torch.from_numpy(patches))
         if features:
-            return model.image_features(x).numpy()
+            return model.probe_features(x).numpy()
         return model.encode_image(x).numpy()
 
 
@@ -88,7 +88,9 @@ def test_embeddings_equal_the_model_on_each_patch(tiny_model):
     emb = embed_sample(s, tiny_model, device="cpu", batch_size=8, cache=False, features=True)
     assert isinstance(emb, Embeddings)
     assert emb.image.shape == (19, tiny_model.embed_dim) and emb.image.dtype == np.float32
-    assert emb.features.shape == (19, tiny_model.feature_dim) and emb.features.dtype == np.float32
+    # the probe's features: the pooled ViT features, then the colour statistics (tiny: vision.colour_features)
+    n_colour = 70 if tiny_model.config.vision.colour_features else 0
+    assert emb.features.shape == (19, tiny_model.feature_dim + n_colour) and emb.features.dtype == np.float32
     assert np.allclose(np.linalg.norm(emb.image, axis=1), 1.0, atol=1e-5)
     idx = [0, 7, 8, 16, 18]  # batch boundaries and the short last batch
     np.testing.assert_allclose(emb.image[idx], _direct(tiny_model, s, idx), atol=2e-5)
