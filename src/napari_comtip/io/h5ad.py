@@ -163,6 +163,7 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
     else:
         order = [k for k in ("hires", "lowres") if k in images] + [k for k in images if k not in ("hires", "lowres")]
         chosen = None
+        blank: list[str] = []
         for key in order:
             arr = np.asarray(images[key])
             if arr.ndim not in (2, 3) or min(arr.shape[:2]) == 0:
@@ -175,15 +176,17 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
                 raise InputError(f"scale factor tissue_{key}_scalef = {s} is not a positive number", path=path,
                                  hint=f"fix uns['spatial']['{lib_id}']['scalefactors'] or pass --slide")
             if is_blank(arr):
-                msg = f"the stored '{key}' image is blank (one flat colour); using the next image instead"
-                warnings.warn(msg, stacklevel=2)
-                provenance.setdefault("warnings", []).append(msg)
+                blank.append(key)
                 continue
             chosen = (key, to_rgb_uint8(arr), s)
             break
-        if chosen is None:
+        if chosen is None:  # one line: no warning about a blank image before it
             raise InputError("no usable image in uns['spatial'] and no slide given", path=path,
                              hint="pass the full-resolution slide with --slide")
+        for k in blank:  # warned only when the next image was used instead
+            msg = f"the stored '{k}' image is blank (one flat colour); using the next image instead"
+            warnings.warn(msg, stacklevel=2)
+            provenance.setdefault("warnings", []).append(msg)
         key, arr, s = chosen
         from .visium import scaled_image
 

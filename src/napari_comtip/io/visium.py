@@ -219,6 +219,7 @@ def read_visium(path: str | os.PathLike, sample: str | None = None, slide: str |
     else:
         slide_mpp = None
         chosen = None
+        blank: list[str] = []
         for key, fname in (("hires", "tissue_hires_image.png"), ("lowres", "tissue_lowres_image.png")):
             f = spatial / fname
             if not f.is_file():
@@ -229,15 +230,17 @@ def read_visium(path: str | os.PathLike, sample: str | None = None, slide: str |
                                  hint="re-export spatial/scalefactors_json.json")
             arr = decode_image(f)
             if is_blank(arr):
-                msg = f"{fname} is blank (one flat colour); using the next image instead"
-                warnings.warn(msg, stacklevel=2)
-                provenance.setdefault("warnings", []).append(msg)
+                blank.append(fname)
                 continue
             chosen = (key, f, arr, scalef)
             break
-        if chosen is None:
+        if chosen is None:  # one line: no warning about the blank image before it
             raise InputError("no usable tissue image (hires/lowres missing or blank)", path=spatial,
                              hint="pass the full-resolution slide with --slide")
+        for fname in blank:  # warned only when the next image was used instead
+            msg = f"{fname} is blank (one flat colour); using the next image instead"
+            warnings.warn(msg, stacklevel=2)
+            provenance.setdefault("warnings", []).append(msg)
         key, image_path, arr, scalef = chosen
         _check_scalef_ratio(spatial, sf, sf_file)
         from .cache import file_identity
