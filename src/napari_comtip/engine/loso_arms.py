@@ -34,6 +34,9 @@ ARMS: dict[str, dict[str, Any]] = {
     # flag changes no training step: scripts/derive_fold_arm.py derives its folds from comtip-profile's)
     "comtip-profile-colour": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
                               "model.vision.colour_features": True},
+    # ... with the profile term at 0.3 (less pull towards the training patients' expression)
+    "comtip-profile-w03": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 0.3,
+                           "model.vision.colour_features": True},
     # ... with three times the stain and colour jitter (against the patient's stain, the cross-patient fold)
     "comtip-profile-stain": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
                              "data.hed_sigma": 0.15, "data.hed_bias": 0.05, "data.brightness": 0.3,
@@ -61,6 +64,7 @@ ARM_TEXT = {
     "comtip-rank-lib": "names+values, no MFM, within-spot ranks and the library-size token",
     "comtip-profile": "comtip-rank plus the profile term (the whole expression vector through the text branch's MLP)",
     "comtip-profile-colour": "comtip-profile, the probe also reading the patch's colour-texture statistics",
+    "comtip-profile-w03": "comtip-profile-colour with the profile term at weight 0.3",
     "comtip-profile-stain": "comtip-profile with three times the stain (HED) and colour jitter",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
     "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
