@@ -28,6 +28,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "comtip-lib": {"model.w_mfm": 0.0, "model.text.library_token": True},
     "comtip-rank": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank"},
     "comtip-rank-lib": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.text.library_token": True},
+    "comtip-rank-colour": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
+                           "model.vision.colour_features": True},  # derived from comtip-rank's folds
     # the whole expression vector as a second text view beside the sentences (model.w_profile)
     "comtip-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0},
     # ... with the colour-texture statistics of the input patch beside the probe's ViT features (the
@@ -62,6 +64,7 @@ ARM_TEXT = {
     "comtip-lib": "names+values, no MFM, library-size token in every sentence",
     "comtip-rank": "names+values, no MFM, values = within-spot ranks",
     "comtip-rank-lib": "names+values, no MFM, within-spot ranks and the library-size token",
+    "comtip-rank-colour": "comtip-rank, the probe also reading the patch's colour-texture statistics",
     "comtip-profile": "comtip-rank plus the profile term (the whole expression vector through the text branch's MLP)",
     "comtip-profile-colour": "comtip-profile, the probe also reading the patch's colour-texture statistics",
     "comtip-profile-w03": "comtip-profile-colour with the profile term at weight 0.3",
