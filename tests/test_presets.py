@@ -48,17 +48,17 @@ def test_tiny_is_the_recipe_of_the_bundled_checkpoint():
 def test_loso_preset_is_tiny_with_its_five_switches():
     tiny, loso = _flat(load_run_config(None, preset="tiny").to_dict()), _flat(load_run_config(None, preset="loso").to_dict())
     assert {k for k in tiny if tiny[k] != loso[k]} == {"preset", "model.w_mfm", "model.text.value_transform",
-                                                        "model.w_profile", "model.vision.colour_features",
+                                                        "model.vision.colour_features",
                                                         "training.threads"}
 
 
 def test_the_shipped_arm_is_exactly_tiny():
-    """comtip-profile-colour (docs/results.md) on the loso base is the tiny preset."""
+    """comtip-rank-colour (docs/results.md) on the loso base is the tiny preset."""
     from napari_comtip.engine.loso_arms import arm_overrides
     from napari_comtip.engine.run_config import with_overrides
 
     tiny = _flat(load_run_config(None, preset="tiny").to_dict())
-    arm = _flat(with_overrides(load_run_config(None, preset="loso"), arm_overrides("comtip-profile-colour")).to_dict())
+    arm = _flat(with_overrides(load_run_config(None, preset="loso"), arm_overrides("comtip-rank-colour")).to_dict())
     assert {k for k in tiny if tiny[k] != arm[k]} == {"preset", "training.threads"}
 
 
