@@ -116,3 +116,31 @@ def test_train_cancel_resume_and_use_in_predict(make_napari_viewer, qtbot, tmp_p
     widget.grab().save(str(artefact_dir / "pretrain-widget.png"))
     predict = widget.use_in_predict()
     assert predict.checkpoint() == str(out / "model.pt")
+
+
+def test_a_redraw_of_a_deleted_loss_plot_is_silent(qtbot, monkeypatch, capsys):
+    """matplotlib's queued redraw prints any exception of draw(); a canvas that Qt deleted in
+    between must not print a 'has been deleted' traceback, and other errors still surface."""
+    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+
+    from napari_comtip._widgets._loss_plot import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.update_rows([{"step": 1, "loss": 4.0, "infonce": 4.0}])
+
+    def deleted(self):
+        raise RuntimeError("wrapped C/C++ object of type LossPlot has been deleted")
+
+    monkeypatch.setattr(FigureCanvasQTAgg, "draw", deleted)
+    plot.draw()  # silent
+    plot._draw_pending = True
+    plot._draw_idle()  # the queued path: nothing printed
+    assert "Traceback" not in capsys.readouterr().err
+
+    def other(self):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(FigureCanvasQTAgg, "draw", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        plot.draw()

@@ -70,6 +70,16 @@ class LossPlot(FigureCanvasQTAgg):
             if "has been deleted" not in str(exc):
                 raise
 
+    def draw(self) -> None:
+        # the same race one level down: matplotlib's _draw_idle calls draw() inside its own
+        # try/except that prints any exception, so a canvas deleted after the size check would
+        # still print the traceback from draw()'s final update()
+        try:
+            super().draw()
+        except RuntimeError as exc:
+            if "has been deleted" not in str(exc):
+                raise
+
     def series(self, key: str) -> list[float]:
         return list(self.lines[key].get_ydata())
 
