@@ -106,15 +106,17 @@ def main(argv=None) -> int:
 
         like.training.batch_size = B
         for k in range(warm + steps):
-            imgs, gi, v, m, _ = BatchSet(ts, like, k // spe, spe, Dist(), Augment(like.data))[k % spe]
-            batches.append((model.preprocess(imgs.to(dev)), gi.to(dev), v.to(dev), m.to(dev)))
+            imgs, gi, v, m, _, prof = BatchSet(ts, like, k // spe, spe, Dist(), Augment(like.data))[k % spe]
+            batches.append((model.preprocess(imgs.to(dev)), gi.to(dev), v.to(dev), m.to(dev),
+                            prof.to(dev) if prof.shape[0] else None))  # the profile term's input, as pretrain
         source = "the trainer's own batches"
     except (ImportError, TypeError, AttributeError):
         x = model.preprocess(torch.from_numpy(np.asarray(ts.patches[:B])).to(dev))
         expr = torch.from_numpy(np.asarray(ts.expr[:B]))
         for k in range(warm + steps):
             g = torch.Generator().manual_seed(1000 + k)
-            batches.append((x, *(t.to(dev) for t in model.sample_text(expr, generator=g))))
+            batches.append((x, *(t.to(dev) for t in model.sample_text(expr, generator=g)),
+                            expr.to(dev) if cfg.model.w_profile > 0 else None))
         source = "fixed images, sampled sentences"
     use_bf16 = dev.type == "cuda"
 
@@ -122,9 +124,9 @@ def main(argv=None) -> int:
         it = iter(batches)
 
         def one():
-            x, gi, v, m = next(it)
+            x, gi, v, m, prof = next(it)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(x, gi, v, m)["loss"]
+                loss = model(x, gi, v, m, profile=prof)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
