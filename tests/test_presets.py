@@ -45,7 +45,7 @@ def test_tiny_is_the_recipe_of_the_bundled_checkpoint():
     assert differ == {"training.threads": (1, 0)}, differ  # the bundled run was given --set training.threads=1
 
 
-def test_loso_preset_is_tiny_with_its_five_switches():
+def test_loso_preset_is_tiny_with_its_four_switches():
     tiny, loso = _flat(load_run_config(None, preset="tiny").to_dict()), _flat(load_run_config(None, preset="loso").to_dict())
     assert {k for k in tiny if tiny[k] != loso[k]} == {"preset", "model.w_mfm", "model.text.value_transform",
                                                         "model.vision.colour_features",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -31,6 +32,16 @@ def read_metrics_rows(path: str | os.PathLike) -> list[dict[str, float]]:
         except ValueError:
             continue
     return rows
+
+
+@contextlib.contextmanager
+def _silent_if_deleted():
+    """Swallow Qt's "wrapped C/C++ object ... has been deleted" RuntimeError, re-raise any other."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "has been deleted" not in str(exc):
+            raise
 
 
 class LossPlot(FigureCanvasQTAgg):
@@ -64,21 +75,15 @@ class LossPlot(FigureCanvasQTAgg):
         # matplotlib queues this redraw on a zero-delay Qt timer; when the Pretrain dock closes
         # in between, Qt has already deleted the canvas and the queued call would print a
         # "wrapped C/C++ object ... has been deleted" traceback. Nothing is left to draw then.
-        try:
+        with _silent_if_deleted():
             super()._draw_idle()
-        except RuntimeError as exc:
-            if "has been deleted" not in str(exc):
-                raise
 
     def draw(self) -> None:
         # the same race one level down: matplotlib's _draw_idle calls draw() inside its own
         # try/except that prints any exception, so a canvas deleted after the size check would
         # still print the traceback from draw()'s final update()
-        try:
+        with _silent_if_deleted():
             super().draw()
-        except RuntimeError as exc:
-            if "has been deleted" not in str(exc):
-                raise
 
     def series(self, key: str) -> list[float]:
         return list(self.lines[key].get_ydata())

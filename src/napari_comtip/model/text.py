@@ -199,6 +199,18 @@ class AttentionPool(nn.Module):
         return self.attn(q, x, x, key_padding_mask=~mask, need_weights=False)[0][:, 0]
 
 
+# ---------------------------------------------------------------------------- expression MLP
+def expression_mlp_layers(n_genes: int, width: int, layers: int, dropout: float) -> list[nn.Module]:
+    """The layers that read a whole expression vector (values and a detected flag per gene, 2 G
+    inputs): Linear(2 G, width), then ``layers - 1`` x (GELU, Dropout, Linear(width, width)).
+    The ``values`` mode and :class:`ProfileHead` build theirs here (their state-dict keys follow
+    the list's order)."""
+    mods: list[nn.Module] = [nn.Linear(2 * int(n_genes), width)]
+    for _ in range(max(0, int(layers) - 1)):
+        mods += [nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width)]
+    return mods
+
+
 # ---------------------------------------------------------------------------- profile head
 class ProfileHead(nn.Module):
     """The spot's whole log-normalised expression vector (B, G) -> (B, embed_dim), L2-normalised.
@@ -210,10 +222,7 @@ class ProfileHead(nn.Module):
 
     def __init__(self, n_genes: int, width: int, embed_dim: int, layers: int = 2, dropout: float = 0.0):
         super().__init__()
-        mods: list[nn.Module] = [nn.Linear(2 * int(n_genes), width)]
-        for _ in range(max(0, int(layers) - 1)):
-            mods += [nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width)]
-        self.mlp = nn.Sequential(*mods)
+        self.mlp = nn.Sequential(*expression_mlp_layers(n_genes, width, layers, dropout))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim)
 
@@ -237,9 +246,7 @@ class GeneTextEncoder(nn.Module):
         w = t.width
         self.width = w
         if self.mode == "values":
-            layers: list[nn.Module] = [nn.Linear(2 * self.n_genes, w)]
-            for _ in range(max(0, t.values_mlp_layers - 1)):
-                layers += [nn.GELU(), nn.Dropout(t.dropout), nn.Linear(w, w)]
+            layers = expression_mlp_layers(self.n_genes, w, t.values_mlp_layers, t.dropout)
             self.values_in = layers[0]
             self.values_mlp = nn.Sequential(*layers[1:]) if len(layers) > 1 else nn.Identity()
         else:
