@@ -43,6 +43,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "comtip-profile-stain": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
                              "data.hed_sigma": 0.15, "data.hed_bias": 0.05, "data.brightness": 0.3,
                              "data.contrast": 0.3, "data.saturation": 0.3},
+    # gene tokens that do not attend to each other (DeepSets: a sentence is the mean of per-gene
+    # terms, so zero-shot's one-gene sentences read the terms training sentences are made of), and
+    # sentences of up to 256 genes (their cost is now linear in length); probe with colour statistics
+    "comtip-tokenwise": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.text.token_mixing": False,
+                         "model.text.pool": "mean", "model.text.max_genes": 256, "model.vision.colour_features": True},
     "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
     "comtip-zs-w3": {"model.w_mfm": 0.0, "data.expressed_weight": 3.0, "model.text.p_single": 0.3},
 }
@@ -69,6 +74,7 @@ ARM_TEXT = {
     "comtip-profile-colour": "comtip-profile, the probe also reading the patch's colour-texture statistics",
     "comtip-profile-w03": "comtip-profile-colour with the profile term at weight 0.3",
     "comtip-profile-stain": "comtip-profile with three times the stain (HED) and colour jitter",
+    "comtip-tokenwise": "comtip-rank-colour with gene tokens that do not attend to each other (mean of per-gene terms) and sentences of up to 256 genes",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
     "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
 }

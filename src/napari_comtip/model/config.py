@@ -86,6 +86,11 @@ class TextConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     pool: str = "attention"  # "attention" (learned query) or "mean" over valid tokens
+    # True: a sentence's gene tokens attend to each other (a set transformer). False: each token
+    # passes the blocks on its own (DeepSets): a sentence is the pool of per-gene terms, so the
+    # one-gene sentences of zero-shot read exactly the terms a long training sentence is made of
+    # and sentences can be long at a cost linear in their length (docs/model.md)
+    token_mixing: bool = True
     top_k: int = 50  # "names" mode: the k most expressed genes make the sentence (OmiCLIP)
     min_genes: int = 1  # training gene subsets: size drawn log-uniformly in [min_genes, max_genes]
     max_genes: int = 64

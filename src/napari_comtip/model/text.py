@@ -286,6 +286,7 @@ class GeneTextEncoder(nn.Module):
             )
             self.blocks = nn.TransformerEncoder(layer, num_layers=t.depth, enable_nested_tensor=False)
             self.pool_type = t.pool
+            self.token_mixing = bool(t.token_mixing)
             self.pool = AttentionPool(w, t.heads) if t.pool == "attention" else None
         self.norm = nn.LayerNorm(w)
         self.proj = nn.Linear(w, cfg.embed_dim)
@@ -359,7 +360,11 @@ class GeneTextEncoder(nn.Module):
             x = self.combine(torch.cat([ident, vpart], dim=-1) if vpart is not None else ident)
         else:
             x = ident if vpart is None else ident + vpart
-        x = self.blocks(x, src_key_padding_mask=~mask)
+        if self.token_mixing:
+            x = self.blocks(x, src_key_padding_mask=~mask)
+        else:  # every token on its own: (B L, 1, W) through the blocks, cost linear in L
+            b, n, w = x.shape
+            x = self.blocks(x.reshape(b * n, 1, w)).reshape(b, n, w)
         if self.pool is not None:
             h = self.pool(x, mask)
         else:
