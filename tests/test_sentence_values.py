@@ -97,3 +97,54 @@ def test_spot_rank_training_calibrates_zero_shot_to_lognorm(tmp_path):
     np.testing.assert_allclose((a + b * ranks).mean(0), ts.expr.mean(0), atol=2e-2)  # fp16 storage
     pred = zero_shot(m, torch.randn(4, m.embed_dim), [0, 1, 2])
     assert pred.shape == (4, 3) and np.isfinite(pred).all()
+
+
+def test_gene_z_standardises_per_gene_and_leaves_the_library_token():
+    from napari_comtip.constants import Default
+    from napari_comtip.model.sentences import gene_z, gene_z_stats
+
+    x = torch.tensor([[0.0, 2.0, 1.0], [2.0, 2.0, 3.0], [4.0, 2.0, 2.0]])
+    mu, sd = gene_z_stats(x.numpy())
+    torch.testing.assert_close(mu, torch.tensor([2.0, 2.0, 2.0]))
+    assert float(sd[1]) == pytest.approx(1e-3)  # a constant gene: sd floored, not a division by zero
+    idx = torch.tensor([[0, 2, 3]])  # index 3 = past the panel: the library-size token
+    z = gene_z(torch.tensor([[4.0, 1.0, 0.7]]), idx, mu, sd)
+    torch.testing.assert_close(z[0, :2], torch.tensor([4.0, 1.0]).sub(2.0).div(sd[[0, 2]]))
+    assert float(z[0, 2]) == pytest.approx(0.7)
+    lo, hi = Default.GENE_Z_RANGE
+    assert float(gene_z(torch.tensor([[9.0]]), torch.tensor([[1]]), mu, sd)) == hi  # clamped
+
+
+def test_gene_z_training_stores_the_statistics_and_zero_shot_spans_negative_values(tmp_path):
+    from napari_comtip.engine.batches import BatchSet
+    from napari_comtip.io import load_sample
+    from napari_comtip.model.checkpoint import load_checkpoint
+    from napari_comtip.model.sentences import gene_z_stats
+
+    s = load_sample("@demo")
+    ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
+    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": "gene_z"}},
+                                  "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
+                                  "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
+    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
+    m = load_checkpoint(path).model
+    mu, sd = gene_z_stats(ts.expr)
+    torch.testing.assert_close(m.value_mu, mu)  # kept in float32 in the fp16 file
+    torch.testing.assert_close(m.value_sd, sd)
+    assert float(m.value_lo.min()) < 0.0  # training saw below-mean values
+    assert float(m.value_grid(torch.arange(m.n_genes)).min()) < 0.0  # ... and the grid keeps them
+    # the calibration line inverts the standardisation (up to the clamp)
+    a, b = m.value_cal.numpy()
+    z = m.text_values(torch.from_numpy(ts.expr)).numpy()
+    np.testing.assert_allclose((a + b * z).mean(0), ts.expr.mean(0), atol=2e-2)  # fp16 storage
+    assert (b > 0).all()
+    # a training batch's sentence values are the same standardisation of the lognorm values
+    from napari_comtip.engine.distributed import Dist
+
+    batches = BatchSet(ts, cfg, 0, 1, Dist(), lambda x, g: x.float())
+    _, gi, vals, mask, _, _ = batches[0]
+    raw = torch.from_numpy(np.asarray(ts.expr[batches.order[:16].numpy()])).float()
+    want = m.text_values(raw).gather(1, gi)
+    torch.testing.assert_close(vals[mask], want[mask], atol=1e-4, rtol=1e-4)
+    pred = zero_shot(m, torch.randn(4, m.embed_dim), [0, 1, 2])
+    assert pred.shape == (4, 3) and np.isfinite(pred).all()

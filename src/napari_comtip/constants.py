@@ -40,6 +40,7 @@ class Default:
     """Tunable defaults. Every one of them can be overridden by an option or a config key."""
 
     TARGET_SUM: Final = 1e4  # library size for normalisation before log1p
+    GENE_Z_RANGE: Final = (-4.0, 8.0)  # text.value_transform gene_z: clamp (a rare gene's detection is tens of sd)
     VISIUM_PITCH_UM: Final = 100.0  # Visium centre-to-centre distance
     VISIUM_SPOT_UM: Final = 55.0  # Visium spot diameter
     # Space Ranger's spot_diameter_fullres spans a "theoretical 65 um spot" (10x's definition), not the

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ..model.sentences import sample_gene_subsets, spot_rank
+from ..model.sentences import gene_z, gene_z_stats, sample_gene_subsets, spot_rank
 from .data import TrainingSet
 from .distributed import Dist
 from .run_config import DataConfig, RunConfig
@@ -134,6 +134,8 @@ class BatchSet(torch.utils.data.Dataset):
         seed = cfg.training.seed
         perm = torch.randperm(ts.n_spots, generator=generator(step_seed(seed, epoch, 0, 1)))
         self.order = perm[dist.rank::dist.world]  # this rank's share of the epoch
+        # gene_z sentence values: the same statistics the model stores (CoMTIP.set_gene_stats)
+        self.zstats = gene_z_stats(ts.expr) if cfg.model.text.value_transform == "gene_z" else None
 
     def __len__(self):
         return self.spe
@@ -160,6 +162,8 @@ class BatchSet(torch.utils.data.Dataset):
             gene_idx, values, mask = expressed_sentences(expr, self.cfg.model.text, dc.expressed_weight, g)
         else:
             gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
+        if self.zstats is not None:  # genes drawn by their lognorm values, then standardised per gene
+            values = gene_z(values, gene_idx, *self.zstats)
         if self.cfg.model.text.library_token and self.ts.library_z is not None:  # the spot's depth as its own token
             n = len(idx)
             gene_idx = torch.cat([gene_idx, torch.full((n, 1), len(self.ts.panel), dtype=gene_idx.dtype)], 1)

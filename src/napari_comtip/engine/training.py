@@ -194,6 +194,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
     # ---- model, optimizer, scheduler
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, panel)
+    model.set_gene_stats(ts.expr)  # gene_z sentence values: the training spots' per-gene mean and sd
     model.to(dev)
     decay, no_decay = [], []
     for n_, p in model.named_parameters():

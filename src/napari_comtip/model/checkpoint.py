@@ -51,7 +51,7 @@ from .config import MODEL_VERSION, ComtipConfig
 FORMAT = "napari-comtip-checkpoint"
 FORMAT_VERSION = 1
 #: kept in float32 even in half-precision storage (tiny, and fp16 would lose their meaning)
-_KEEP_FP32 = ("logit_scale", "value_lo", "value_hi")
+_KEEP_FP32 = ("logit_scale", "value_lo", "value_hi", "value_mu", "value_sd")
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .config import ComtipConfig
 from .foundation import fully_frozen
-from .sentences import permute_values, sample_gene_subsets, spot_rank
+from .sentences import gene_z, gene_z_stats, permute_values, sample_gene_subsets, spot_rank
 from .colour import N_COLOUR_FEATURES, colour_texture
 from .text import GeneTextEncoder, ProfileHead
 from .vision import MaskedViT, resolve_normalization
@@ -82,6 +82,10 @@ class CoMTIP(nn.Module):
         if config.text.value_transform != "lognorm":
             # zero-shot output back in log-normalised units: lognorm ~ cal[0] + cal[1] * value (per gene)
             self.register_buffer("value_cal", torch.stack([torch.zeros(g), torch.ones(g)]))
+        if config.text.value_transform == "gene_z":
+            # per-gene mean and sd of the training spots' log-normalised values (set_gene_stats)
+            self.register_buffer("value_mu", torch.zeros(g))
+            self.register_buffer("value_sd", torch.ones(g))
         self.weights_report: dict | None = None
 
     # ------------------------------------------------------------------ properties
@@ -189,7 +193,21 @@ class CoMTIP(nn.Module):
 
     def text_values(self, expr: torch.Tensor) -> torch.Tensor:
         """The sentence values of log-normalised expression (B, G), per ``text.value_transform``."""
-        return spot_rank(expr) if self.config.text.value_transform == "spot_rank" else expr
+        vt = self.config.text.value_transform
+        if vt == "spot_rank":
+            return spot_rank(expr)
+        if vt == "gene_z":
+            idx = torch.arange(expr.shape[1], device=expr.device).expand(expr.shape[0], -1)
+            return gene_z(expr, idx, self.value_mu.to(expr.device), self.value_sd.to(expr.device))
+        return expr
+
+    @torch.no_grad()
+    def set_gene_stats(self, expr) -> None:
+        """``gene_z`` models: store the per-gene mean and sd of the training expression (before training)."""
+        if hasattr(self, "value_mu"):
+            mu, sd = gene_z_stats(expr)
+            self.value_mu.copy_(mu.to(self.value_mu))
+            self.value_sd.copy_(sd.to(self.value_sd))
 
     @torch.no_grad()
     def calibrate_values(self, expr) -> None:
@@ -257,7 +275,8 @@ class CoMTIP(nn.Module):
         gi = gene_idx.to(self.value_lo.device)
         lo, hi = self.value_lo[gi].float(), self.value_hi[gi].float()
         unseen = (self.value_count[gi] == 0) | ~(hi >= lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
-        lo = torch.where(unseen, torch.zeros_like(lo), lo.clamp_min(0.0))
+        # values below 0 exist only for gene_z (standardised) sentences
+        lo = torch.where(unseen, torch.zeros_like(lo), lo if self.config.text.value_transform == "gene_z" else lo.clamp_min(0.0))
         hi = torch.where(unseen, torch.full_like(hi, self.config.zero_shot.default_max), hi)
         hi = torch.where(hi - lo < 1e-3, lo + 1e-3, hi)
         steps = torch.linspace(0.0, 1.0, n, device=lo.device)

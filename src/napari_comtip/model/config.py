@@ -29,7 +29,7 @@ VALUE_ENCODINGS = ("fourier", "binned")
 TOKEN_COMBINATIONS = ("sum", "concat")
 POOLS_VISION = ("cls", "mean", "cls+mean")  # cls+mean: both concatenated (Virchow2's embedding)
 POOLS_TEXT = ("attention", "mean")
-VALUE_TRANSFORMS = ("lognorm", "spot_rank")
+VALUE_TRANSFORMS = ("lognorm", "spot_rank", "gene_z")
 MFM_LOSSES = ("mse", "cosine")
 SUBSET_SIZES = ("batch", "spot")
 
@@ -106,7 +106,10 @@ class TextConfig:
     # "spot_rank": the gene's mid-rank among the spot's detected genes / their number (0 = not
     # detected, 1 = the spot's most expressed gene), scGPT-style within-spot normalisation, so a
     # value says how high the gene is *in this spot*, whatever its depth; zero-shot maps the
-    # expected rank back to log-normalised units by a per-gene line fitted on the training spots
+    # expected rank back to log-normalised units by a per-gene line fitted on the training spots;
+    # "gene_z": the value standardised per gene over the training spots ((x - mean) / sd, clamped to
+    # Default.GENE_Z_RANGE), so a token says how high the gene is *compared with other spots*
+    # (the genes of a sentence are still drawn by the lognorm values: expressed ones weighted)
     value_transform: str = "lognorm"
 
 

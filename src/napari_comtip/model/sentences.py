@@ -3,6 +3,7 @@
 * :func:`sample_gene_subsets` -- a batch of expression vectors -> (gene_idx, values, mask) in the
   config's text mode (names+values subsets, OmiCLIP top-k names, BLEEP whole vector);
 * :func:`spot_rank` -- within-spot ranks (``text.value_transform: spot_rank``);
+* :func:`gene_z_stats` / :func:`gene_z` -- per-gene standardised values (``gene_z``);
 * :func:`permute_values` -- PAAT's negatives (the same genes, their values permuted).
 
 The encoder itself is :mod:`napari_comtip.model.text`.
@@ -85,6 +86,26 @@ def spot_rank(expr: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, mid / nz.clamp_min(1).float(), torch.zeros_like(x))
 
 
+def gene_z_stats(expr) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-gene mean and standard deviation (G,) of log-normalised training expression (N, G), the
+    statistics of ``text.value_transform: gene_z`` (sd floored at 1e-3: a gene never detected)."""
+    x = torch.as_tensor(expr).double()
+    return x.mean(0).float(), x.std(0, unbiased=False).clamp_min(1e-3).float()
+
+
+def gene_z(values: torch.Tensor, gene_idx: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """Sentence values standardised per gene: (value - mean[gene]) / sd[gene], clamped to
+    ``Default.GENE_Z_RANGE``. Tokens whose index is past the panel (the library-size token) keep
+    their value."""
+    from ..constants import Default
+
+    g = mean.shape[0]
+    inside = gene_idx < g
+    gi = gene_idx.clamp(max=g - 1)
+    z = ((values.float() - mean[gi]) / sd[gi]).clamp(*Default.GENE_Z_RANGE)
+    return torch.where(inside, z, values.float()).to(values.dtype)
+
+
 def permute_values(
     values: torch.Tensor,
     mask: torch.Tensor,
@@ -115,4 +136,4 @@ def permute_values(
     return out, differs
 
 
-__all__ = ["sample_gene_subsets", "spot_rank", "permute_values"]
+__all__ = ["sample_gene_subsets", "spot_rank", "gene_z_stats", "gene_z", "permute_values"]
