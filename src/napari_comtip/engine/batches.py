@@ -118,6 +118,31 @@ def expressed_sentences(expr: torch.Tensor, text_cfg, weight: float, gen: torch.
     return idx, expr.float().gather(1, idx), mask
 
 
+def shared_sentences(expr: torch.Tensor, text_cfg, weight: float, gen: torch.Generator,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training sentences with **one gene set for the whole batch** (``data.sentence_sampler: shared``).
+
+    With a set drawn per spot (:func:`expressed_sentences`), two spots' sentences differ first by
+    *which* genes were drawn, at random, and an image cannot tell which genes its sentence will
+    hold: the contrastive loss then has little to learn from. With the batch's spots sharing
+    their genes, their sentences differ only by the values, the expression the image must
+    explain, and a one-gene batch is exactly zero-shot's question (which spot has most of gene g).
+    The length is drawn once per batch like :func:`expressed_sentences`; genes without replacement
+    with weight ``1 + (weight - 1) * f`` for a gene detected in a fraction ``f`` of the batch's spots.
+    """
+    b, g = expr.shape
+    lo, hi = min(text_cfg.min_genes, g), min(text_cfg.max_genes, g)
+    u = torch.rand(1, generator=gen)
+    size = int(torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi))
+    if text_cfg.p_single > 0 and float(torch.rand(1, generator=gen)) < text_cfg.p_single:
+        size = 1
+    frac = (expr > 0).float().mean(0)
+    w = 1.0 + (float(weight) - 1.0) * frac
+    r = torch.rand(g, generator=gen).clamp_(1e-12, 1 - 1e-7)
+    keys = torch.log(w) - torch.log(-torch.log(r))
+    idx = keys.topk(size).indices.unsqueeze(0).expand(b, size).contiguous()
+    return idx, expr.float().gather(1, idx), torch.ones(b, size, dtype=torch.bool)
+
 
 # --------------------------------------------------------------------------- batches
 class BatchSet(torch.utils.data.Dataset):
@@ -158,8 +183,9 @@ class BatchSet(torch.utils.data.Dataset):
         if self.cfg.model.text.value_transform == "spot_rank":
             expr = spot_rank(expr)
         dc = self.cfg.data
-        if self.cfg.model.text.mode == "names+values" and dc.sentence_sampler == "expressed":
-            gene_idx, values, mask = expressed_sentences(expr, self.cfg.model.text, dc.expressed_weight, g)
+        if self.cfg.model.text.mode == "names+values" and dc.sentence_sampler in ("expressed", "shared"):
+            sampler = expressed_sentences if dc.sentence_sampler == "expressed" else shared_sentences
+            gene_idx, values, mask = sampler(expr, self.cfg.model.text, dc.expressed_weight, g)
         else:
             gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
         if self.zstats is not None:  # genes drawn by their lognorm values, then standardised per gene
@@ -177,4 +203,4 @@ class BatchSet(torch.utils.data.Dataset):
         return imgs, gene_idx, values, mask, extra, profile
 
 
-__all__ = ["BatchSet", "Augment", "expressed_sentences", "step_seed", "generator"]
+__all__ = ["BatchSet", "Augment", "expressed_sentences", "shared_sentences", "step_seed", "generator"]

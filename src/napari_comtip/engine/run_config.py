@@ -23,8 +23,9 @@ from ..model.presets import DEFAULT_PRESET, preset_sections
 from ..model.config_checks import check_ranges
 from .context import CONTEXTS
 
-#: ``data.sentence_sampler``: weighted towards expressed genes, or the model's own sampler.
-SENTENCE_SAMPLERS = ("expressed", "uniform")
+#: ``data.sentence_sampler``: weighted towards expressed genes, the same genes for the whole batch
+#: (weighted by how often each is detected in it), or the model's own sampler.
+SENTENCE_SAMPLERS = ("expressed", "shared", "uniform")
 #: ``training.amp``: bf16 autocast on CUDA ("auto"), always, or never.
 AMP_MODES = ("auto", "bf16", "off")
 _TOP_KEYS = ("preset", "model", "data", "training")
@@ -51,7 +52,9 @@ class DataConfig:
     contrast: float = 0.15
     saturation: float = 0.15
     # gene sentences (names+values mode); lengths / single-gene share come from model.text
-    sentence_sampler: str = "expressed"  # "expressed": weighted towards expressed genes; "uniform": the model's sampler
+    # "expressed": each spot's genes weighted towards its expressed ones; "shared": one gene set for the
+    # whole batch, so its sentences differ only by their values (engine/batches.py); "uniform": the model's sampler
+    sentence_sampler: str = "expressed"
     expressed_weight: float = 10.0  # "expressed": sampling weight of an expressed gene (a zero has 1)
 
     def to_dict(self) -> dict[str, Any]:
