@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sampler", choices=("expressed", "shared"), default="expressed")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--profile-sees-sentence", action="store_true",
+                    help="the profile head reads only the genes of the sentence (the others at 0): the same information")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -93,7 +95,11 @@ def main(argv=None) -> None:
 
     def profiles(step):
         idx = draw(step)
-        return idx, model.profile_head(x[idx])
+        if not a.profile_sees_sentence:
+            return idx, model.profile_head(x[idx])
+        gi, _, gm = sampler(values[idx], cfg.text, 10.0, torch.Generator().manual_seed(step))
+        keep = torch.zeros(len(idx), x.shape[1]).scatter_(1, gi, gm.float())
+        return idx, model.profile_head(x[idx] * keep)
 
     print(f"{len(x)} spots, {len(panel)} genes; chance {np.log(a.batch):.2f}")
     for name, view, batches in (("sentences", model.text, sentences), ("profile", model.profile_head, profiles)):

@@ -61,3 +61,25 @@ def test_tokenwise_one_gene_sentence_is_its_term_and_padding_is_ignored(names):
 def test_token_mixing_must_be_a_boolean():
     with pytest.raises(ConfigError):
         get_preset("micro").replace(**{"text.token_mixing": "sometimes"})
+
+
+def test_gene_value_direction_starts_as_the_plain_token_and_binds_value_to_gene(names):
+    """text.gene_value_direction: zero at initialisation (the same sentence embedding as without),
+    then a token's value part depends on its gene: after a step two genes at one value differ in it."""
+    cfg = get_preset("micro")
+    torch.manual_seed(0)
+    plain = GeneTextEncoder(cfg, len(GENES), names).eval()
+    torch.manual_seed(0)
+    enc = GeneTextEncoder(cfg.replace(**{"text.gene_value_direction": True}), len(GENES), names)
+    missing = enc.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["value_dir.weight"] and float(enc.value_dir.weight.abs().sum()) == 0.0
+    idx, vals = torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    assert torch.allclose(enc.eval()(idx, vals, mask), plain(idx, vals, mask), atol=1e-6)
+    opt = torch.optim.SGD(enc.parameters(), lr=1.0)
+    enc.train()(idx, vals, mask).sum().backward()
+    opt.step()
+    _, vpart, _ = enc.eval().token_parts(idx, vals, mask)
+    _, vplain, _ = plain.token_parts(idx, vals, mask)
+    assert not torch.allclose(vpart[0, 0] - vpart[0, 1], torch.zeros_like(vpart[0, 0]), atol=1e-6)
+    assert torch.allclose(vplain[0, 0], vplain[0, 1])  # without it, one value is one vector for every gene

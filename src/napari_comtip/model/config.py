@@ -91,6 +91,11 @@ class TextConfig:
     # one-gene sentences of zero-shot read exactly the terms a long training sentence is made of
     # and sentences can be long at a cost linear in their length (docs/model.md)
     token_mixing: bool = True
+    # names+values: each gene also gets a learned value direction d_g, and its token adds v * d_g to
+    # the shared value embedding f(v), so a token's value part depends on its gene directly (the
+    # linear term of the profile head's first layer, restricted to the sentence's genes); False:
+    # gene and value meet only inside the blocks (docs/model.md)
+    gene_value_direction: bool = False
     top_k: int = 50  # "names" mode: the k most expressed genes make the sentence (OmiCLIP)
     min_genes: int = 1  # training gene subsets: size drawn log-uniformly in [min_genes, max_genes]
     max_genes: int = 64

@@ -269,6 +269,10 @@ class GeneTextEncoder(nn.Module):
             if not self.use_names and self.gene_emb is None:
                 raise ConfigError("text: use_name_embedding and use_gene_embedding are both off, genes have no identity")
             if self.mode == "names+values":
+                # a learned value direction per gene (text.gene_value_direction), zero at initialisation
+                self.value_dir = nn.Embedding(self.n_genes, w) if t.gene_value_direction else None
+                if self.value_dir is not None:
+                    nn.init.zeros_(self.value_dir.weight)
                 if t.value_encoding == "fourier":
                     self.value_emb = FourierValueEmbedding(w, t.fourier_features, t.fourier_max_freq)
                 else:
@@ -350,6 +354,11 @@ class GeneTextEncoder(nn.Module):
         if lib is not None and bool(lib.any()):
             ident = torch.where(lib.unsqueeze(-1), self.lib_ident.to(ident.dtype).expand(ident.shape[-1]), ident)
         vpart = self.value_emb(values) if self.mode == "names+values" else None
+        if vpart is not None and getattr(self, "value_dir", None) is not None:
+            v = values.float().unsqueeze(-1)
+            if lib is not None:  # the library-size token has no gene direction
+                v = v.masked_fill(lib.unsqueeze(-1), 0.0)
+            vpart = vpart + v.to(vpart.dtype) * self.value_dir(gene_idx)
         return ident, vpart, mask
 
     def encode_parts(self, ident, vpart, mask) -> torch.Tensor:
