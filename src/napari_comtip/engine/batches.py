@@ -11,12 +11,10 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from ..model.sentences import gene_z, gene_z_stats, sample_gene_subsets, spot_rank
+from ..model.sentences import draw_sentence_sizes, gene_z, gene_z_stats, sample_gene_subsets, spot_rank
 from .data import TrainingSet
 from .distributed import Dist
 from .run_config import DataConfig, RunConfig
@@ -103,12 +101,7 @@ def expressed_sentences(expr: torch.Tensor, text_cfg, weight: float, gen: torch.
     in-distribution.
     """
     b, g = expr.shape
-    lo, hi = min(text_cfg.min_genes, g), min(text_cfg.max_genes, g)
-    u = torch.rand(b, generator=gen)
-    sizes = torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
-    if text_cfg.p_single > 0:
-        single = torch.rand(b, generator=gen) < text_cfg.p_single
-        sizes = torch.where(single, torch.ones_like(sizes), sizes)
+    sizes = draw_sentence_sizes(text_cfg, g, b, gen)
     length = int(sizes.max())
     w = torch.where(expr > 0, torch.full_like(expr, float(weight)), torch.ones_like(expr))
     r = torch.rand(b, g, generator=gen).clamp_(1e-12, 1 - 1e-7)
@@ -131,11 +124,7 @@ def shared_sentences(expr: torch.Tensor, text_cfg, weight: float, gen: torch.Gen
     with weight ``1 + (weight - 1) * f`` for a gene detected in a fraction ``f`` of the batch's spots.
     """
     b, g = expr.shape
-    lo, hi = min(text_cfg.min_genes, g), min(text_cfg.max_genes, g)
-    u = torch.rand(1, generator=gen)
-    size = int(torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi))
-    if text_cfg.p_single > 0 and float(torch.rand(1, generator=gen)) < text_cfg.p_single:
-        size = 1
+    size = int(draw_sentence_sizes(text_cfg, g, 1, gen)[0])
     frac = (expr > 0).float().mean(0)
     w = 1.0 + (float(weight) - 1.0) * frac
     r = torch.rand(g, generator=gen).clamp_(1e-12, 1 - 1e-7)

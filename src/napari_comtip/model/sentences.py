@@ -52,14 +52,7 @@ def sample_gene_subsets(
         mask = vals > 0
         mask[:, 0] = True
         return idx, vals, mask
-    lo, hi = min(t.min_genes, g), min(t.max_genes, g)
-    n_draws = 1 if t.subset_sizes == "batch" else b
-    u = torch.rand(n_draws, device=dev, generator=generator)
-    sizes = torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
-    if t.p_single > 0:
-        single = torch.rand(n_draws, device=dev, generator=generator) < t.p_single
-        sizes = torch.where(single, torch.ones_like(sizes), sizes)
-    sizes = sizes.expand(b)
+    sizes = draw_sentence_sizes(t, g, 1 if t.subset_sizes == "batch" else b, generator, dev).expand(b)
     length = int(sizes.max())
     keys = torch.rand(b, g, device=dev, generator=generator)
     if t.expressed_weight != 1.0:
@@ -70,6 +63,20 @@ def sample_gene_subsets(
     idx = keys.topk(length, dim=1).indices
     mask = torch.arange(length, device=dev).unsqueeze(0) < sizes.unsqueeze(1)
     return idx, expr.float().gather(1, idx), mask
+
+
+def draw_sentence_sizes(text_cfg, n_genes: int, n: int, generator: torch.Generator | None = None,
+                        device=None) -> torch.Tensor:
+    """``n`` sentence lengths (long): log-uniform in [min_genes, max_genes] (capped at the panel),
+    each one gene instead with probability ``p_single`` (zero-shot's sentences stay in-distribution).
+    Every sampler of training sentences draws its lengths here."""
+    lo, hi = min(text_cfg.min_genes, n_genes), min(text_cfg.max_genes, n_genes)
+    u = torch.rand(n, device=device, generator=generator)
+    sizes = torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
+    if text_cfg.p_single > 0:
+        single = torch.rand(n, device=device, generator=generator) < text_cfg.p_single
+        sizes = torch.where(single, torch.ones_like(sizes), sizes)
+    return sizes
 
 
 def spot_rank(expr: torch.Tensor) -> torch.Tensor:
@@ -136,4 +143,4 @@ def permute_values(
     return out, differs
 
 
-__all__ = ["sample_gene_subsets", "spot_rank", "gene_z_stats", "gene_z", "permute_values"]
+__all__ = ["sample_gene_subsets", "draw_sentence_sizes", "spot_rank", "gene_z_stats", "gene_z", "permute_values"]
