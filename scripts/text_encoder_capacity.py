@@ -21,24 +21,11 @@ import torch.nn.functional as F
 
 from napari_comtip.engine.batches import expressed_sentences, shared_sentences
 from napari_comtip.engine.data import panel_matrix, select_gene_panel
+from napari_comtip.engine.run_config import parse_overrides
 from napari_comtip.io import load_sample
 from napari_comtip.model.factory import build_model
 from napari_comtip.model.presets import get_preset
 from napari_comtip.model.config import apply_mapping
-
-
-def _mapping(pairs: list[str]) -> dict:
-    import yaml
-
-    out: dict = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        cur = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = yaml.safe_load(value)
-    return out
 
 
 def fit(view, batches, target, steps: int, scale: float, log) -> list[float]:
@@ -75,7 +62,8 @@ def main(argv=None) -> None:
     panel = select_gene_panel([s.expression for s in samples])
     x = torch.tensor(np.concatenate([panel_matrix(s.expression, panel, s.name) for s in samples]), dtype=torch.float32)
     cfg = get_preset(a.preset)
-    apply_mapping(cfg, _mapping(a.set + ["w_profile=1.0"]), prefix="")
+    # --set keys are model keys (text.pool=mean): the CLI's parser, under model.
+    apply_mapping(cfg, parse_overrides([f"model.{kv}" for kv in a.set + ["w_profile=1.0"]])["model"], prefix="")
     cfg.validate()
     model = build_model(cfg, panel)
     model.set_gene_stats(x)

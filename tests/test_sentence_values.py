@@ -78,17 +78,22 @@ def test_spot_rank_is_a_within_spot_mid_rank():
     torch.testing.assert_close(spot_rank(x * 7.0), r)
 
 
-def test_spot_rank_training_calibrates_zero_shot_to_lognorm(tmp_path):
+def _trained_on_demo(tmp_path, value_transform: str):
+    """(loaded model, training set, run config) of 3 micro steps on the demo sample with these sentence values."""
     from napari_comtip.io import load_sample
     from napari_comtip.model.checkpoint import load_checkpoint
 
     s = load_sample("@demo")
     ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
-    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": "spot_rank"}},
+    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": value_transform}},
                                   "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
                                   "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
     path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
-    m = load_checkpoint(path).model
+    return load_checkpoint(path).model, ts, cfg
+
+
+def test_spot_rank_training_calibrates_zero_shot_to_lognorm(tmp_path):
+    m, ts, _ = _trained_on_demo(tmp_path, "spot_rank")
     assert float(m.value_hi.max()) <= 1.0  # the zero-shot grid spans ranks
     a, b = m.value_cal.numpy()
     assert (b > 0).all()
@@ -117,17 +122,9 @@ def test_gene_z_standardises_per_gene_and_leaves_the_library_token():
 
 def test_gene_z_training_stores_the_statistics_and_zero_shot_spans_negative_values(tmp_path):
     from napari_comtip.engine.batches import BatchSet
-    from napari_comtip.io import load_sample
-    from napari_comtip.model.checkpoint import load_checkpoint
     from napari_comtip.model.sentences import gene_z_stats
 
-    s = load_sample("@demo")
-    ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
-    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": "gene_z"}},
-                                  "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
-                                  "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
-    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
-    m = load_checkpoint(path).model
+    m, ts, cfg = _trained_on_demo(tmp_path, "gene_z")
     mu, sd = gene_z_stats(ts.expr)
     torch.testing.assert_close(m.value_mu, mu)  # kept in float32 in the fp16 file
     torch.testing.assert_close(m.value_sd, sd)
