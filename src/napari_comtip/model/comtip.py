@@ -309,7 +309,8 @@ class CoMTIP(nn.Module):
             tokens = self.vision.forward_tokens(images)
             img = F.normalize(self.image_proj(self.vision.pool(tokens)), dim=-1)
         ident, vpart, tmask = self.text.token_parts(gene_idx, values, mask)
-        txt = self.text.encode_parts(ident, vpart, tmask)
+        sparse = self.text.sparse_part(gene_idx, values, mask)
+        txt = self.text.encode_parts(ident, vpart, tmask, sparse)
         scale = self.scale()
         infonce = clip_loss(img, txt, scale)
 
@@ -320,7 +321,7 @@ class CoMTIP(nn.Module):
         out = {"infonce": infonce, "mfm": mfm}
         paat = zero
         if cfg.w_paat > 0 and self.text.encodes_values:
-            paat_terms = self._paat(img, txt, ident, vpart, tmask, gene_idx, values, mask, scale, generator)
+            paat_terms = self._paat(img, txt, ident, vpart, tmask, gene_idx, values, mask, scale, generator, sparse)
             out.update(paat_terms)
             paat = paat_terms["paat_hard"] + paat_terms.get("paat_disc", zero) * cfg.paat.w_discriminator
             paat = paat + paat_terms.get("paat_adv", zero) * cfg.paat.w_adversarial
@@ -336,7 +337,7 @@ class CoMTIP(nn.Module):
             out["logit_scale"] = scale.detach()
         return out
 
-    def _paat(self, img, txt, ident, vpart, tmask, gene_idx, values, mask, scale, generator):
+    def _paat(self, img, txt, ident, vpart, tmask, gene_idx, values, mask, scale, generator, sparse=None):
         """Pair-aware terms: hard negatives with permuted values, optional discriminator and FGSM."""
         pc = self.config.paat
         n = pc.n_negatives
@@ -369,20 +370,21 @@ class CoMTIP(nn.Module):
             else:
                 terms["paat_disc"] = zero
         if pc.adversarial:
-            terms["paat_adv"] = self._fgsm_consistency(img, txt, ident, vpart, tmask, scale)
+            terms["paat_adv"] = self._fgsm_consistency(img, txt, ident, vpart, tmask, scale, sparse)
         return terms
 
-    def _fgsm_consistency(self, img, txt, ident, vpart, tmask, scale) -> torch.Tensor:
+    def _fgsm_consistency(self, img, txt, ident, vpart, tmask, scale, sparse=None) -> torch.Tensor:
         """FGSM step on the value embeddings that most hurts image-text alignment, then a KL term
         keeping the image->text distribution of the perturbed texts equal to the clean one."""
         v_adv = vpart.detach().requires_grad_(True)
         with torch.enable_grad():
-            t_tmp = self.text.encode_parts(None if ident is None else ident.detach(), v_adv, tmask)
+            t_tmp = self.text.encode_parts(None if ident is None else ident.detach(), v_adv, tmask,
+                                           None if sparse is None else sparse.detach())
             l_tmp = clip_loss(img.detach(), t_tmp, scale.detach())
             (grad,) = torch.autograd.grad(l_tmp, v_adv)
         rms = vpart.detach().pow(2).mean().sqrt()
         delta = self.config.paat.adv_epsilon * rms * grad.sign()
-        t_adv = self.text.encode_parts(ident, vpart + delta, tmask)
+        t_adv = self.text.encode_parts(ident, vpart + delta, tmask, sparse)
         clean = (scale * img @ txt.t()).detach()
         adv = scale * img @ t_adv.t()
         return F.kl_div(F.log_softmax(adv, dim=1), F.log_softmax(clean, dim=1), log_target=True, reduction="batchmean")

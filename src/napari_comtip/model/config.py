@@ -96,6 +96,12 @@ class TextConfig:
     # linear term of the profile head's first layer, restricted to the sentence's genes); False:
     # gene and value meet only inside the blocks (docs/model.md)
     gene_value_direction: bool = False
+    # names+values: a second pathway beside the set transformer that scatters the sentence into a
+    # dense panel vector (its values, and a flag per gene it names; the genes it does not name at 0)
+    # and reads it with the profile head's MLP; the two pooled states are added before the
+    # projection. Each input position is one gene, so a value is bound to its gene by construction
+    # (docs/model.md, "Sparse pathway")
+    sparse_pathway: bool = False
     top_k: int = 50  # "names" mode: the k most expressed genes make the sentence (OmiCLIP)
     min_genes: int = 1  # training gene subsets: size drawn log-uniformly in [min_genes, max_genes]
     max_genes: int = 64

@@ -273,6 +273,9 @@ class GeneTextEncoder(nn.Module):
                 self.value_dir = nn.Embedding(self.n_genes, w) if t.gene_value_direction else None
                 if self.value_dir is not None:
                     nn.init.zeros_(self.value_dir.weight)
+                # the sparse pathway (text.sparse_pathway): the sentence as a dense panel vector -> MLP
+                self.sparse_mlp = (nn.Sequential(*expression_mlp_layers(self.n_genes, w, t.values_mlp_layers, t.dropout))
+                                   if t.sparse_pathway else None)
                 if t.value_encoding == "fourier":
                     self.value_emb = FourierValueEmbedding(w, t.fourier_features, t.fourier_max_freq)
                 else:
@@ -361,7 +364,24 @@ class GeneTextEncoder(nn.Module):
             vpart = vpart + v.to(vpart.dtype) * self.value_dir(gene_idx)
         return ident, vpart, mask
 
-    def encode_parts(self, ident, vpart, mask) -> torch.Tensor:
+    def sparse_part(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The sparse pathway's state (B, W): the sentence scattered into a dense panel vector (its
+        values, a flag for each gene it names, 0 elsewhere; the library-size token left out) through
+        an MLP; None when ``text.sparse_pathway`` is off. Reads raw values, so the FGSM step on the
+        value embeddings does not perturb it, while PAAT's permuted values do reach it."""
+        if getattr(self, "sparse_mlp", None) is None:
+            return None
+        mask = mask.bool() & (gene_idx < self.n_genes)
+        idx = gene_idx.masked_fill(~mask, 0)
+        dense = values.new_zeros(values.shape[0], self.n_genes, dtype=torch.float32)
+        seen = torch.zeros_like(dense)
+        dense.scatter_add_(1, idx, values.float().masked_fill(~mask, 0.0))
+        seen.scatter_add_(1, idx, mask.float())
+        x = torch.cat([dense, seen.clamp_max(1.0)], dim=1).to(self.proj.weight.dtype)
+        return self.sparse_mlp(x)
+
+    def encode_parts(self, ident, vpart, mask, sparse: torch.Tensor | None = None) -> torch.Tensor:
+        """``sparse``: the sparse pathway's state (:meth:`sparse_part`), added to the pooled tokens."""
         if self.mode == "values":
             h = self.values_mlp(vpart[:, 0])
             return F.normalize(self.proj(self.norm(h)), dim=-1)
@@ -379,8 +399,10 @@ class GeneTextEncoder(nn.Module):
         else:
             m = mask.unsqueeze(-1).to(x.dtype)
             h = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if sparse is not None:
+            h = h + sparse.to(h.dtype)
         return F.normalize(self.proj(self.norm(h)), dim=-1)
 
     def forward(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ident, vpart, mask = self.token_parts(gene_idx, values, mask)
-        return self.encode_parts(ident, vpart, mask)
+        ident, vpart, tmask = self.token_parts(gene_idx, values, mask)
+        return self.encode_parts(ident, vpart, tmask, self.sparse_part(gene_idx, values, mask))
