@@ -65,9 +65,26 @@ def test_it_binds_each_value_to_its_gene_and_changes_the_embedding(names):
     assert not torch.allclose(enc(idx, vals, mask), plain(idx, vals, mask))
 
 
-def test_it_must_be_a_boolean():
+def test_it_must_be_a_boolean_and_needs_names_plus_values():
     with pytest.raises(ConfigError):
         get_preset("micro").replace(**{"text.sparse_pathway": "maybe"})
+    with pytest.raises(ConfigError, match="sparse_pathway"):
+        get_preset("micro").replace(**{"text.sparse_pathway": True, "text.mode": "values"})
+
+
+def test_values_mode_reads_the_same_dense_vector_and_padding_never_overwrites_a_gene(names):
+    """The BLEEP-style ``values`` mode reads its input through the same scatter: a padded slot that
+    points at a named gene (index 0 here) leaves that gene's value and flag as they are."""
+    from napari_comtip.model.text import dense_sentence
+
+    cfg = get_preset("micro").replace(**{"text.mode": "values"})
+    torch.manual_seed(0)
+    enc = GeneTextEncoder(cfg, len(GENES), names).eval()
+    idx, vals = torch.tensor([[0, 4, 0, 0]]), torch.tensor([[0.7, 0.3, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False, False]])
+    d = dense_sentence(idx, vals, mask, len(GENES))
+    assert float(d[0, 0]) == pytest.approx(0.7) and float(d[0, len(GENES)]) == 1.0 and float(d.sum()) == pytest.approx(3.0)
+    torch.testing.assert_close(enc(idx, vals, mask), enc(idx[:, :2], vals[:, :2], mask[:, :2]))
 
 
 def test_every_loss_term_reaches_it(names):

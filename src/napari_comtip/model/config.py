@@ -226,6 +226,9 @@ class ComtipConfig:
             raise ConfigError(f"w_profile needs text.mode names+values (the values mode already reads the whole vector), got {t.mode!r}")
         if t.library_token and t.mode != "names+values":
             raise ConfigError(f"text.library_token needs text.mode names+values, got {t.mode!r}")
+        if t.sparse_pathway and t.mode != "names+values":
+            raise ConfigError(f"text.sparse_pathway needs text.mode names+values, got {t.mode!r}",
+                              hint="the values mode already reads the whole vector; set text.sparse_pathway: false")
         if not 1 <= t.min_genes <= t.max_genes:
             raise ConfigError(f"need 1 <= text.min_genes <= text.max_genes, got {t.min_genes}, {t.max_genes}")
         if self.embed_dim < 1 or v.img_size < 8:

@@ -211,6 +211,19 @@ def expression_mlp_layers(n_genes: int, width: int, layers: int, dropout: float)
     return mods
 
 
+def dense_sentence(gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, n_genes: int) -> torch.Tensor:
+    """A sentence (B, L) scattered into the expression MLP's input (B, 2 G): each named gene's value
+    and a flag that it is named, 0 for the genes it does not name. Masked slots, and indices past
+    the panel (the library-size token), write nothing, whatever gene index they hold."""
+    keep = mask.bool() & (gene_idx < n_genes)
+    idx = gene_idx.masked_fill(~keep, 0)
+    dense = values.new_zeros(values.shape[0], n_genes, dtype=torch.float32)
+    seen = torch.zeros_like(dense)
+    dense.scatter_add_(1, idx, values.float().masked_fill(~keep, 0.0))
+    seen.scatter_add_(1, idx, keep.float())
+    return torch.cat([dense, seen.clamp_max(1.0)], dim=1)
+
+
 # ---------------------------------------------------------------------------- profile head
 class ProfileHead(nn.Module):
     """The spot's whole log-normalised expression vector (B, G) -> (B, embed_dim), L2-normalised.
@@ -332,12 +345,7 @@ class GeneTextEncoder(nn.Module):
         """
         mask = self._check(gene_idx, values, mask)
         if self.mode == "values":
-            dense = values.new_zeros(values.shape[0], self.n_genes, dtype=torch.float32)
-            seen = torch.zeros_like(dense)
-            vals = values.float().masked_fill(~mask, 0.0)
-            dense.scatter_(1, gene_idx, vals)
-            seen.scatter_(1, gene_idx, mask.float())
-            h = self.values_in(torch.cat([dense, seen], dim=1)).unsqueeze(1)
+            h = self.values_in(dense_sentence(gene_idx, values, mask, self.n_genes)).unsqueeze(1)
             return None, h, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         if self.mode == "names":
             gene_idx, values, mask = self.select_top_k(gene_idx, values, mask)
@@ -371,14 +379,7 @@ class GeneTextEncoder(nn.Module):
         value embeddings does not perturb it, while PAAT's permuted values do reach it."""
         if getattr(self, "sparse_mlp", None) is None:
             return None
-        mask = mask.bool() & (gene_idx < self.n_genes)
-        idx = gene_idx.masked_fill(~mask, 0)
-        dense = values.new_zeros(values.shape[0], self.n_genes, dtype=torch.float32)
-        seen = torch.zeros_like(dense)
-        dense.scatter_add_(1, idx, values.float().masked_fill(~mask, 0.0))
-        seen.scatter_add_(1, idx, mask.float())
-        x = torch.cat([dense, seen.clamp_max(1.0)], dim=1).to(self.proj.weight.dtype)
-        return self.sparse_mlp(x)
+        return self.sparse_mlp(dense_sentence(gene_idx, values, mask, self.n_genes).to(self.proj.weight.dtype))
 
     def encode_parts(self, ident, vpart, mask, sparse: torch.Tensor | None = None) -> torch.Tensor:
         """``sparse``: the sparse pathway's state (:meth:`sparse_part`), added to the pooled tokens."""
