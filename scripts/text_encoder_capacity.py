@@ -26,6 +26,7 @@ from napari_comtip.io import load_sample
 from napari_comtip.model.factory import build_model
 from napari_comtip.model.presets import get_preset
 from napari_comtip.model.config import apply_mapping
+from napari_comtip.model.text import dense_sentence
 
 
 def fit(view, batches, target, steps: int, scale: float, log) -> list[float]:
@@ -85,8 +86,8 @@ def main(argv=None) -> None:
         idx = draw(step)
         if not a.profile_sees_sentence:
             return idx, model.profile_head(x[idx])
-        gi, _, gm = sampler(values[idx], cfg.text, 10.0, torch.Generator().manual_seed(step))
-        keep = torch.zeros(len(idx), x.shape[1]).scatter_(1, gi, gm.float())
+        gi, gv, gm = sampler(values[idx], cfg.text, 10.0, torch.Generator().manual_seed(step))
+        keep = dense_sentence(gi, gv, gm, x.shape[1])[:, x.shape[1]:]  # the flags of the sentence's genes
         return idx, model.profile_head(x[idx] * keep)
 
     print(f"{len(x)} spots, {len(panel)} genes; chance {np.log(a.batch):.2f}")

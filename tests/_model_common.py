@@ -19,3 +19,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def train_on_demo(tmp_path, text: dict):
+    """(loaded model, training set, run config) of 3 micro steps on the demo sample with these
+    ``model.text`` keys: the end-to-end path (training set, pretrain, checkpoint file, load)."""
+    from napari_comtip.engine import run_config as RC
+    from napari_comtip.engine import training as T
+    from napari_comtip.engine.data import build_training_set
+    from napari_comtip.engine.run_config import DataConfig
+    from napari_comtip.io import load_sample
+    from napari_comtip.model.checkpoint import load_checkpoint
+
+    s = load_sample("@demo")
+    ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
+    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": dict(text)},
+                                  "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
+                                  "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
+    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
+    return load_checkpoint(path).model, ts, cfg

@@ -80,16 +80,9 @@ def test_spot_rank_is_a_within_spot_mid_rank():
 
 def _trained_on_demo(tmp_path, value_transform: str):
     """(loaded model, training set, run config) of 3 micro steps on the demo sample with these sentence values."""
-    from napari_comtip.io import load_sample
-    from napari_comtip.model.checkpoint import load_checkpoint
+    from _model_common import train_on_demo
 
-    s = load_sample("@demo")
-    ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
-    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": value_transform}},
-                                  "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
-                                  "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
-    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
-    return load_checkpoint(path).model, ts, cfg
+    return train_on_demo(tmp_path, {"value_transform": value_transform})
 
 
 def test_spot_rank_training_calibrates_zero_shot_to_lognorm(tmp_path):

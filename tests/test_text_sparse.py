@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_comtip.engine import run_config as RC
-from napari_comtip.engine import training as T
-from napari_comtip.engine.data import build_training_set
 from napari_comtip.engine.predictors import zero_shot
-from napari_comtip.engine.run_config import DataConfig
 from napari_comtip.errors import ConfigError
 from napari_comtip.model import embed_gene_names, get_preset
 from napari_comtip.model.text import GeneTextEncoder
 
-from _model_common import GENES, one_thread  # noqa: F401  (one_thread is autouse)
+from _model_common import GENES, one_thread, train_on_demo  # noqa: F401  (one_thread is autouse)
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +105,7 @@ def test_every_loss_term_reaches_it(names):
 
 
 def test_training_with_it_stores_it_and_zero_shot_reads_it(tmp_path):
-    from napari_comtip.io import load_sample
-    from napari_comtip.model.checkpoint import load_checkpoint
-
-    s = load_sample("@demo")
-    ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
-    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": {"sparse_pathway": True}},
-                                  "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
-                                  "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
-    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
-    m = load_checkpoint(path).model
+    m, _, _ = train_on_demo(tmp_path, {"sparse_pathway": True})
     assert m.config.text.sparse_pathway and m.text.sparse_mlp is not None
     pred, sd = zero_shot(m, torch.randn(5, m.embed_dim), [0, 1, 2], return_std=True)
     assert pred.shape == (5, 3) and np.isfinite(pred).all() and (sd >= 0).all()
