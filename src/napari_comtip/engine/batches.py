@@ -167,8 +167,9 @@ class BatchSet(torch.utils.data.Dataset):
         else:
             imgs = torch.from_numpy(idx.astype(np.int64))
         expr = torch.from_numpy(np.asarray(self.ts.expr[idx]))
-        # the profile term's input: the log-normalised vector itself (empty when w_profile is off)
-        profile = expr.float() if self.cfg.model.w_profile > 0 else torch.zeros((0, expr.shape[1]))
+        # the profile and value-grid terms' input: the log-normalised vector itself (empty when both are off)
+        m = self.cfg.model
+        profile = expr.float() if m.w_profile > 0 or m.w_grid > 0 else torch.zeros((0, expr.shape[1]))
         if self.cfg.model.text.value_transform == "spot_rank":
             expr = spot_rank(expr)
         dc = self.cfg.data

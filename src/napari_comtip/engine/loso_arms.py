@@ -54,6 +54,11 @@ ARMS: dict[str, dict[str, Any]] = {
                       "model.text.max_genes": 128, "model.vision.colour_features": True},
     "comtip-sparse-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.text.sparse_pathway": True,
                               "model.text.max_genes": 128, "model.w_profile": 1.0, "model.vision.colour_features": True},
+    # the zero-shot readout trained directly (model.w_grid: each image against its genes' value grids)
+    "comtip-grid": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_grid": 1.0,
+                    "model.vision.colour_features": True},
+    "comtip-grid-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
+                            "model.w_grid": 1.0, "model.vision.colour_features": True},
     "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
     "comtip-zs-w3": {"model.w_mfm": 0.0, "data.expressed_weight": 3.0, "model.text.p_single": 0.3},
 }
@@ -83,6 +88,8 @@ ARM_TEXT = {
     "comtip-tokenwise": "comtip-rank-colour with gene tokens that do not attend to each other (mean of per-gene terms) and sentences of up to 256 genes",
     "comtip-sparse": "comtip-rank-colour with the sparse pathway (the sentence as a dense panel vector through an MLP) and sentences of up to 128 genes",
     "comtip-sparse-profile": "comtip-sparse with the profile term (comtip-profile-colour with the sparse pathway and sentences of up to 128 genes)",
+    "comtip-grid": "comtip-rank-colour plus the value-grid term (the zero-shot readout trained: each image against its genes' value grids)",
+    "comtip-grid-profile": "comtip-profile-colour plus the value-grid term",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
     "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
 }

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..constants import Default
 from ..errors import ConfigError, InputError
+from ..model.grid_term import value_sentence_embeddings
 from .ridge_spread import loo_gene_mse, predictive_std, ridge_cov, variance_head
 
 WEIGHTINGS = ("mean", "inverse_distance", "inverse_square")
@@ -40,20 +41,9 @@ def _as_tensor(x, device=None, dtype=torch.float32) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- zero-shot
-@torch.no_grad()
-def zero_shot_sentence_embeddings(model, gene_idx: torch.Tensor, grid: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Embeddings (G', V, D) of the one-gene sentences (gene g, value grid[g, v]), chunked."""
-    g, v = grid.shape
-    dev = model.device
-    idx = gene_idx.to(dev).view(g, 1).expand(g, v).reshape(-1, 1)
-    vals = grid.to(dev).reshape(-1, 1)
-    mask = torch.ones_like(idx, dtype=torch.bool)
-    out = []
-    for s in range(0, idx.shape[0], chunk):
-        # a model with a library-size token reads each sentence at the training mean depth (0)
-        gi, gv, gm = model.with_library_token(idx[s : s + chunk], vals[s : s + chunk], mask[s : s + chunk])
-        out.append(model.encode_genes(gi, gv, gm).float())
-    return torch.cat(out).view(g, v, -1)
+#: the one-gene sentences "g at v", without gradients (model/grid_term.py: the same ones the
+#: value-grid term trains)
+zero_shot_sentence_embeddings = torch.no_grad()(value_sentence_embeddings)
 
 
 def _weights_stamp(model) -> tuple:

@@ -302,6 +302,8 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
                 "elapsed_s": elapsed0 + time.time() - t0,
                 "img_emb_std": _emb_std(emb) if (emb is not None and step % max(1, tc.emb_std_every) == 0) else float("nan"),
                 "i2t_acc": float(outd["i2t_acc"]) if "i2t_acc" in outd else float("nan"),
+                "profile": float(outd["profile"].detach()) if "profile" in outd else 0.0,
+                "grid": float(outd["grid"].detach()) if "grid" in outd else 0.0,
             }
             if dist.main:
                 rf.append_metrics(out / rf.METRICS_FILE, metrics)

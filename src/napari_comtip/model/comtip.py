@@ -2,12 +2,14 @@
 
 ``forward(images, gene_idx, values, mask)`` returns the training losses as a dict::
 
-    loss    = infonce + w_mfm * mfm + w_paat * paat
+    loss    = infonce + w_mfm * mfm + w_paat * paat + w_profile * profile + w_grid * grid
     infonce   symmetric CLIP loss, learnable temperature (logit scale clamped at max_logit_scale)
     mfm       masked feature modelling (0 when w_mfm == 0 or the ViT is frozen, ``vision.freeze: true``)
     paat      pair-aware adversarial term (0 when w_paat == 0 or text.mode == "names"):
               hard-negative CE (image vs its true text and its value-permuted texts)
               [+ w_discriminator * pair-consistency BCE] [+ w_adversarial * FGSM consistency KL]
+    profile   InfoNCE of the image against the whole expression vector (ProfileHead; 0 when off)
+    grid      the zero-shot readout trained directly (model/grid_term.py; 0 when off)
 
 Inference uses :meth:`CoMTIP.preprocess`, :meth:`CoMTIP.encode_image`,
 :meth:`CoMTIP.image_features` and :meth:`CoMTIP.encode_genes`.
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from .config import ComtipConfig
 from .foundation import fully_frozen
+from .grid_term import value_grid_loss
 from .sentences import gene_z, gene_z_stats, permute_values, sample_gene_subsets, spot_rank
 from .colour import N_COLOUR_FEATURES, colour_texture
 from .text import GeneTextEncoder, ProfileHead
@@ -296,7 +299,7 @@ class CoMTIP(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """``pooled=True``: ``images`` are pooled ViT features (B, F) of a frozen ViT (the
         frozen-feature cache, engine/feature_cache.py); the ViT and MFM are skipped. ``profile``:
-        the spots' log-normalised expression (B, G) for the ``w_profile`` term (ignored when off)."""
+        the spots' log-normalised expression (B, G) for the ``w_profile`` and ``w_grid`` terms (ignored when off)."""
         cfg = self.config
         mask = mask.bool()
         if self.training:
@@ -330,7 +333,11 @@ class CoMTIP(nn.Module):
         if self.profile_head is not None and profile is not None and profile.shape[0] == img.shape[0]:
             prof = clip_loss(img, self.profile_head(profile), scale)
         out["profile"] = prof
-        out["loss"] = infonce + cfg.w_mfm * mfm + cfg.w_paat * paat + cfg.w_profile * prof
+        grid = zero
+        if cfg.w_grid > 0 and profile is not None and profile.shape[0] == img.shape[0]:
+            grid = value_grid_loss(self, img, profile, scale, generator)
+        out["grid"] = grid
+        out["loss"] = infonce + cfg.w_mfm * mfm + cfg.w_paat * paat + cfg.w_profile * prof + cfg.w_grid * grid
         with torch.no_grad():
             logits = img @ txt.t()
             out["i2t_acc"] = (logits.argmax(1) == torch.arange(len(img), device=img.device)).float().mean()

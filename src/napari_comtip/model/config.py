@@ -144,6 +144,10 @@ class ZeroShotConfig:
     temperature: float | None = None  # None = the learned CLIP temperature (1 / logit_scale)
     default_max: float = 5.0  # grid upper end when the model has not recorded a value range
     chunk: int = 8192  # sentences encoded per batch
+    # the value-grid training term (ComtipConfig.w_grid, model/grid_term.py): genes drawn per batch
+    # (by their variance in the batch) and the width of the soft label, in grid steps
+    train_genes: int = 16
+    train_sigma: float = 1.0
 
 
 @dataclass
@@ -165,6 +169,9 @@ class ComtipConfig:
     # side to learn from them alone (docs/results.md, "Round of 2026-12-03b"); the sentence term is
     # unchanged and still carries names, values and zero-shot
     w_profile: float = 0.0
+    # weight of the value-grid term (0 = off; model/grid_term.py, docs/model.md): the zero-shot
+    # readout trained directly, each image against the one-gene sentences of its genes' value grids
+    w_grid: float = 0.0
     init_temperature: float = 0.07  # CLIP's initial temperature
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
     learn_temperature: bool = True
@@ -233,7 +240,10 @@ class ComtipConfig:
             raise ConfigError(f"need 1 <= text.min_genes <= text.max_genes, got {t.min_genes}, {t.max_genes}")
         if self.embed_dim < 1 or v.img_size < 8:
             raise ConfigError("embed_dim and vision.img_size must be positive (img_size >= 8)")
-        for name in ("w_mfm", "w_paat", "w_profile"):
+        if self.w_grid > 0 and t.mode != "names+values":
+            raise ConfigError(f"w_grid needs text.mode names+values (it trains the zero-shot readout of gene values), got {t.mode!r}",
+                              hint="set w_grid: 0")
+        for name in ("w_mfm", "w_paat", "w_profile", "w_grid"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.zero_shot.grid < 2:

@@ -67,6 +67,7 @@ RANGES: dict[str, Range] = {
     "w_mfm": _ge(0),
     "w_paat": _ge(0),
     "w_profile": _ge(0),
+    "w_grid": _ge(0),
     "init_temperature": _gt(0),
     "max_logit_scale": _gt(0),
     "patch_um": _gt(0),
@@ -99,6 +100,8 @@ RANGES: dict[str, Range] = {
     "zero_shot.temperature": _gt(0),
     "zero_shot.default_max": _gt(0),
     "zero_shot.chunk": _ge(1),
+    "zero_shot.train_genes": _ge(1),
+    "zero_shot.train_sigma": _ge(0),
     # ---- data (engine.run_config.DataConfig)
     "data.n_hvg": _ge(0),
     "data.n_mean": _ge(0),
