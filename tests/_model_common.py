@@ -21,9 +21,10 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def train_on_demo(tmp_path, text: dict):
+def train_on_demo(tmp_path, text: dict, model: dict | None = None):
     """(loaded model, training set, run config) of 3 micro steps on the demo sample with these
-    ``model.text`` keys: the end-to-end path (training set, pretrain, checkpoint file, load)."""
+    ``model.text`` keys (and other ``model`` keys): the end-to-end path (training set, pretrain,
+    checkpoint file, load)."""
     from napari_comtip.engine import run_config as RC
     from napari_comtip.engine import training as T
     from napari_comtip.engine.data import build_training_set
@@ -33,7 +34,7 @@ def train_on_demo(tmp_path, text: dict):
 
     s = load_sample("@demo")
     ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
-    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"text": dict(text)},
+    cfg = RC.run_config_from_dict({"preset": "micro", "model": {**(model or {}), "text": dict(text)},
                                   "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
                                   "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
     path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
