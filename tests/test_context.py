@@ -8,6 +8,7 @@ from napari_comtip.engine.context import (
     NEIGHBOUR_RADII,
     context_features,
     context_features_grouped,
+    embedding_context,
     neighbour_mean,
     spot_pitch,
 )
@@ -71,3 +72,23 @@ def test_bad_context_and_missing_centres():
         context_features(np.zeros((3, 2)), None, "ring")
     with pytest.raises(InputError, match="spot centre"):
         context_features(np.zeros((30, 2)), None, "neighbours")
+
+
+def test_zero_shot_context_adds_the_neighbourhood_means():
+    rng = np.random.default_rng(3)
+    c = _grid(pitch=12.0)
+    e = rng.normal(size=(len(c), 6)).astype(np.float32)
+    np.testing.assert_array_equal(embedding_context(e, c, "none"), e)
+    want = e + sum(neighbour_mean(e, c, r * 12.0) for r in NEIGHBOUR_RADII)
+    np.testing.assert_allclose(embedding_context(e, c, "neighbours"), want, rtol=1e-5, atol=1e-6)
+    # a spot with no other spot within the radii keeps its own direction (zero-shot renormalises)
+    far = np.vstack([c, [[1e4, 1e4]]])
+    ef = np.vstack([e, rng.normal(size=(1, 6))]).astype(np.float32)
+    np.testing.assert_allclose(embedding_context(ef, far, "neighbours")[-1], 3 * ef[-1], rtol=1e-5)
+    # one spot, or no centres: read as it is
+    np.testing.assert_array_equal(embedding_context(e[:1], c[:1], "neighbours"), e[:1])
+    np.testing.assert_array_equal(embedding_context(e, None, "neighbours"), e)
+    with pytest.raises(ConfigError, match="zero-shot context"):
+        embedding_context(e, c, "section")
+    with pytest.raises(InputError, match="spot centre"):
+        embedding_context(e, c[:5], "neighbours")

@@ -20,7 +20,7 @@ from napari_comtip.constants import Key
 from napari_comtip.engine.predict import predict_sample
 from napari_comtip.engine.predict_file import predict_to_file
 from napari_comtip.engine.predict_inputs import get_checkpoint, resolve_genes
-from napari_comtip.errors import CheckpointError, InputError
+from napari_comtip.errors import CheckpointError, ConfigError, InputError
 
 
 @pytest.fixture(scope="session")
@@ -192,6 +192,30 @@ def test_zero_shot_stays_on_the_value_grid(visium, ckpt, panel):
     grid = model.value_grid(model.gene_index(panel[:5])).numpy()
     assert (ad.X >= grid[:, 0] - 1e-4).all() and (ad.X <= grid[:, -1] + 1e-4).all()
     assert ad.uns[Key.PROVENANCE]["params"]["grid"] == model.config.zero_shot.grid
+
+
+def test_zero_shot_reads_each_spot_in_its_neighbourhood_unless_told_not_to(visium, ckpt, panel):
+    """The default zero-shot input is the spot's embedding with its neighbourhood's
+    (engine/context.embedding_context); ``context="none"`` is the spot alone; obsm keeps the
+    spot's own embedding either way."""
+    from napari_comtip.engine.context import embedding_context
+    from napari_comtip.engine.predict_inputs import get_checkpoint
+    from napari_comtip.engine.predictors import zero_shot
+
+    model = get_checkpoint(ckpt).model
+    genes = panel[:4]
+    ctx = predict_sample(visium, checkpoint=ckpt, mode="zero-shot", device="cpu", genes=genes)
+    raw = predict_sample(visium, checkpoint=ckpt, mode="zero-shot", device="cpu", genes=genes, context="none")
+    assert ctx.uns[Key.PROVENANCE]["params"]["context"] == "neighbours"
+    assert raw.uns[Key.PROVENANCE]["params"]["context"] == "none"
+    emb = np.asarray(raw.obsm[Key.EMBEDDING])
+    np.testing.assert_array_equal(np.asarray(ctx.obsm[Key.EMBEDDING]), emb)
+    np.testing.assert_allclose(raw.X, zero_shot(model, emb, model.gene_index(genes)), rtol=1e-5, atol=1e-6)
+    want = zero_shot(model, embedding_context(emb, visium.centers_rc(), "neighbours"), model.gene_index(genes))
+    np.testing.assert_allclose(ctx.X, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ctx.X, raw.X)
+    with pytest.raises(ConfigError, match="zero-shot context"):
+        predict_sample(visium, checkpoint=ckpt, mode="zero-shot", device="cpu", genes=genes, context="section")
 
 
 def test_checkpoint_evaluation_warns_about_an_unreliable_predictor(visium, ckpt, panel, tmp_path, recwarn):

@@ -68,6 +68,9 @@ class Default:
     PROBE_ALPHA: Final = None  # ridge penalty of the probe; None = chosen from PROBE_ALPHAS by leave-one-out
     PROBE_ALPHAS: Final = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # the grid (the same for the ridge floor)
     PROBE_CONTEXT: Final = "neighbours"  # probe input: engine/context.py CONTEXTS (none, section, neighbours)
+    # zero-shot input: engine/context.py ZERO_SHOT_CONTEXTS (none, neighbours); the rule of
+    # docs/results.md (2026-12-07) made "neighbours" the default
+    ZERO_SHOT_CONTEXT: Final = "neighbours"
     # napari display (``_widgets/``)
     HEATMAP_COLORMAP: Final = "inferno"  # colormap of predicted/measured expression
     HEATMAP_PERCENTILES: Final = (1.0, 99.0)  # shared contrast limits of predicted + measured

@@ -23,7 +23,8 @@ Predictors scored for each learned arm (``LEARNED_MODES``): ``retrieval``; ``pro
 the spot's own pooled features, the rule before spatial context); ``probe`` (the checkpoint's stored
 probe, in the recipe's ``training.probe_context``, engine/context.py); ``floor+probe`` (the probe
 rule on the floor's features and the encoder's side by side: the ``floor+comtip`` control);
-``zero-shot``. The floor arm reports ``ridge`` (its own features) and ``ridge-ctx`` (the same
+``zero-shot-raw`` (zero-shot on each spot's own image embedding) and ``zero-shot`` (the user's
+predictor: the embedding in its neighbourhood, ``Default.ZERO_SHOT_CONTEXT``). The floor arm reports ``ridge`` (its own features) and ``ridge-ctx`` (the same
 features in the probe's context).
 
 Every (arm, section) result is written to ``<out>/<arm>/<section>/result.json`` as soon as it
@@ -199,15 +200,16 @@ def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, 
 
     out: dict[str, dict[str, Any]] = {}
     if cfg.model.text.mode == "names" or is_untrained(arm):  # zero-shot is undefined / meaningless there
-        modes = [m for m in modes if m != "zero-shot"]
+        modes = [m for m in modes if not m.startswith("zero-shot")]
     for mode in modes:
         t1 = time.time()
         if mode == "floor+probe":
             out[mode] = _floor_plus_probe(ckpt, train_samples, test_sample, panel, cfg, device)
             continue
-        kw = {"reference": train_samples, "context": "none"} if mode == "probe-raw" else {}
-        pred = predict_sample(test_sample, checkpoint=str(ckpt), mode="probe" if mode == "probe-raw" else mode,
-                              device=device, **kw)
+        kw = ({"reference": train_samples, "context": "none"} if mode == "probe-raw"
+              else {"context": "none"} if mode == "zero-shot-raw" else {})
+        user_mode = {"probe-raw": "probe", "zero-shot-raw": "zero-shot"}.get(mode, mode)
+        pred = predict_sample(test_sample, checkpoint=str(ckpt), mode=user_mode, device=device, **kw)
         m = evaluate_predictions(pred, test_sample.expression)
         m.update(mode=mode, seconds=time.time() - t1)
         if "uncertainty" in pred.layers:

@@ -96,9 +96,11 @@ ARM_TEXT = {
 #: The floor arm's predictors: its colour-texture features alone, and in the probe's spatial context.
 FLOOR_MODES = ("ridge", "ridge-ctx")
 #: Every predictor the benchmark scores for a learned arm: the user's predictors (constants.PREDICT_MODES)
-#: and two benchmark-only variants, ``probe-raw`` (ridge on the spot's own pooled features, no
-#: context) and ``floor+probe`` (the probe rule on the floor's and the encoder's features side by side).
-LEARNED_MODES = ("retrieval", "probe-raw", "probe", "floor+probe", "zero-shot")
+#: and three benchmark-only variants, ``probe-raw`` (ridge on the spot's own pooled features, no
+#: context), ``floor+probe`` (the probe rule on the floor's and the encoder's features side by side)
+#: and ``zero-shot-raw`` (zero-shot on the spot's own embedding, no neighbourhood; what ``zero-shot``
+#: was before 2026-12-07).
+LEARNED_MODES = ("retrieval", "probe-raw", "probe", "floor+probe", "zero-shot-raw", "zero-shot")
 #: Predictors in table order.
 MODE_ORDER = FLOOR_MODES + LEARNED_MODES
 

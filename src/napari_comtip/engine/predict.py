@@ -87,7 +87,9 @@ def predict_sample(
     ``alpha``: ridge penalty when a probe is fitted here (None: chosen by leave-one-out on the
     reference spots, see :func:`~napari_comtip.engine.predictors.loo_ridge_alpha`). ``context``:
     the input of a probe fitted here (:mod:`engine.context`; default ``Default.PROBE_CONTEXT``);
-    a checkpoint's stored probe always uses the context it was fitted with.
+    a checkpoint's stored probe always uses the context it was fitted with. For zero-shot, the
+    image embeddings it reads (``none`` or ``neighbours``, default ``Default.ZERO_SHOT_CONTEXT``;
+    ``obsm`` keeps each spot's own embedding).
     """
     import anndata
 
@@ -133,15 +135,16 @@ def predict_sample(
                 raise InputError(f"{ck_label} stores no probe",
                                  hint="pass --reference with a dataset that has expression to fit one, "
                                       "or use --mode retrieval / zero-shot")
-    from .context import check_context, context_features, fit_context_probe
+    from .context import check_context, check_zero_shot_context, context_features, embedding_context, fit_context_probe
 
+    zs_context = check_zero_shot_context(context or Default.ZERO_SHOT_CONTEXT) if mode == "zero-shot" else None
     if mode == "probe" and reference is None:
         stored = probe.context
         if context is not None and check_context(context) != stored:
             raise InputError(f"the probe of {ck_label} was fitted with context '{stored}', not '{context}'",
                              hint="leave the context out, or pass --reference to fit a new probe")
         context = stored
-    context = check_context(context or Default.PROBE_CONTEXT)
+    context = check_context(Default.PROBE_CONTEXT if mode == "zero-shot" else (context or Default.PROBE_CONTEXT))
     if reference is not None and mode != "zero-shot":
         refs = as_samples(reference, reference_samples, progress)
         ref = reference_data(refs, model, panel, device=dev, batch_size=batch_size, features=mode == "probe",
@@ -198,7 +201,9 @@ def predict_sample(
             probe = predictors.Probe.from_dict(probe.to_dict() if hasattr(probe, "to_dict") else probe)
     else:
         params = {"grid": int(model.config.zero_shot.grid),
-                  "temperature": model.config.zero_shot.temperature or float(model.temperature())}
+                  "temperature": model.config.zero_shot.temperature or float(model.temperature()),
+                  "context": zs_context}
+        zs_in = embedding_context(np.asarray(emb.image, dtype=np.float32), sample.centers_rc(), zs_context)
     if ref is None:  # the checkpoint's own bank / probe / text encoder: its stored evaluation applies
         warn_if_unreliable(ck, mode)
 
@@ -217,7 +222,7 @@ def predict_sample(
             xa, ua = predictors.probe_predict(probe, probe_in[a:b], return_std=True)
             xa, ua = xa[:, probe_cols], None if ua is None else ua[:, probe_cols]
         else:
-            xa, ua = predictors.zero_shot(model, e, gene_idx, return_std=True)
+            xa, ua = predictors.zero_shot(model, zs_in[a:b], gene_idx, return_std=True)
         X[a:b] = xa
         if ua is None:
             U = None
