@@ -116,9 +116,9 @@ def embedding_context(emb: np.ndarray, centres: np.ndarray | None, context: str)
     """Zero-shot's input (N, D) for the spots of ONE section: ``none`` the image embeddings as
     they are; ``neighbours`` each spot's embedding plus its means over the spots within the
     probe's radii (``NEIGHBOUR_RADII`` grid pitches), equal weights (zero-shot renormalises).
-    Why: expression is spatially smooth and one spot's patch is a noisy view of it (docs/results.md,
-    round of 2026-12-07: +0.01 to +0.03 HEG-50 on every held-out fold). A sample of fewer than two
-    spots, or without centres, is read as it is."""
+    Why: expression is spatially smooth and one spot's patch is a noisy view of it
+    (docs/results.md, round of 2026-12-07b: higher zero-shot HEG-50 on 25 of 26 held-out folds,
+    up to +0.03). A sample of fewer than two spots, or without centres, is read as it is."""
     e = np.asarray(emb, dtype=np.float64)
     if e.ndim != 2:
         raise InputError(f"image embeddings must be (N, D), got shape {e.shape}")
