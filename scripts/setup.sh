@@ -32,9 +32,11 @@ TORCH_SPEC=${COMTIP_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 if ! .venv/bin/python -c "import napari_comtip, torch, napari, pytestqt" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.comtip-installed ]; then
     echo "setup: installing Python packages into .venv (a few minutes the first time)"
-    .venv/bin/python -m pip install -q --upgrade pip wheel
+    # --no-cache-dir: no second copy of the wheels (torch and its CUDA libraries are ~4 GB) in
+    # ~/.cache/pip; a CI run once failed on a full disk while installing them
+    .venv/bin/python -m pip install -q --no-cache-dir --upgrade pip wheel
     # shellcheck disable=SC2086
-    .venv/bin/python -m pip install -q $TORCH_SPEC -e ".[qt,dev]"
+    .venv/bin/python -m pip install -q --no-cache-dir $TORCH_SPEC -e ".[qt,dev]"
     touch .venv/.comtip-installed
 fi
 echo "setup: ready ($(.venv/bin/python -c 'import napari_comtip, torch; print("napari-comtip", napari_comtip.__version__, "torch", torch.__version__)'))"
