@@ -151,8 +151,11 @@ def context_features_grouped(features: np.ndarray, centres: np.ndarray | None, g
     return out if out is not None else np.zeros((0, f.shape[1] if f.ndim == 2 else 0), np.float32)
 
 
-__all__ = ["CONTEXTS", "ZERO_SHOT_CONTEXTS", "check_zero_shot_context", "embedding_context", "NEIGHBOUR_RADII", "MIN_SECTION_SPOTS", "check_context", "spot_pitch", "neighbour_mean",
-           "context_features", "context_features_grouped"]
+__all__ = [
+    "CONTEXTS", "ZERO_SHOT_CONTEXTS", "check_zero_shot_context", "embedding_context",
+    "NEIGHBOUR_RADII", "MIN_SECTION_SPOTS", "check_context", "spot_pitch", "neighbour_mean",
+    "context_features", "context_features_grouped"
+]
 
 
 # --------------------------------------------------------------------------- the penalty of a context probe

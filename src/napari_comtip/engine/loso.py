@@ -24,7 +24,8 @@ the spot's own pooled features, the rule before spatial context); ``probe`` (the
 probe, in the recipe's ``training.probe_context``, engine/context.py); ``floor+probe`` (the probe
 rule on the floor's features and the encoder's side by side: the ``floor+comtip`` control);
 ``zero-shot-raw`` (zero-shot on each spot's own image embedding) and ``zero-shot`` (the user's
-predictor: the embedding in its neighbourhood, ``Default.ZERO_SHOT_CONTEXT``). The floor arm reports ``ridge`` (its own features) and ``ridge-ctx`` (the same
+predictor: the embedding in its neighbourhood, ``Default.ZERO_SHOT_CONTEXT``). The floor arm
+reports ``ridge`` (its own features) and ``ridge-ctx`` (the same
 features in the probe's context).
 
 Every (arm, section) result is written to ``<out>/<arm>/<section>/result.json`` as soon as it

@@ -241,7 +241,7 @@ class ComtipConfig:
         if self.embed_dim < 1 or v.img_size < 8:
             raise ConfigError("embed_dim and vision.img_size must be positive (img_size >= 8)")
         if self.w_grid > 0 and t.mode != "names+values":
-            raise ConfigError(f"w_grid needs text.mode names+values (it trains the zero-shot readout of gene values), got {t.mode!r}",
+            raise ConfigError(f"w_grid needs text.mode names+values (it trains the zero-shot readout), got {t.mode!r}",
                               hint="set w_grid: 0")
         for name in ("w_mfm", "w_paat", "w_profile", "w_grid"):
             if getattr(self, name) < 0:

@@ -39,7 +39,10 @@ def draw_grid_genes(text_values: torch.Tensor, k: int, generator: torch.Generato
     """``k`` panel genes that vary in the batch, drawn without replacement with probability
     proportional to their variance over the batch's spots (a gene constant in the batch teaches
     the readout nothing). Fewer when fewer genes vary; empty when none does."""
-    var = text_values.float().var(0, unbiased=False) if text_values.shape[0] > 1 else text_values.new_zeros(text_values.shape[1])
+    if text_values.shape[0] > 1:
+        var = text_values.float().var(0, unbiased=False)
+    else:
+        var = text_values.new_zeros(text_values.shape[1])
     var = torch.nan_to_num(var, nan=0.0).clamp_min(0.0)
     n = int((var > 0).sum())
     if n == 0 or k < 1:
