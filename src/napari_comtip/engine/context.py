@@ -119,17 +119,17 @@ def embedding_context(emb: np.ndarray, centres: np.ndarray | None, context: str)
     Why: expression is spatially smooth and one spot's patch is a noisy view of it
     (docs/results.md, round of 2026-12-07b: higher zero-shot HEG-50 on 25 of 26 held-out folds,
     up to +0.03). A sample of fewer than two spots, or without centres, is read as it is."""
-    e = np.asarray(emb, dtype=np.float64)
+    e = np.asarray(emb, dtype=np.float32)
     if e.ndim != 2:
         raise InputError(f"image embeddings must be (N, D), got shape {e.shape}")
     if check_zero_shot_context(context) == "none" or centres is None or len(e) < 2:
-        return e.astype(np.float32)
+        return e
     if len(centres) != len(e):
         raise InputError("the 'neighbours' zero-shot context needs one spot centre per embedding row")
     pitch = spot_pitch(centres)
     if not np.isfinite(pitch):
-        return e.astype(np.float32)
-    out = e.copy()
+        return e
+    out = e.astype(np.float64)
     for r in NEIGHBOUR_RADII:
         out += neighbour_mean(e, centres, r * pitch)
     return out.astype(np.float32)

@@ -207,9 +207,9 @@ def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, 
         if mode == "floor+probe":
             out[mode] = _floor_plus_probe(ckpt, train_samples, test_sample, panel, cfg, device)
             continue
-        kw = ({"reference": train_samples, "context": "none"} if mode == "probe-raw"
-              else {"context": "none"} if mode == "zero-shot-raw" else {})
-        user_mode = {"probe-raw": "probe", "zero-shot-raw": "zero-shot"}.get(mode, mode)
+        # the "-raw" variants: the user's predictor on the spot alone (a probe fitted here without context)
+        user_mode, kw = {"probe-raw": ("probe", {"reference": train_samples, "context": "none"}),
+                         "zero-shot-raw": ("zero-shot", {"context": "none"})}.get(mode, (mode, {}))
         pred = predict_sample(test_sample, checkpoint=str(ckpt), mode=user_mode, device=device, **kw)
         m = evaluate_predictions(pred, test_sample.expression)
         m.update(mode=mode, seconds=time.time() - t1)

@@ -137,14 +137,16 @@ def predict_sample(
                                       "or use --mode retrieval / zero-shot")
     from .context import check_context, check_zero_shot_context, context_features, embedding_context, fit_context_probe
 
-    zs_context = check_zero_shot_context(context or Default.ZERO_SHOT_CONTEXT) if mode == "zero-shot" else None
-    if mode == "probe" and reference is None:
-        stored = probe.context
-        if context is not None and check_context(context) != stored:
-            raise InputError(f"the probe of {ck_label} was fitted with context '{stored}', not '{context}'",
-                             hint="leave the context out, or pass --reference to fit a new probe")
-        context = stored
-    context = check_context(Default.PROBE_CONTEXT if mode == "zero-shot" else (context or Default.PROBE_CONTEXT))
+    if mode == "zero-shot":  # the embeddings zero-shot reads (engine/context.embedding_context)
+        context = check_zero_shot_context(context or Default.ZERO_SHOT_CONTEXT)
+    else:
+        if mode == "probe" and reference is None:
+            stored = probe.context
+            if context is not None and check_context(context) != stored:
+                raise InputError(f"the probe of {ck_label} was fitted with context '{stored}', not '{context}'",
+                                 hint="leave the context out, or pass --reference to fit a new probe")
+            context = stored
+        context = check_context(context or Default.PROBE_CONTEXT)
     if reference is not None and mode != "zero-shot":
         refs = as_samples(reference, reference_samples, progress)
         ref = reference_data(refs, model, panel, device=dev, batch_size=batch_size, features=mode == "probe",
@@ -202,8 +204,8 @@ def predict_sample(
     else:
         params = {"grid": int(model.config.zero_shot.grid),
                   "temperature": model.config.zero_shot.temperature or float(model.temperature()),
-                  "context": zs_context}
-        zs_in = embedding_context(np.asarray(emb.image, dtype=np.float32), sample.centers_rc(), zs_context)
+                  "context": context}
+        zs_in = embedding_context(emb.image, sample.centers_rc(), context)
     if ref is None:  # the checkpoint's own bank / probe / text encoder: its stored evaluation applies
         warn_if_unreliable(ck, mode)
 
