@@ -1,8 +1,8 @@
 """Derive a LOSO arm's fold checkpoints from another arm's when the difference changes no training step.
 
 ``model.vision.colour_features`` only appends the colour-texture statistics of the input patch to
-the features the probe reads (docs/model.md): the weights a run learns are the same with and
-without it. Training the arm again would cost the CPU time of the parent arm for the same weights,
+the features the probe reads, ``model.vision.test_views`` only averages inference over flips and
+quarter turns (docs/model.md): the weights a run learns are the same with and without them. Training the arm again would cost the CPU time of the parent arm for the same weights,
 so this copies each fold's run folder of ``--from`` under ``--to`` with the child arm's model
 overrides written into the checkpoint's config, and leaves the parent's ``result.json`` there;
 ``comtip benchmark-loso --reevaluate --arms CHILD`` then re-fits the probe (now with the new
@@ -23,7 +23,7 @@ import torch
 from napari_comtip.engine.loso_arms import ARMS
 
 #: model config keys that do not change a training step (the probe's input only)
-NO_TRAINING_EFFECT = {"model.vision.colour_features"}
+NO_TRAINING_EFFECT = {"model.vision.colour_features", "model.vision.test_views"}
 
 
 def derive(out: Path, parent: str, child: str) -> list[Path]:

@@ -12,6 +12,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "ridge": {},
     "untrained": {},  # the config's architecture with random weights: no training step (save_untrained)
     "untrained-colour": {"model.vision.colour_features": True},  # ... with the probe's colour statistics
+    "untrained-colour-views": {"model.vision.colour_features": True, "model.vision.test_views": 8},
     "comtip": {},
     "comtip-nomfm": {"model.w_mfm": 0.0},
     "comtip-nopaat": {"model.w_paat": 0.0},
@@ -55,6 +56,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "comtip-sparse-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.text.sparse_pathway": True,
                               "model.text.max_genes": 128, "model.w_profile": 1.0, "model.vision.colour_features": True},
     # the zero-shot readout trained directly (model.w_grid: each image against its genes' value grids)
+    # test-time views change no training step: derived from the parents' folds (scripts/derive_fold_arm.py)
+    "comtip-rank-colour-views": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
+                                 "model.vision.colour_features": True, "model.vision.test_views": 8},
+    "comtip-profile-colour-views": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
+                                    "model.vision.colour_features": True, "model.vision.test_views": 8},
     "comtip-grid": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_grid": 1.0,
                     "model.vision.colour_features": True},
     "comtip-grid-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
@@ -66,6 +72,7 @@ ARM_TEXT = {
     "ridge": "colour-texture features + ridge (floor)",
     "untrained": "the recipe's architecture with random weights, same probe rule (control)",
     "untrained-colour": "the untrained control, its probe also reading the patch's colour-texture statistics",
+    "untrained-colour-views": "untrained-colour, each patch read as the mean over its 8 flips and quarter turns",
     "comtip": "CoMTIP: names+values, MFM, PAAT",
     "comtip-nomfm": "names+values, PAAT, no MFM",
     "comtip-nopaat": "names+values, MFM, no PAAT",
@@ -88,6 +95,8 @@ ARM_TEXT = {
     "comtip-tokenwise": "comtip-rank-colour with gene tokens that do not attend to each other (mean of per-gene terms) and sentences of up to 256 genes",
     "comtip-sparse": "comtip-rank-colour with the sparse pathway (the sentence as a dense panel vector through an MLP) and sentences of up to 128 genes",
     "comtip-sparse-profile": "comtip-sparse with the profile term (comtip-profile-colour with the sparse pathway and sentences of up to 128 genes)",
+    "comtip-rank-colour-views": "comtip-rank-colour, each patch read as the mean over its 8 flips and quarter turns (test-time views)",
+    "comtip-profile-colour-views": "comtip-profile-colour, each patch read as the mean over its 8 flips and quarter turns",
     "comtip-grid": "comtip-rank-colour plus the value-grid term (the zero-shot readout trained: each image against its genes' value grids)",
     "comtip-grid-profile": "comtip-profile-colour plus the value-grid term",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",

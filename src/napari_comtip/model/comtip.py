@@ -32,7 +32,7 @@ from .grid_term import value_grid_loss
 from .sentences import gene_z, gene_z_stats, permute_values, sample_gene_subsets, spot_rank
 from .colour import N_COLOUR_FEATURES, colour_texture
 from .text import GeneTextEncoder, ProfileHead
-from .vision import MaskedViT, resolve_normalization
+from .vision import MaskedViT, mean_over_views, resolve_normalization
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -161,32 +161,44 @@ class CoMTIP(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-projection ViT features (B, F) (what the projection reads)."""
+        """Pooled pre-projection ViT features (B, F) of the patches as given (what the projection reads in training)."""
         return self.vision(x)
 
     def probe_features(self, x: torch.Tensor) -> torch.Tensor:
         """The probe's input (B, F'): the pooled ViT features, followed by the colour-texture
         statistics of the input patch when ``vision.colour_features`` (model/colour.py)."""
-        return self._with_colour(x, self.vision(x))
+        return self._with_colour(x, self._pooled(x))
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled ViT features; at inference (eval mode) their mean over ``vision.test_views``
+        flips and rotations of each patch (model/vision.py ``mean_over_views``; the colour
+        statistics likewise)."""
+        return mean_over_views(self.vision, x, self._views())
+
+    def _views(self) -> int:
+        return 1 if self.training else int(self.config.vision.test_views)
 
     @property
     def probe_feature_spec(self) -> str:
-        """What :meth:`probe_features` returns, for the embedding cache's signature."""
-        return f"vit-{self.config.vision.pool}" + (f"+colour{N_COLOUR_FEATURES}" if self.config.vision.colour_features else "")
+        """What :meth:`probe_features` (and, for the views, the embedding) returns, for the embedding cache's signature."""
+        v = self.config.vision
+        return f"vit-{v.pool}" + (f"+colour{N_COLOUR_FEATURES}" if v.colour_features else "") + (
+            f"+views{v.test_views}" if v.test_views > 1 else "")
 
     def _with_colour(self, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         if not self.config.vision.colour_features:
             return feats
         rgb = ((x.float() * self.pixel_std + self.pixel_mean) / 255.0).clamp(0.0, 1.0)  # undo preprocess
-        return torch.cat([feats.float(), colour_texture(rgb.permute(0, 2, 3, 1))], 1)
+        stats = mean_over_views(lambda t: colour_texture(t.permute(0, 2, 3, 1)), rgb, self._views())
+        return torch.cat([feats.float(), stats], 1)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embedding in the shared space (B, D)."""
-        return F.normalize(self.image_proj(self.vision(x)), dim=-1)
+        return F.normalize(self.image_proj(self._pooled(x)), dim=-1)
 
     def encode_image_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both at the cost of one ViT pass: ((B, D) embedding, (B, F) features)."""
-        feats = self.vision(x)
+        feats = self._pooled(x)
         return F.normalize(self.image_proj(feats), dim=-1), self._with_colour(x, feats)
 
     # ------------------------------------------------------------------ genes

@@ -28,6 +28,10 @@ TEXT_MODES = ("names+values", "names", "values")
 VALUE_ENCODINGS = ("fourier", "binned")
 TOKEN_COMBINATIONS = ("sum", "concat")
 POOLS_VISION = ("cls", "mean", "cls+mean")  # cls+mean: both concatenated (Virchow2's embedding)
+#: test-time views a model may average its pooled features over (``vision.test_views``): the
+#: patch itself; + its mirror image; + upside down and turned by 180 degrees; all 8 symmetries of
+#: the square (H&E tissue has no preferred orientation; model/vision.py ``dihedral_view``)
+TEST_VIEWS = (1, 2, 4, 8)
 POOLS_TEXT = ("attention", "mean")
 VALUE_TRANSFORMS = ("lognorm", "spot_rank", "gene_z")
 MFM_LOSSES = ("mse", "cosine")
@@ -53,6 +57,10 @@ class VisionConfig:
     # input patch (model/colour.py, the floor's features) to the pooled features the probe and the
     # embedding cache read; training, the embedding and zero-shot are unchanged (docs/model.md)
     colour_features: bool = False
+    # test-time views: at inference the pooled features (so the embedding, the probe's features,
+    # zero-shot and retrieval) are the mean over this many flips/rotations of each patch
+    # (TEST_VIEWS; training is unchanged; docs/model.md "Test-time views")
+    test_views: int = 1
 
 
 @dataclass
@@ -217,6 +225,9 @@ class ComtipConfig:
         _choice("text.combination", t.combination, TOKEN_COMBINATIONS)
         _choice("text.pool", t.pool, POOLS_TEXT)
         _choice("vision.pool", v.pool, POOLS_VISION)
+        if v.test_views not in TEST_VIEWS:
+            raise ConfigError(f"vision.test_views must be one of {', '.join(map(str, TEST_VIEWS))}; got {v.test_views!r}",
+                              hint="8 averages over every flip and quarter turn of a patch, 1 reads it as it is")
         _choice("mask.loss", self.mask.loss, MFM_LOSSES)
         _choice("text.subset_sizes", t.subset_sizes, SUBSET_SIZES)
         check_ranges(self)  # every numeric key against the table in config_checks.py

@@ -21,10 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .config import ComtipConfig
+from .config import TEST_VIEWS, ComtipConfig
 from .foundation import apply_freeze, fully_frozen, hub_settings, load_vision_weights
 
-__all__ = ["MaskedViT", "create_vit", "resolve_normalization", "load_vision_weights", "mfm_distance"]
+__all__ = ["MaskedViT", "create_vit", "resolve_normalization", "load_vision_weights", "mfm_distance",
+           "TEST_VIEWS", "dihedral_view", "mean_over_views"]
 
 _REQUIRED = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens")
 
@@ -229,3 +230,26 @@ def mfm_distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.T
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
     raise ConfigError(f"mask.loss must be mse or cosine, got {kind!r}")
+
+
+def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View ``k`` (0..7) of images ``x`` (B, C, H, W) under the 8 symmetries of the square, in the
+    order of :data:`TEST_VIEWS`: identity, mirror, upside down, 180 degrees, then the quarter turns
+    (90, 270) and the two diagonal mirrors."""
+    if not 0 <= k < 8:
+        raise ValueError(f"view index must be in 0..7, got {k}")
+    flip, rot = ((False, 0), (True, 0), (True, 2), (False, 2), (False, 1), (False, 3), (True, 1), (True, 3))[k]
+    y = torch.flip(x, dims=[3]) if flip else x
+    return torch.rot90(y, rot, dims=(2, 3)) if rot else y
+
+
+def mean_over_views(fn, x: torch.Tensor, views: int) -> torch.Tensor:
+    """``fn(x)`` averaged over the first ``views`` dihedral views of ``x`` (one view at a time, so
+    memory stays that of one batch)."""
+    out = fn(x)
+    if views <= 1:
+        return out
+    acc = out.float()
+    for k in range(1, int(views)):
+        acc = acc + fn(dihedral_view(x, k)).float()
+    return (acc / int(views)).to(out.dtype)
