@@ -95,3 +95,33 @@ def test_a_view_count_outside_the_list_is_refused(bad):
     assert cfg.vision.test_views in TEST_VIEWS
     with pytest.raises(ConfigError, match="vision.test_views must be one of 1, 2, 4, 8"):
         cfg.replace(vision__test_views=bad)
+
+
+def test_refit_reads_the_bank_with_the_views_of_the_checkpoint(tmp_path):
+    """A checkpoint switched to 8 views after training (scripts/derive_fold_arm.py, the bundled
+    checkpoints) gets its bank re-embedded and its probe re-fitted on the same reading."""
+    from _model_common import train_on_demo
+
+    from napari_comtip.engine.bank_probe import embed_patches, refit_probe
+    from napari_comtip.io import load_sample
+    from napari_comtip.model.checkpoint import load_checkpoint
+
+    train_on_demo(tmp_path, {"mode": "names+values"})
+    path = tmp_path / "run" / "model.pt"
+    blob = torch.load(path, weights_only=True)
+    before = blob["bank"]["emb"].float()
+    blob["config"]["vision"]["test_views"] = 8
+    torch.save(blob, path)
+    res = refit_probe(path, [load_sample("@demo")], device="cpu")
+    assert res["bank_reembedded"]
+    ck = load_checkpoint(path)
+    assert ck.model.config.vision.test_views == 8
+    from napari_comtip.engine.data import build_training_set
+    from napari_comtip.engine.run_config import DataConfig
+
+    cfg = ck.model.config
+    same = build_training_set([load_sample("@demo")], DataConfig(unlabelled=False), patch_um=cfg.patch_um,
+                              img_size=cfg.vision.img_size, panel=ck.gene_panel)  # the spots refit reads
+    want, _ = embed_patches(ck.model, same.patches, torch.device("cpu"), features=False)
+    torch.testing.assert_close(ck.bank.emb, torch.from_numpy(want).half().float())
+    assert (ck.bank.emb - before).abs().max() > 1e-3

@@ -189,9 +189,16 @@ def test_refit_probe_replaces_only_the_probe(demo_set, tmp_path):
     assert res["n_spots"] == demo_set.n_spots
     for k, v in before["state_dict"].items():
         assert torch.equal(v, after["state_dict"][k]), k
-    assert torch.equal(before["bank"]["emb"], after["bank"]["emb"])
+    # the bank holds these very spots, so it is re-embedded: the same model reads them the same way
+    assert after["bank"]["ids"] == before["bank"]["ids"]
+    torch.testing.assert_close(before["bank"]["emb"].float(), after["bank"]["emb"].float(), atol=2e-3, rtol=0)
+    assert torch.equal(before["bank"]["expr"], after["bank"]["expr"])
     upd = after["provenance"]["updates"][-1]
-    assert upd["what"] == "probe re-fitted" and upd["why"] == "test" and upd["samples"] == ["C2"]
+    assert upd["what"] == "probe re-fitted, bank re-embedded, zero-shot spread fitted"
+    assert upd["why"] == "test" and upd["samples"] == ["C2"]
+    assert res["bank_reembedded"] and res["zero_shot_spread"]
+    spread = after["extras"]["zero_shot_spread"]
+    assert spread["b"].shape == (len(demo_set.panel),) and spread["samples"] == ["C2"]
     assert load_checkpoint(path).probe.alpha == res["alpha"]
     BP.refit_probe(path, [load_sample("@demo")], device="cpu", context="none")
     assert _state(path)["probe"]["alpha_rule"] == "leave-one-out" and _state(path)["probe"]["context"] == "none"

@@ -21,6 +21,8 @@ from ..constants import Default
 from .context import context_features_grouped, fit_context_probe
 from .data import TrainingSet, build_training_set
 from .run_config import DataConfig, RunConfig
+from .zero_shot_spread import EXTRAS_KEY as SPREAD_KEY
+from .zero_shot_spread import fit_spread
 
 
 @torch.no_grad()
@@ -63,13 +65,38 @@ def build_bank_and_probe(model, ts: TrainingSet, device, cfg: RunConfig) -> dict
         probe["source"] = "training spots (no augmentation)"
         probe["context"] = ctx
         extras["probe"] = probe
+    spread = fit_zero_shot_spread(model, emb, ts, source="training spots (no augmentation)")
+    if spread is not None:
+        extras[SPREAD_KEY] = spread
     return extras
+
+
+def fit_zero_shot_spread(model, emb: np.ndarray, ts: TrainingSet, *, source: str,
+                         context: str = Default.ZERO_SHOT_CONTEXT) -> dict[str, Any] | None:
+    """Zero-shot's residual spread (engine/zero_shot_spread.py) on the labelled spots of ``ts``
+    from their image embeddings ``emb`` (each section in its own spatial ``context``, as zero-shot
+    predicts); None for a model without zero-shot (text.mode names)."""
+    if not model.text.encodes_values or ts.n_spots < 2:
+        return None
+    from . import predictors
+    from .context import embedding_context
+
+    x = np.empty_like(np.asarray(emb, np.float32))
+    for k in np.unique(ts.sample_of):
+        rows = np.flatnonzero(ts.sample_of == k)
+        x[rows] = embedding_context(emb[rows], None if ts.centres_rc is None else ts.centres_rc[rows], context)
+    entry: dict[str, Any] = fit_spread(predictors.zero_shot(model, x), ts.expr)
+    entry.update(context=context, n_spots=int(ts.n_spots), source=source, samples=list(ts.names))
+    return entry
 
 
 def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str = "auto", alpha: float | None = None,
                 note: dict | None = None, context: str = Default.PROBE_CONTEXT) -> dict[str, Any]:
     """Re-fit the ridge probe stored in ``checkpoint`` on ``samples`` (loaded SpatialSamples with
-    expression), in place and atomically; the encoder, bank and config are not touched.
+    expression), in place and atomically, and zero-shot's residual spread on the same spots; the
+    encoder and config are not touched. The retrieval bank is re-embedded when it holds exactly
+    these spots (its embeddings then follow the model's current reading, e.g. ``vision.test_views``);
+    a bank of other spots is kept as it is.
 
     For a checkpoint trained before the current probe rule, or to move its probe to other
     labelled sections. ``alpha=None``: leave-one-out choice (:func:`predictors.loo_ridge_alpha`).
@@ -84,14 +111,23 @@ def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str
     ts = build_training_set(samples, DataConfig(unlabelled=False), patch_um=cfg.patch_um,
                             img_size=cfg.vision.img_size, panel=ck.gene_panel)
     ck.model.to(dev)
-    _, feats = embed_patches(ck.model, ts.patches, dev)
+    emb, feats = embed_patches(ck.model, ts.patches, dev)
     x = context_features_grouped(feats, ts.centres_rc, ts.sample_of, context)
     probe = fit_context_probe(x, ts.expr, context, ts.centres_rc, ts.sample_of, alpha=alpha, genes=ts.panel).to_dict()
-    probe["source"] = f"spots of {', '.join(ts.names)} (no augmentation)"
+    source = f"spots of {', '.join(ts.names)} (no augmentation)"
+    probe["source"] = source
     probe["context"] = context
-    update_checkpoint(checkpoint, probe=probe, note=dict(note or {}, what="probe re-fitted", samples=list(ts.names),
-                                                         n_spots=ts.n_spots, alpha=probe["alpha"], alpha_rule=probe["alpha_rule"]))
-    return {"alpha": probe["alpha"], "alpha_scores": probe["alpha_scores"], "n_spots": ts.n_spots}
+    spread = fit_zero_shot_spread(ck.model, emb, ts, source=source)
+    bank = None
+    if ck.bank is not None and list(ck.bank.ids) == list(ts.spot_ids):
+        bank = {"emb": torch.from_numpy(emb).half(), "expr": ck.bank.expr.half(), "ids": list(ck.bank.ids),
+                **ck.bank.meta}
+    update_checkpoint(checkpoint, probe=probe, bank=bank, extras=None if spread is None else {SPREAD_KEY: spread},
+                      note=dict(note or {}, what="probe re-fitted" + (", bank re-embedded" if bank else "")
+                                + (", zero-shot spread fitted" if spread else ""), samples=list(ts.names),
+                                n_spots=ts.n_spots, alpha=probe["alpha"], alpha_rule=probe["alpha_rule"]))
+    return {"alpha": probe["alpha"], "alpha_scores": probe["alpha_scores"], "n_spots": ts.n_spots,
+            "bank_reembedded": bank is not None, "zero_shot_spread": spread is not None}
 
 
 def panel_rule_text(dc: DataConfig) -> str:
@@ -108,4 +144,4 @@ def save_final(path: Path, model, panel: Sequence[str], extras: dict[str, Any], 
     save_checkpoint(path, model, model.config, panel, extras=extras, half=fp16)
 
 
-__all__ = ["embed_patches", "build_bank_and_probe", "refit_probe", "save_final", "panel_rule_text"]
+__all__ = ["embed_patches", "build_bank_and_probe", "fit_zero_shot_spread", "refit_probe", "save_final", "panel_rule_text"]

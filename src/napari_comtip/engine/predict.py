@@ -46,6 +46,7 @@ from .predict_inputs import (
     as_samples, get_checkpoint, reference_data, resolve_genes, warn_if_other_species, warn_if_unreliable,
 )
 from .provenance import h5ad_safe, uncertainty_note, versions
+from .zero_shot_spread import check_spread
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -202,9 +203,10 @@ def predict_sample(
         if not isinstance(probe, predictors.Probe):  # a checkpoint's StoredProbe: its spread rides in its entry
             probe = predictors.Probe.from_dict(probe.to_dict() if hasattr(probe, "to_dict") else probe)
     else:
+        spread = check_spread(ck.zero_shot_spread, model.n_genes)  # its residual spread, when stored
         params = {"grid": int(model.config.zero_shot.grid),
                   "temperature": model.config.zero_shot.temperature or float(model.temperature()),
-                  "context": context}
+                  "context": context, "residual_spread": None if spread is None else str(spread.get("source"))}
         zs_in = embedding_context(emb.image, sample.centers_rc(), context)
     if ref is None:  # the checkpoint's own bank / probe / text encoder: its stored evaluation applies
         warn_if_unreliable(ck, mode)
@@ -224,7 +226,7 @@ def predict_sample(
             xa, ua = predictors.probe_predict(probe, probe_in[a:b], return_std=True)
             xa, ua = xa[:, probe_cols], None if ua is None else ua[:, probe_cols]
         else:
-            xa, ua = predictors.zero_shot(model, zs_in[a:b], gene_idx, return_std=True)
+            xa, ua = predictors.zero_shot(model, zs_in[a:b], gene_idx, return_std=True, spread=spread)
         X[a:b] = xa
         if ua is None:
             U = None

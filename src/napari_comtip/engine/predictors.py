@@ -11,7 +11,8 @@
 All return numpy float32 arrays of shape (N spots, G genes); with ``return_std=True`` they return
 ``(prediction, uncertainty)``, the uncertainty being the predictor's own spread per spot and gene
 in log-normalised units (docs/model.md, "Uncertainty"): the standard deviation of the zero-shot
-softmax over the value grid, the (weighted) standard deviation of the retrieved neighbours'
+softmax over the value grid (with the checkpoint's residual spread at the predicted value when
+stored), the (weighted) standard deviation of the retrieved neighbours'
 values, the ridge's predictive standard deviation (``None`` for a stored probe that predates it).
 """
 
@@ -28,6 +29,7 @@ from ..constants import Default
 from ..errors import ConfigError, InputError
 from ..model.grid_term import value_sentence_embeddings
 from .ridge_spread import loo_gene_mse, predictive_std, ridge_cov, variance_head
+from .zero_shot_spread import spread_variance
 
 WEIGHTINGS = ("mean", "inverse_distance", "inverse_square")
 
@@ -77,6 +79,7 @@ def zero_shot(
     chunk: int | None = None,
     spot_chunk: int = 4096,
     return_std: bool = False,
+    spread: dict | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Zero-shot expression (N, G') of genes ``gene_indices`` (panel indices or symbols; None = all).
 
@@ -85,7 +88,9 @@ def zero_shot(
     similarities s_iv = <image_i, text_gv> become p_iv = softmax_v(s_iv / T) and the prediction
     is sum_v p_iv * v. T defaults to the model's learned CLIP temperature (1 / logit_scale),
     the temperature its similarities were trained with. ``return_std``: also the standard
-    deviation of v under p_i (the softmax's spread), through the same calibration line (|b| sd).
+    deviation of v under p_i (the softmax's spread), through the same calibration line (|b| sd);
+    with ``spread`` (a checkpoint's ``zero_shot_spread`` entry, engine/zero_shot_spread.py) the
+    residual variance of zero-shot on labelled spots at the predicted value is added to its square.
     """
     if not model.text.encodes_values:
         raise ConfigError(
@@ -133,6 +138,8 @@ def zero_shot(
         out = c[0] + c[1] * out
         if sd is not None:
             sd = np.abs(c[1]) * sd
+    if sd is not None and spread is not None:
+        sd = np.sqrt(sd.astype(np.float64) ** 2 + spread_variance(spread, out, gi.numpy()))
     if sd is not None:
         return out.astype(np.float32), sd.astype(np.float32)
     return out.astype(np.float32)

@@ -55,6 +55,11 @@ def uncertainty_note(mode: str, params: dict[str, Any], probe, available: bool) 
     elif mode == "zero-shot":
         note["what"] = (f"spread (standard deviation) of the zero-shot softmax over the {params.get('grid')}-value grid "
                         "(through the model's per-gene calibration line, when it has one)")
+        if params.get("residual_spread"):
+            note["what"] = (f"sqrt(v_softmax + r_g(mu)): v_softmax the variance of the zero-shot softmax over the "
+                            f"{params.get('grid')}-value grid (through the per-gene calibration line), r_g(mu) the gene's "
+                            f"residual variance at the predicted value mu, a per-gene log-linear fit on labelled spots "
+                            f"({params['residual_spread']})")
     elif available:
         rule = getattr(probe, "resid_rule", None) or "cross-validation"
         s2 = (f"the gene's residual variance at the spot from a ridge of the log squared training residuals, its mean "

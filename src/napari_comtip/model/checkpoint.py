@@ -54,6 +54,9 @@ FORMAT_VERSION = 1
 _KEEP_FP32 = ("logit_scale", "value_lo", "value_hi", "value_mu", "value_sd")
 
 
+#: extras key of zero-shot's residual spread (written by engine/bank_probe.py)
+ZERO_SHOT_SPREAD_KEY = "zero_shot_spread"
+
 @dataclass
 class Bank:
     """A retrieval reference bank: image embeddings and the expression of the same spots."""
@@ -123,6 +126,11 @@ class Checkpoint:
     @property
     def provenance(self) -> dict:
         return self.meta.get("provenance") or {}
+
+    @property
+    def zero_shot_spread(self) -> dict | None:
+        """Zero-shot's residual spread per gene (``extras["zero_shot_spread"]``, engine/zero_shot_spread.py), or None."""
+        return (self.meta.get("extras") or {}).get(ZERO_SHOT_SPREAD_KEY)
 
     @property
     def evaluation(self) -> dict:
@@ -280,9 +288,10 @@ def read_checkpoint(checkpoint: str | os.PathLike | None, map_location: str | to
 
 
 def update_checkpoint(path: str | os.PathLike, *, probe: dict | None = None, extras: dict | None = None,
-                      note: dict | None = None) -> Path:
-    """Rewrite ``path`` atomically with a new ``probe`` entry and/or merged ``extras`` (primitives,
-    e.g. ``{"evaluation": ...}``); weights, bank and config are untouched.
+                      note: dict | None = None, bank: dict | None = None) -> Path:
+    """Rewrite ``path`` atomically with a new ``probe`` entry, a new ``bank`` (same shape rules as
+    at saving) and/or merged ``extras`` (primitives, e.g. ``{"evaluation": ...}``); the weights and
+    config are untouched.
 
     ``note`` (primitives) is appended to ``provenance["updates"]`` so the file says when and how
     it was changed after training.
@@ -291,6 +300,10 @@ def update_checkpoint(path: str | os.PathLike, *, probe: dict | None = None, ext
     blob = read_checkpoint(path)
     if probe is not None:
         blob["probe"] = to_primitive(probe, "probe")
+    if bank is not None:
+        old = blob.get("bank") or {}
+        dims = (old["expr"].shape[1], old["emb"].shape[1]) if old else (bank["expr"].shape[1], bank["emb"].shape[1])
+        blob["bank"] = _bank_entry(bank, *dims)
     if extras:
         blob["extras"] = dict(blob.get("extras") or {}, **to_primitive(extras, "extras"))
     prov = dict(blob.get("provenance") or {})
