@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from napari_comtip.engine.loso_arms import ARMS
+from napari_comtip.model.config import READING_KEYS
 
-#: model config keys that do not change a training step (the probe's input only)
-NO_TRAINING_EFFECT = {"model.vision.colour_features", "model.vision.test_views"}
+#: model config keys that do not change a training step (model/config.py READING_KEYS)
+NO_TRAINING_EFFECT = {"model." + k for k in READING_KEYS}
 
 
 def derive(out: Path, parent: str, child: str) -> list[Path]:

@@ -125,3 +125,22 @@ def test_refit_reads_the_bank_with_the_views_of_the_checkpoint(tmp_path):
     want, _ = embed_patches(ck.model, same.patches, torch.device("cpu"), features=False)
     torch.testing.assert_close(ck.bank.emb, torch.from_numpy(want).half().float())
     assert (ck.bank.emb - before).abs().max() > 1e-3
+
+
+def test_only_reading_keys_can_be_switched_after_training(tmp_path):
+    from _model_common import train_on_demo
+
+    from napari_comtip.model.checkpoint import load_checkpoint, update_checkpoint
+
+    train_on_demo(tmp_path, {"mode": "names+values"})
+    path = tmp_path / "run" / "model.pt"
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="change\\(s\\) what the model learned"):
+        update_checkpoint(path, reading={"embed_dim": 64})
+    with pytest.raises(ConfigError, match="vision.test_views must be one of"):
+        update_checkpoint(path, reading={"vision.test_views": 3})
+    assert path.read_bytes() == before  # nothing written on a refusal
+    update_checkpoint(path, reading={"vision.test_views": 4}, note={"what": "reading switched"})
+    ck = load_checkpoint(path)
+    assert ck.model.config.vision.test_views == 4
+    assert ck.provenance["updates"][-1]["what"] == "reading switched"

@@ -3,8 +3,10 @@
 The probe (ridge regression on the frozen pooled ViT features) is stored inside ``model.pt``.
 When its fitting rule changes (as when the penalty choice moved from leave-one-section-out to
 exact leave-one-out on the training spots, docs/results.md), the encoders need not be trained
-again: this script re-fits the probe in place (atomically; weights, bank and config untouched,
-the refit recorded in the checkpoint's provenance).
+again: this script re-fits the probe in place (atomically; weights and config untouched, the
+refit recorded in the checkpoint's provenance), with zero-shot's residual spread and, when it
+holds the same spots, the retrieval bank. ``--set vision.test_views=8`` first switches how the
+model reads a patch (only ``READING_KEYS``, which change no training step).
 
     # one checkpoint, on the sections it was trained on
     python training/refit_probe.py --checkpoint src/napari_comtip/checkpoints/comtip-tiny-her2st.pt \\
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="the model.pt to re-fit in place")
     p.add_argument("--context", default=None, help="probe context (engine/context.py; default: Default.PROBE_CONTEXT)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--set", dest="reading", action="append", default=[], metavar="KEY=VALUE",
+                   help="first switch how the model reads a patch (model/config.py READING_KEYS, e.g. "
+                        "vision.test_views=8); the probe, bank and zero-shot spread are then fitted on that reading")
     args = p.parse_args(argv)
 
     import torch
@@ -37,6 +42,17 @@ def main(argv=None) -> int:
     from napari_comtip.engine.bank_probe import refit_probe
     from napari_comtip.io import list_samples, load_sample
 
+    import yaml
+
+    from napari_comtip.model.checkpoint import update_checkpoint
+
+    if args.reading:
+        bad = [item for item in args.reading if "=" not in item]
+        if bad:
+            p.error(f"--set {bad[0]!r} is not KEY=VALUE (e.g. --set vision.test_views=8)")
+        reading = {k.strip().removeprefix("model."): yaml.safe_load(v) for k, v in (i.split("=", 1) for i in args.reading)}
+        update_checkpoint(args.checkpoint, reading=reading, note={"what": "reading switched", "reading": reading,
+                                                                  "commit": _git_commit()})
     names = args.sample or list_samples(args.data)
     samples = [load_sample(args.data, sample=n) for n in names]
     ctx = args.context or Default.PROBE_CONTEXT

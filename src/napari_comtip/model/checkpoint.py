@@ -46,7 +46,7 @@ from ..io.writers import atomic_replace
 from .bundled import checkpoint_name, resolve_checkpoint
 from .checkpoint_file import checkpoint_digest, to_primitive, torch_save
 from .comtip import CoMTIP
-from .config import MODEL_VERSION, ComtipConfig
+from .config import MODEL_VERSION, READING_KEYS, ComtipConfig
 
 FORMAT = "napari-comtip-checkpoint"
 FORMAT_VERSION = 1
@@ -288,16 +288,24 @@ def read_checkpoint(checkpoint: str | os.PathLike | None, map_location: str | to
 
 
 def update_checkpoint(path: str | os.PathLike, *, probe: dict | None = None, extras: dict | None = None,
-                      note: dict | None = None, bank: dict | None = None) -> Path:
+                      note: dict | None = None, bank: dict | None = None, reading: dict | None = None) -> Path:
     """Rewrite ``path`` atomically with a new ``probe`` entry, a new ``bank`` (same shape rules as
-    at saving) and/or merged ``extras`` (primitives, e.g. ``{"evaluation": ...}``); the weights and
-    config are untouched.
+    at saving), merged ``extras`` (primitives, e.g. ``{"evaluation": ...}``) and/or new values of
+    config keys in ``READING_KEYS`` (``reading``, e.g. ``{"vision.test_views": 8}``: how the model
+    reads a patch at inference; re-fit the probe after it); the weights are untouched.
 
     ``note`` (primitives) is appended to ``provenance["updates"]`` so the file says when and how
     it was changed after training.
     """
     path = resolve_checkpoint(path)  # a bundled name is rewritten where it lies, never in the cwd
     blob = read_checkpoint(path)
+    if reading:
+        bad = sorted(set(reading) - set(READING_KEYS))
+        if bad:
+            raise ConfigError(f"{', '.join(bad)} change(s) what the model learned, not how it reads a patch",
+                              hint=f"only {', '.join(READING_KEYS)} can be set after training; train again for the others")
+        cfg = ComtipConfig.from_dict(blob["config"]).replace(**{k.replace(".", "__"): v for k, v in reading.items()})
+        blob["config"] = cfg.to_dict()
     if probe is not None:
         blob["probe"] = to_primitive(probe, "probe")
     if bank is not None:

@@ -32,6 +32,10 @@ POOLS_VISION = ("cls", "mean", "cls+mean")  # cls+mean: both concatenated (Virch
 #: patch itself; + its mirror image; + upside down and turned by 180 degrees; all 8 symmetries of
 #: the square (H&E tissue has no preferred orientation; model/vision.py ``dihedral_view``)
 TEST_VIEWS = (1, 2, 4, 8)
+#: config keys that change how a trained model reads a patch at inference, never a training step:
+#: a checkpoint may be switched after training (model/checkpoint.py ``update_checkpoint``; its
+#: probe, bank and zero-shot spread are then re-fitted, engine/bank_probe.py ``refit_probe``)
+READING_KEYS = ("vision.colour_features", "vision.test_views")
 POOLS_TEXT = ("attention", "mean")
 VALUE_TRANSFORMS = ("lognorm", "spot_rank", "gene_z")
 MFM_LOSSES = ("mse", "cosine")
