@@ -52,10 +52,9 @@ FORMAT = "napari-comtip-checkpoint"
 FORMAT_VERSION = 1
 #: kept in float32 even in half-precision storage (tiny, and fp16 would lose their meaning)
 _KEEP_FP32 = ("logit_scale", "value_lo", "value_hi", "value_mu", "value_sd")
-
-
 #: extras key of zero-shot's residual spread (written by engine/bank_probe.py)
 ZERO_SHOT_SPREAD_KEY = "zero_shot_spread"
+
 
 @dataclass
 class Bank:
