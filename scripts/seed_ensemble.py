@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
 
+    from napari_comtip.io import load_sample
+
     torch.set_num_threads(1)
     sections = sorted({p.name for r in a.runs for p in (r / a.arm).iterdir() if (p / "run" / "model.pt").exists()})
     result = {"data": a.data, "arm": a.arm, "runs": [str(r) for r in a.runs], "sections": {}}
@@ -63,8 +65,6 @@ def main(argv=None) -> int:
         missing = [str(c) for c in ckpts if not c.exists()]
         if missing:
             raise SystemExit(f"error: no fold checkpoint {missing[0]} (every seed needs every section)")
-        from napari_comtip.io import load_sample
-
         result["sections"][sec] = score_section(load_sample(a.data, sample=sec), ckpts)
         for mode, r in result["sections"][sec].items():
             seeds = " ".join(f"{s['pcc_heg50']:.3f}" for s in r["seeds"])

@@ -21,6 +21,16 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+def micro_model(genes, seed: int = 0):
+    """An untrained micro-preset CoMTIP over ``genes`` in eval mode (random name embeddings,
+    sentences as long as the panel), seeded."""
+    from napari_comtip.model import build_model, get_preset
+
+    torch.manual_seed(seed)
+    cfg = get_preset("micro").replace(**{"text.max_genes": len(genes)})
+    return build_model(cfg, list(genes), name_embeddings=torch.randn(len(genes), 384)).eval()
+
+
 def train_on_demo(tmp_path, text: dict, model: dict | None = None):
     """(loaded model, training set, run config) of 3 micro steps on the demo sample with these
     ``model.text`` keys (and other ``model`` keys): the end-to-end path (training set, pretrain,

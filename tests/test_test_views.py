@@ -144,3 +144,28 @@ def test_only_reading_keys_can_be_switched_after_training(tmp_path):
     ck = load_checkpoint(path)
     assert ck.model.config.vision.test_views == 4
     assert ck.provenance["updates"][-1]["what"] == "reading switched"
+
+
+def test_refit_switches_the_reading_and_fits_on_it_in_one_write(tmp_path):
+    """refit_probe(reading=...) (training/refit_probe.py --set): a refused key costs nothing and
+    writes nothing; an accepted one is stored with the probe, bank and spread fitted on it."""
+    from _model_common import train_on_demo
+
+    from napari_comtip.engine.bank_probe import refit_probe
+    from napari_comtip.io import load_sample
+    from napari_comtip.model.checkpoint import load_checkpoint
+
+    train_on_demo(tmp_path, {"mode": "names+values"})
+    path = tmp_path / "run" / "model.pt"
+    before = path.read_bytes()
+    emb_before = load_checkpoint(path).bank.emb
+    with pytest.raises(ConfigError, match="change\\(s\\) what the model learned"):
+        refit_probe(path, [load_sample("@demo")], device="cpu", reading={"w_paat": 0.0})
+    assert path.read_bytes() == before
+    res = refit_probe(path, [load_sample("@demo")], device="cpu", reading={"vision.test_views": 8})
+    ck = load_checkpoint(path)
+    assert res["bank_reembedded"] and ck.model.config.vision.test_views == 8
+    upd = ck.provenance["updates"]
+    assert len(upd) == 1 and upd[0]["what"].startswith("reading switched, probe re-fitted")
+    assert upd[0]["reading"] == {"vision.test_views": 8}
+    assert (ck.bank.emb - emb_before).abs().max() > 1e-3

@@ -11,8 +11,7 @@ from napari_comtip.engine.baselines import RidgeFloor
 from napari_comtip.engine.context import fit_context_probe
 from napari_comtip.engine.evaluation import uncertainty_error_spearman
 from napari_comtip.engine.predictors import Probe, fit_probe, probe_predict, retrieval, zero_shot
-from napari_comtip.model import build_model, get_preset
-from _model_common import one_thread  # noqa: F401  (autouse: one torch thread)
+from _model_common import micro_model, one_thread  # noqa: F401  (one_thread is autouse: one torch thread)
 
 GENES = ["KRT8", "ERBB2", "CD74", "PIP", "MGP", "COL1A1"]
 
@@ -41,9 +40,7 @@ def test_retrieval_spread_is_the_neighbours_standard_deviation():
 
 # --------------------------------------------------------------------------- zero-shot
 def test_zero_shot_spread_of_the_softmax():
-    torch.manual_seed(0)
-    cfg = get_preset("micro").replace(**{"text.max_genes": len(GENES)})
-    model = build_model(cfg, GENES, name_embeddings=torch.randn(len(GENES), 384)).eval()
+    model = micro_model(GENES)
     emb = torch.nn.functional.normalize(torch.randn(7, model.config.embed_dim), dim=-1)
     pred, sd = zero_shot(model, emb, return_std=True)
     assert pred.shape == sd.shape == (7, len(GENES)) and (sd >= 0).all()

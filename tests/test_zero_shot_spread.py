@@ -11,8 +11,7 @@ import torch
 from napari_comtip.engine.evaluation import uncertainty_error_spearman
 from napari_comtip.engine.predictors import zero_shot
 from napari_comtip.engine.zero_shot_spread import check_spread, fit_spread, spread_variance
-from napari_comtip.model import build_model, get_preset
-from _model_common import one_thread  # noqa: F401  (autouse: one torch thread)
+from _model_common import micro_model, one_thread  # noqa: F401  (one_thread is autouse: one torch thread)
 
 GENES = ["KRT8", "ERBB2", "CD74", "PIP"]
 
@@ -54,9 +53,7 @@ def test_fit_refuses_mismatched_shapes_and_check_drops_foreign_entries():
 
 
 def test_zero_shot_adds_the_residual_variance_to_its_softmax_spread():
-    torch.manual_seed(0)
-    cfg = get_preset("micro").replace(**{"text.max_genes": len(GENES)})
-    model = build_model(cfg, GENES, name_embeddings=torch.randn(len(GENES), 384)).eval()
+    model = micro_model(GENES)
     emb = torch.nn.functional.normalize(torch.randn(9, model.config.embed_dim), dim=-1)
     mu, sd = zero_shot(model, emb, return_std=True)
     e = fit_spread(np.vstack([mu, mu + 1.0]), np.vstack([mu + 0.5, mu]))  # some residuals around mu

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    import yaml
 
     torch.set_num_threads(args.threads)
     from napari_comtip.constants import Default
@@ -42,22 +43,15 @@ def main(argv=None) -> int:
     from napari_comtip.engine.bank_probe import refit_probe
     from napari_comtip.io import list_samples, load_sample
 
-    import yaml
-
-    from napari_comtip.model.checkpoint import update_checkpoint
-
-    if args.reading:
-        bad = [item for item in args.reading if "=" not in item]
-        if bad:
-            p.error(f"--set {bad[0]!r} is not KEY=VALUE (e.g. --set vision.test_views=8)")
-        reading = {k.strip().removeprefix("model."): yaml.safe_load(v) for k, v in (i.split("=", 1) for i in args.reading)}
-        update_checkpoint(args.checkpoint, reading=reading, note={"what": "reading switched", "reading": reading,
-                                                                  "commit": _git_commit()})
+    bad = [item for item in args.reading if "=" not in item]
+    if bad:
+        p.error(f"--set {bad[0]!r} is not KEY=VALUE (e.g. --set vision.test_views=8)")
+    reading = {k.strip().removeprefix("model."): yaml.safe_load(v) for k, v in (i.split("=", 1) for i in args.reading)}
     names = args.sample or list_samples(args.data)
     samples = [load_sample(args.data, sample=n) for n in names]
     ctx = args.context or Default.PROBE_CONTEXT
     note = {"commit": _git_commit(), "rule": "exact leave-one-out on the training spots", "context": ctx}
-    r = refit_probe(args.checkpoint, samples, note=note, context=ctx)
+    r = refit_probe(args.checkpoint, samples, note=note, context=ctx, reading=reading or None)
     print(f"{args.checkpoint}: alpha {r['alpha']:g} on {r['n_spots']} spots ({ctx}); LOO MSE per alpha {r['alpha_scores']}")
     return 0
 

@@ -79,35 +79,36 @@ def fit_zero_shot_spread(model, emb: np.ndarray, ts: TrainingSet, *, source: str
     if not model.text.encodes_values or ts.n_spots < 2:
         return None
     from . import predictors
-    from .context import embedding_context
+    from .context import embedding_context_grouped
 
-    x = np.empty_like(np.asarray(emb, np.float32))
-    for k in np.unique(ts.sample_of):
-        rows = np.flatnonzero(ts.sample_of == k)
-        x[rows] = embedding_context(emb[rows], None if ts.centres_rc is None else ts.centres_rc[rows], context)
+    x = embedding_context_grouped(emb, ts.centres_rc, ts.sample_of, context)
     entry: dict[str, Any] = fit_spread(predictors.zero_shot(model, x), ts.expr)
     entry.update(context=context, n_spots=int(ts.n_spots), source=source, samples=list(ts.names))
     return entry
 
 
 def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str = "auto", alpha: float | None = None,
-                note: dict | None = None, context: str = Default.PROBE_CONTEXT) -> dict[str, Any]:
+                note: dict | None = None, context: str = Default.PROBE_CONTEXT,
+                reading: dict[str, Any] | None = None) -> dict[str, Any]:
     """Re-fit the ridge probe stored in ``checkpoint`` on ``samples`` (loaded SpatialSamples with
     expression), in place and atomically, and zero-shot's residual spread on the same spots; the
     encoder and config are not touched. The retrieval bank is re-embedded when it holds exactly
     these spots (its embeddings then follow the model's current reading, e.g. ``vision.test_views``);
-    a bank of other spots is kept as it is.
+    a bank of other spots is kept as it is. ``reading``: first switch how the model reads a
+    patch (``model.config.READING_KEYS`` keys, e.g. ``{"vision.test_views": 8}``); the file is
+    written once, with the new reading and everything fitted on it.
 
     For a checkpoint trained before the current probe rule, or to move its probe to other
     labelled sections. ``alpha=None``: leave-one-out choice (:func:`predictors.loo_ridge_alpha`).
     Returns the new probe's alpha and per-alpha scores.
     """
     from ..model.checkpoint import load_checkpoint, update_checkpoint
+    from ..model.config import apply_reading
     from .device import resolve_device
 
     ck = load_checkpoint(checkpoint)
     dev = resolve_device(device)
-    cfg = ck.model.config
+    cfg = ck.model.config = apply_reading(ck.model.config, reading)  # refused before any work
     ts = build_training_set(samples, DataConfig(unlabelled=False), patch_um=cfg.patch_um,
                             img_size=cfg.vision.img_size, panel=ck.gene_panel)
     ck.model.to(dev)
@@ -122,10 +123,12 @@ def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str
     if ck.bank is not None and list(ck.bank.ids) == list(ts.spot_ids):
         bank = {"emb": torch.from_numpy(emb).half(), "expr": ck.bank.expr.half(), "ids": list(ck.bank.ids),
                 **ck.bank.meta}
+    what = ("reading switched, " if reading else "") + "probe re-fitted" + (", bank re-embedded" if bank else "") \
+        + (", zero-shot spread fitted" if spread else "")
     update_checkpoint(checkpoint, probe=probe, bank=bank, extras=None if spread is None else {SPREAD_KEY: spread},
-                      note=dict(note or {}, what="probe re-fitted" + (", bank re-embedded" if bank else "")
-                                + (", zero-shot spread fitted" if spread else ""), samples=list(ts.names),
-                                n_spots=ts.n_spots, alpha=probe["alpha"], alpha_rule=probe["alpha_rule"]))
+                      reading=reading, note=dict(note or {}, what=what, samples=list(ts.names), n_spots=ts.n_spots,
+                                                 alpha=probe["alpha"], alpha_rule=probe["alpha_rule"],
+                                                 **({"reading": dict(reading)} if reading else {})))
     return {"alpha": probe["alpha"], "alpha_scores": probe["alpha_scores"], "n_spots": ts.n_spots,
             "bank_reembedded": bank is not None, "zero_shot_spread": spread is not None}
 

@@ -135,24 +135,37 @@ def embedding_context(emb: np.ndarray, centres: np.ndarray | None, context: str)
     return out.astype(np.float32)
 
 
-def context_features_grouped(features: np.ndarray, centres: np.ndarray | None, groups: Sequence[int] | np.ndarray,
-                             context: str) -> np.ndarray:
-    """:func:`context_features` applied to each section (``groups``: section index per row) on its own."""
-    context = check_context(context)
-    f = np.asarray(features)
+def _per_section(fn, values: np.ndarray, centres: np.ndarray | None, groups: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``fn(values[rows], centres[rows])`` for the rows of each section (``groups``: section index
+    per row) on its own, put back in row order (float32)."""
+    f = np.asarray(values)
     g = np.asarray(groups)
     out = None
     for k in np.unique(g):
         rows = np.flatnonzero(g == k)
-        part = context_features(f[rows], None if centres is None else np.asarray(centres)[rows], context)
+        part = fn(f[rows], None if centres is None else np.asarray(centres)[rows])
         if out is None:
             out = np.empty((len(f), part.shape[1]), dtype=np.float32)
         out[rows] = part
     return out if out is not None else np.zeros((0, f.shape[1] if f.ndim == 2 else 0), np.float32)
 
 
+def context_features_grouped(features: np.ndarray, centres: np.ndarray | None, groups: Sequence[int] | np.ndarray,
+                             context: str) -> np.ndarray:
+    """:func:`context_features` applied to each section (``groups``: section index per row) on its own."""
+    context = check_context(context)
+    return _per_section(lambda f, c: context_features(f, c, context), features, centres, groups)
+
+
+def embedding_context_grouped(emb: np.ndarray, centres: np.ndarray | None, groups: Sequence[int] | np.ndarray,
+                              context: str) -> np.ndarray:
+    """:func:`embedding_context` applied to each section (``groups``: section index per row) on its own."""
+    context = check_zero_shot_context(context)
+    return _per_section(lambda e, c: embedding_context(e, c, context), emb, centres, groups)
+
+
 __all__ = [
-    "CONTEXTS", "ZERO_SHOT_CONTEXTS", "check_zero_shot_context", "embedding_context",
+    "CONTEXTS", "ZERO_SHOT_CONTEXTS", "check_zero_shot_context", "embedding_context", "embedding_context_grouped",
     "NEIGHBOUR_RADII", "MIN_SECTION_SPOTS", "check_context", "spot_pitch", "neighbour_mean",
     "context_features", "context_features_grouped"
 ]

@@ -50,16 +50,17 @@ def fit_spread(mu: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
     return {"a": a.astype(f32), "b": b.astype(f32), "lo": mu.min(0).astype(f32), "hi": mu.max(0).astype(f32)}
 
 
+def _vector(entry: dict[str, Any], key: str) -> np.ndarray:
+    """One per-gene array of the entry (a tensor as loaded from a checkpoint, or numpy) as float64."""
+    v = entry[key]
+    return np.asarray(v.numpy() if hasattr(v, "numpy") else v, np.float64)
+
+
 def spread_variance(entry: dict[str, Any], mu: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
     """The residual variance (N, G') at predictions ``mu`` (N, G') of the panel columns ``cols``
     (None: all genes of the entry, in order)."""
-    def arr(k):
-        v = entry[k]
-        v = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
-        v = np.asarray(v, np.float64)
-        return v if cols is None else v[np.asarray(cols, dtype=np.int64)]
-
-    a, b, lo, hi = arr("a"), arr("b"), arr("lo"), arr("hi")
+    idx = slice(None) if cols is None else np.asarray(cols, dtype=np.int64)
+    a, b, lo, hi = (_vector(entry, k)[idx] for k in ("a", "b", "lo", "hi"))
     m = np.clip(np.asarray(mu, np.float64), lo, hi)
     return np.exp(a + b * m).astype(np.float32)
 
@@ -70,8 +71,7 @@ def check_spread(entry: Any, n_genes: int) -> dict[str, Any] | None:
     if not isinstance(entry, dict):
         return None
     try:
-        ok = all(np.asarray(entry[k].numpy() if hasattr(entry[k], "numpy") else entry[k]).shape == (n_genes,)
-                 for k in ("a", "b", "lo", "hi"))
+        ok = all(_vector(entry, k).shape == (n_genes,) for k in ("a", "b", "lo", "hi"))
     except (KeyError, TypeError, ValueError):
         return None
     return entry if ok else None

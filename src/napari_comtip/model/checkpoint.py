@@ -46,7 +46,7 @@ from ..io.writers import atomic_replace
 from .bundled import checkpoint_name, resolve_checkpoint
 from .checkpoint_file import checkpoint_digest, to_primitive, torch_save
 from .comtip import CoMTIP
-from .config import MODEL_VERSION, READING_KEYS, ComtipConfig
+from .config import MODEL_VERSION, ComtipConfig, apply_reading
 
 FORMAT = "napari-comtip-checkpoint"
 FORMAT_VERSION = 1
@@ -298,19 +298,14 @@ def update_checkpoint(path: str | os.PathLike, *, probe: dict | None = None, ext
     """
     path = resolve_checkpoint(path)  # a bundled name is rewritten where it lies, never in the cwd
     blob = read_checkpoint(path)
+    cfg = ComtipConfig.from_dict(blob["config"])
     if reading:
-        bad = sorted(set(reading) - set(READING_KEYS))
-        if bad:
-            raise ConfigError(f"{', '.join(bad)} change(s) what the model learned, not how it reads a patch",
-                              hint=f"only {', '.join(READING_KEYS)} can be set after training; train again for the others")
-        cfg = ComtipConfig.from_dict(blob["config"]).replace(**{k.replace(".", "__"): v for k, v in reading.items()})
+        cfg = apply_reading(cfg, reading)
         blob["config"] = cfg.to_dict()
     if probe is not None:
         blob["probe"] = to_primitive(probe, "probe")
-    if bank is not None:
-        old = blob.get("bank") or {}
-        dims = (old["expr"].shape[1], old["emb"].shape[1]) if old else (bank["expr"].shape[1], bank["emb"].shape[1])
-        blob["bank"] = _bank_entry(bank, *dims)
+    if bank is not None:  # the shapes the model has: its panel and its shared-space width
+        blob["bank"] = _bank_entry(bank, len(blob["gene_panel"]), int(cfg.embed_dim))
     if extras:
         blob["extras"] = dict(blob.get("extras") or {}, **to_primitive(extras, "extras"))
     prov = dict(blob.get("provenance") or {})

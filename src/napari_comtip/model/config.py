@@ -289,6 +289,18 @@ class ComtipConfig:
         return self.text.mode in ("names+values", "values")
 
 
+def apply_reading(config: ComtipConfig, reading: dict[str, Any] | None) -> ComtipConfig:
+    """``config`` with new values of ``READING_KEYS`` keys (dotted, e.g. ``{"vision.test_views": 8}``),
+    validated; any other key is refused (it would change what the model learned)."""
+    if not reading:
+        return config
+    bad = sorted(set(reading) - set(READING_KEYS))
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} change(s) what the model learned, not how it reads a patch",
+                          hint=f"only {', '.join(READING_KEYS)} can be set after training; train again for the others")
+    return config.replace(**{k.replace(".", "__"): v for k, v in reading.items()})
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
