@@ -42,8 +42,28 @@ def embed_patches(model, patches: np.ndarray, device: torch.device, batch_size: 
     return e, f
 
 
-def build_bank_and_probe(model, ts: TrainingSet, device, cfg: RunConfig) -> dict[str, Any]:
-    """The retrieval bank and probe stored inside ``model.pt`` (see model/checkpoint.py)."""
+def reading_set(model, ts: TrainingSet, samples: Sequence | None = None) -> TrainingSet:
+    """The labelled spots of ``ts`` as the model reads them at inference: ``ts`` itself when its
+    patches are at the model's reading side (``model.input_px``), else the same spots of ``samples``
+    read again at that side (``vision.morphology_px``: training patches are at ``img_size``)."""
+    side = int(getattr(model, "input_px", model.config.vision.img_size))
+    if ts.patches.shape[1] == side:
+        return ts
+    if samples is None:
+        raise ValueError(f"the training patches are {ts.patches.shape[1]} px but the model reads {side} px: "
+                         "pass the samples so that the probe's spots can be read at that side")
+    out = build_training_set(samples, DataConfig(unlabelled=False), patch_um=model.config.patch_um, img_size=side,
+                             panel=ts.panel)
+    if list(out.spot_ids) != list(ts.spot_ids):
+        raise ValueError("the samples given do not hold the training set's spots")
+    return out
+
+
+def build_bank_and_probe(model, ts: TrainingSet, device, cfg: RunConfig, samples: Sequence | None = None) -> dict[str, Any]:
+    """The retrieval bank and probe stored inside ``model.pt`` (see model/checkpoint.py), from the
+    spots of ``ts`` read as the model reads them (:func:`reading_set`; ``samples`` are needed only
+    when that side differs from the training patches')."""
+    ts = reading_set(model, ts, samples)
     emb, feats = embed_patches(model, ts.patches, device, features=cfg.training.probe)
     extras: dict[str, Any] = {}
     if cfg.training.bank:
@@ -110,7 +130,7 @@ def refit_probe(checkpoint: str | os.PathLike, samples: Sequence, *, device: str
     dev = resolve_device(device)
     cfg = ck.model.config = apply_reading(ck.model.config, reading)  # refused before any work
     ts = build_training_set(samples, DataConfig(unlabelled=False), patch_um=cfg.patch_um,
-                            img_size=cfg.vision.img_size, panel=ck.gene_panel)
+                            img_size=ck.model.input_px, panel=ck.gene_panel)
     ck.model.to(dev)
     emb, feats = embed_patches(ck.model, ts.patches, dev)
     x = context_features_grouped(feats, ts.centres_rc, ts.sample_of, context)

@@ -48,8 +48,9 @@ CACHE_FORMAT = 1
 
 # =========================================================================== what is hashed
 def model_img_size(model: torch.nn.Module) -> int:
-    """The encoder's square input side in pixels (``config.vision.img_size``)."""
-    return int(model.config.vision.img_size)
+    """The side in pixels patches are read at for this model: ``config.vision.img_size``, or
+    ``vision.morphology_px`` when the probe reads full-resolution morphology (``input_px``)."""
+    return int(getattr(model, "input_px", model.config.vision.img_size))
 
 
 def model_patch_um(model: torch.nn.Module) -> float:

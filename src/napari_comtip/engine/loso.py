@@ -144,7 +144,7 @@ def _true_panel(sample, panel):
     return {"X": ln[:, [col[g] for g in genes]], "genes": genes, "cols": [i for i, g in enumerate(panel) if g in col]}
 
 
-def save_untrained(cfg, ts, path: Path, *, device="auto") -> Path:
+def save_untrained(cfg, ts, path: Path, *, device="auto", samples=None) -> Path:
     """The ``untrained`` control: the recipe's architecture with its seeded random initialisation
     (no training step), with the bank and probe fitted on the fold's training spots exactly as
     after training. The same probe rule and context as every learned arm."""
@@ -157,7 +157,7 @@ def save_untrained(cfg, ts, path: Path, *, device="auto") -> Path:
     dev = resolve_device(device)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, ts.panel).to(dev)
-    extras = build_bank_and_probe(model, ts, dev, cfg)
+    extras = build_bank_and_probe(model, ts, dev, cfg, samples=samples)
     extras["training"] = {"steps": 0, "total_steps": 0, "samples": list(ts.names), "n_spots": ts.n_spots,
                           "run_config": cfg.to_dict(), "panel_rule": panel_rule_text(cfg.data),
                           "selection_rule": "untrained control: random initialisation, seed " + str(cfg.training.seed)}
@@ -242,10 +242,10 @@ def run_model_fold(arm: str, cfg, fold_dir: Path, train_ts, train_samples, test_
     train_s = None
     if not ckpt.exists():
         if is_untrained(arm):
-            save_untrained(cfg, train_ts, ckpt, device=device)
+            save_untrained(cfg, train_ts, ckpt, device=device, samples=train_samples)
         else:
             ckpt = pretrain(cfg, [], fold_dir / "run", overwrite=True, max_steps=max_steps, device=device,
-                            training_set=train_ts)
+                            training_set=train_ts, training_samples=train_samples)
         train_s = time.time() - t0
     elif (fold_dir / "run" / "metrics.csv").exists():
         rows = read_metrics(fold_dir / "run" / "metrics.csv")

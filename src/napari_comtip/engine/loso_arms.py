@@ -61,6 +61,14 @@ ARMS: dict[str, dict[str, Any]] = {
                                  "model.vision.colour_features": True, "model.vision.test_views": 8},
     "comtip-profile-colour-views": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
                                     "model.vision.colour_features": True, "model.vision.test_views": 8},
+    # the probe's full-resolution morphology prior (vision.morphology_px: patches read at 224 px, the
+    # ViT still at img_size; colour deconvolution and nuclei, model/morphology.py): a reading, derived
+    # from the parents' folds (scripts/derive_fold_arm.py)
+    "untrained-colour-morph": {"model.vision.colour_features": True, "model.vision.morphology_px": 224},
+    "comtip-rank-colour-morph": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
+                                 "model.vision.colour_features": True, "model.vision.morphology_px": 224},
+    "comtip-profile-colour-morph": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
+                                    "model.vision.colour_features": True, "model.vision.morphology_px": 224},
     "comtip-grid": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_grid": 1.0,
                     "model.vision.colour_features": True},
     "comtip-grid-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
@@ -97,6 +105,9 @@ ARM_TEXT = {
     "comtip-sparse-profile": "comtip-sparse with the profile term (comtip-profile-colour with the sparse pathway and sentences of up to 128 genes)",
     "comtip-rank-colour-views": "comtip-rank-colour, each patch read as the mean over its 8 flips and quarter turns (test-time views)",
     "comtip-profile-colour-views": "comtip-profile-colour, each patch read as the mean over its 8 flips and quarter turns",
+    "untrained-colour-morph": "untrained-colour, its probe also reading the full-resolution morphology statistics (224 px: colour deconvolution, nuclei)",
+    "comtip-rank-colour-morph": "comtip-rank-colour, its probe also reading the full-resolution morphology statistics (224 px)",
+    "comtip-profile-colour-morph": "comtip-profile-colour, its probe also reading the full-resolution morphology statistics (224 px)",
     "comtip-grid": "comtip-rank-colour plus the value-grid term (the zero-shot readout trained: each image against its genes' value grids)",
     "comtip-grid-profile": "comtip-profile-colour plus the value-grid term",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",

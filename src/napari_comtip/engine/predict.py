@@ -271,6 +271,7 @@ def predict_sample(
         "embeddings_cached": bool(emb.cached),
         "patch_um": float(model.config.patch_um),
         "img_size": int(model.config.vision.img_size),
+        "read_px": int(getattr(model, "input_px", model.config.vision.img_size)),
         "mpp": float(sample.mpp),
         "mpp_source": str(sample.mpp_source),
         "sample": {"name": sample.name, "format": sample.format, "identity": sample.identity,

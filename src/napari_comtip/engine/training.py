@@ -105,13 +105,16 @@ def _emb_std(emb: torch.Tensor) -> float:
 def pretrain(config: RunConfig | str | os.PathLike | dict, data_specs: Sequence, out_dir: str | os.PathLike, *,
              resume: bool = False, overwrite: bool = False, max_steps: int | None = None,
              callbacks: Sequence[Callback] = (), device: str = "auto", progress: Progress | None = None,
-             cancel: Cancel | None = None, training_set: TrainingSet | None = None) -> Path:
+             cancel: Cancel | None = None, training_set: TrainingSet | None = None,
+             training_samples: Sequence | None = None) -> Path:
     """Pretrain CoMTIP; returns the path of the final ``model.pt``.
 
     ``config``: a :class:`RunConfig`, a YAML path or a dict. ``data_specs``: :class:`DataSpec`
     items, ``(path, sample)`` tuples, paths, or loaded samples. Under torchrun (``WORLD_SIZE`` >
     1) each process trains on its share of every epoch (DDP, gloo on CPU / nccl on GPU) and only
-    rank 0 writes. ``training_set`` skips sample loading (the LOSO benchmark shares one).
+    rank 0 writes. ``training_set`` skips sample loading (the LOSO benchmark shares one; its
+    loaded samples, ``training_samples``, are needed only to read the probe's spots at a reading
+    side other than the training patches', ``vision.morphology_px``).
     """
     from ..model.factory import build_model
     from .device import resolve_device
@@ -173,6 +176,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
                                     panel=panel, seed=tc.seed)
     else:
         ts = training_set
+        samples = training_samples
     panel = list(ts.panel)
     if state is not None and list(state["gene_panel"]) != panel:
         raise ConfigError("the gene panel differs from the run being resumed", path=out,
@@ -320,7 +324,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
     final = out / rf.FINAL_FILE
     if dist.main:
         model.calibrate_values(ts.expr)
-        extras = build_bank_and_probe(model, ts, dev, cfg)
+        extras = build_bank_and_probe(model, ts, dev, cfg, samples=samples)
         extras["training"] = {
             "steps": step, "total_steps": total, "stopped_early": stopped, "epochs": step / spe,
             "samples": list(ts.names), "n_spots": ts.n_spots, "n_unlabelled": ts.info.get("n_unlabelled", 0),

@@ -42,6 +42,15 @@ def _sobel_mag(g: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(gx * gx + gy * gy)
 
 
+def row_quantile(v: torch.Tensor, q: "float | torch.Tensor") -> torch.Tensor:
+    """``torch.quantile(v, q, dim=1)`` of a (B, P) tensor, in row chunks under torch's input limit
+    (2**24 elements), so large batches of large patches work: (B,) for a float q, (len(q), B) else."""
+    rows = max(1, (1 << 24) // max(1, v.shape[1]) - 1)
+    if v.shape[0] <= rows:
+        return torch.quantile(v, q, dim=1)
+    return torch.cat([torch.quantile(v[s:s + rows], q, dim=1) for s in range(0, v.shape[0], rows)], -1)
+
+
 def _hist8(v: torch.Tensor) -> torch.Tensor:
     """(B, P) values in [0, 1] -> (B, 8) bin fractions (bin = floor(8 v), clipped to 0..7)."""
     idx = (v * 8).long().clamp(0, 7)
@@ -68,8 +77,8 @@ def colour_texture(x: torch.Tensor) -> torch.Tensor:
     grey = x @ torch.tensor(_GREY, dtype=x.dtype, device=x.device)
     for g in (grey, grey[:, ::2, ::2]):
         m = _sobel_mag(g).reshape(b, -1)
-        feats.append(torch.stack([m.mean(1), m.std(1, unbiased=False), torch.quantile(m, 0.9, dim=1)], 1))
+        feats.append(torch.stack([m.mean(1), m.std(1, unbiased=False), row_quantile(m, 0.9)], 1))
     return torch.cat(feats, 1)
 
 
-__all__ = ["N_COLOUR_FEATURES", "colour_texture", "rgb_to_hsv"]
+__all__ = ["N_COLOUR_FEATURES", "colour_texture", "rgb_to_hsv", "row_quantile"]

@@ -35,7 +35,8 @@ TEST_VIEWS = (1, 2, 4, 8)
 #: config keys that change how a trained model reads a patch at inference, never a training step:
 #: a checkpoint may be switched after training (model/checkpoint.py ``update_checkpoint``; its
 #: probe, bank and zero-shot spread are then re-fitted, engine/bank_probe.py ``refit_probe``)
-READING_KEYS = ("vision.colour_features", "vision.test_views")
+READING_KEYS = ("vision.colour_features", "vision.test_views", "vision.morphology_px")
+MAX_MORPHOLOGY_PX = 1024  # largest side vision.morphology_px may read a patch at
 POOLS_TEXT = ("attention", "mean")
 VALUE_TRANSFORMS = ("lognorm", "spot_rank", "gene_z")
 MFM_LOSSES = ("mse", "cosine")
@@ -65,6 +66,11 @@ class VisionConfig:
     # zero-shot and retrieval) are the mean over this many flips/rotations of each patch
     # (TEST_VIEWS; training is unchanged; docs/model.md "Test-time views")
     test_views: int = 1
+    # high-resolution morphology prior of the probe: 0 = off; else patches are read at this side
+    # (224 = 0.69 um/px for a 155 um patch), the ViT still sees them at img_size, and the probe also
+    # reads 92 statistics of the full-resolution patch: colour-texture, H/E/DAB colour deconvolution,
+    # nuclear density, size and staining (model/morphology.py; training is unchanged; docs/model.md)
+    morphology_px: int = 0
 
 
 @dataclass
@@ -229,6 +235,9 @@ class ComtipConfig:
         _choice("text.combination", t.combination, TOKEN_COMBINATIONS)
         _choice("text.pool", t.pool, POOLS_TEXT)
         _choice("vision.pool", v.pool, POOLS_VISION)
+        if v.morphology_px and not (v.img_size <= v.morphology_px <= MAX_MORPHOLOGY_PX):
+            raise ConfigError(f"vision.morphology_px must be 0 (off) or between vision.img_size ({v.img_size}) and "
+                              f"{MAX_MORPHOLOGY_PX}; got {v.morphology_px!r}", hint="use 224, the floor's resolution, or 0")
         if v.test_views not in TEST_VIEWS:
             raise ConfigError(f"vision.test_views must be one of {', '.join(map(str, TEST_VIEWS))}; got {v.test_views!r}",
                               hint="8 averages over every flip and quarter turn of a patch, 1 reads it as it is")

@@ -75,6 +75,7 @@ RANGES: dict[str, Range] = {
     "n_genes_hint": _ge(1),
     "vision.img_size": _ge(8),
     "vision.drop_path_rate": _UNIT_OPEN_TOP,
+    "vision.morphology_px": _ge(0),
     "text.fourier_features": _ge(1),
     "text.fourier_max_freq": _gt(0),
     "text.value_bins": _ge(2),
