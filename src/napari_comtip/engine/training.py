@@ -133,14 +133,14 @@ def pretrain(config: RunConfig | str | os.PathLike | dict, data_specs: Sequence,
         dev = torch.device("cuda", dist.local_rank)
     try:
         return _pretrain(cfg, data_specs, out, resume, overwrite, max_steps, callbacks, dev, dist, training_set,
-                         build_model)
+                         build_model, training_samples)
     finally:
         if dist.initialised_here:
             torch.distributed.destroy_process_group()
 
 
 def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_steps, callbacks, dev, dist: Dist,
-              training_set, build_model) -> Path:
+              training_set, build_model, training_samples=None) -> Path:
     tc = cfg.training
     if dist.main:
         rf.prepare_out(out, resume, overwrite)

@@ -88,8 +88,13 @@ def _nuclear(h: torch.Tensor, e: torch.Tensor, um_per_px: float) -> torch.Tensor
     mask = hs > thr.view(b, 1, 1)
     frac = mask.float().mean((1, 2))
     k = 2 * max(1, int(round(NUCLEUS_RADIUS_UM / um_per_px))) + 1
-    y = F.max_pool2d(hs.unsqueeze(1), (1, k), stride=1, padding=(0, k // 2))  # a k x k window, separably
-    peaks = (hs == F.max_pool2d(y, (k, 1), stride=1, padding=(k // 2, 0)).squeeze(1)) & mask
+    # a plateau of equal values (a flat-stained nucleus, an upsampled read) is one maximum, not many:
+    # ties are broken by a ramp far below any stain difference
+    # (in float64, where a ramp of 1e-9 over the patch still separates neighbours)
+    ramp = torch.arange(hs.shape[1] * hs.shape[2], dtype=torch.float64, device=hs.device).view(1, *hs.shape[1:])
+    ht = hs.double() + ramp * (1e-9 / ramp.numel())
+    y = F.max_pool2d(ht.unsqueeze(1), (1, k), stride=1, padding=(0, k // 2))  # a k x k window, separably
+    peaks = (ht == F.max_pool2d(y, (k, 1), stride=1, padding=(k // 2, 0)).squeeze(1)) & mask
     area_um2 = hs.shape[1] * hs.shape[2] * um_per_px ** 2
     count = peaks.float().sum((1, 2))
     density = count / (area_um2 / 1e4)  # per 0.01 mm2
