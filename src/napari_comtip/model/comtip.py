@@ -30,8 +30,9 @@ from .config import ComtipConfig
 from .foundation import fully_frozen
 from .grid_term import value_grid_loss
 from .sentences import gene_z, gene_z_stats, permute_values, sample_gene_subsets, spot_rank
-from .colour import N_COLOUR_FEATURES, colour_texture
-from .morphology import N_MORPHOLOGY_FEATURES, morphology_stats
+from . import reading
+from .colour import N_COLOUR_FEATURES
+from .morphology import N_MORPHOLOGY_FEATURES
 from .text import GeneTextEncoder, ProfileHead
 from .vision import MaskedViT, mean_over_views, resolve_normalization
 
@@ -113,8 +114,7 @@ class CoMTIP(nn.Module):
     def input_px(self) -> int:
         """The side patches are read at for this model's reading: ``vision.morphology_px`` when the
         probe reads full-resolution morphology (the ViT then sees them at ``img_size``), else ``img_size``."""
-        v = self.config.vision
-        return max(int(v.morphology_px), int(v.img_size)) if v.morphology_px else int(v.img_size)
+        return reading.input_px(self.config)
 
     @property
     def device(self) -> torch.device:
@@ -149,37 +149,16 @@ class CoMTIP(nn.Module):
 
     # ------------------------------------------------------------------ images
     def preprocess(self, patches) -> torch.Tensor:
-        """uint8 patches (B, H, W, 3) (tensor or numpy, 0..255) -> normalised (B, 3, S, S) on the model's device.
-
-        Resized to ``input_px`` (bilinear, antialiased) unless already at ``img_size`` or ``input_px``
-        (training batches stay at ``img_size``); normalised with the config's RGB mean/std;
-        returned channels-last in the model's floating dtype.
-        """
-        if isinstance(patches, np.ndarray):
-            patches = torch.from_numpy(np.ascontiguousarray(patches))
-        if patches.ndim == 3:
-            patches = patches.unsqueeze(0)
-        if patches.ndim != 4 or patches.shape[-1] != 3:
-            raise ValueError(f"patches must be (B, H, W, 3) uint8, got shape {tuple(patches.shape)}")
-        x = patches.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        s, m = self.img_size, self.input_px
-        if x.shape[-2] != x.shape[-1] or x.shape[-1] not in (s, m):
-            x = F.interpolate(x, size=(m, m), mode="bilinear", antialias=True, align_corners=False)
-        x = (x - self.pixel_mean) / self.pixel_std
-        x = x.to(self.image_proj.weight.dtype)  # a model converted with .half()/.bfloat16()
-        return x.contiguous(memory_format=torch.channels_last)
+        """uint8 patches (B, H, W, 3) -> normalised (B, 3, S, S) at ``input_px`` on the model's device
+        (model/reading.py :func:`~napari_comtip.model.reading.preprocess`)."""
+        return reading.preprocess(self, patches)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled pre-projection ViT features (B, F) of the patches as given (what the projection reads in training)."""
         return self.vision(self._vit_input(x))
 
     def _vit_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` at the ViT's side (a full-resolution reading, ``vision.morphology_px``, resized the
-        way patches are resized when they are read: bilinear, antialiased)."""
-        s = self.img_size
-        if x.shape[-1] == s and x.shape[-2] == s:
-            return x
-        return F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return reading.vit_input(x, self.img_size)
 
     def probe_features(self, x: torch.Tensor) -> torch.Tensor:
         """The probe's input (B, F'): the pooled ViT features, followed by the colour-texture
@@ -205,17 +184,7 @@ class CoMTIP(nn.Module):
             f"+morph{N_MORPHOLOGY_FEATURES}@{v.morphology_px}" if v.morphology_px else "")
 
     def _with_colour(self, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        v = self.config.vision
-        if not (v.colour_features or v.morphology_px):
-            return feats
-        parts = [feats.float()]
-        if v.colour_features:
-            rgb = ((self._vit_input(x).float() * self.pixel_std + self.pixel_mean) / 255.0).clamp(0.0, 1.0)  # undo preprocess
-            parts.append(mean_over_views(lambda t: colour_texture(t.permute(0, 2, 3, 1)), rgb, self._views()))
-        if v.morphology_px:  # statistics of the whole patch: no view averaging (they do not depend on orientation)
-            full = ((x.float() * self.pixel_std + self.pixel_mean) / 255.0).clamp(0.0, 1.0)
-            parts.append(morphology_stats(full.permute(0, 2, 3, 1), float(self.config.patch_um) / full.shape[-1]))
-        return torch.cat(parts, 1)
+        return reading.reading_stats(self, x, feats, self._views())
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embedding in the shared space (B, D)."""
