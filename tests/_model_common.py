@@ -47,5 +47,5 @@ def train_on_demo(tmp_path, text: dict, model: dict | None = None):
     cfg = RC.run_config_from_dict({"preset": "micro", "model": {**(model or {}), "text": dict(text)},
                                   "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
                                   "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
-    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
+    path = T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, training_samples=[s], device="cpu")
     return load_checkpoint(path).model, ts, cfg

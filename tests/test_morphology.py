@@ -143,3 +143,34 @@ def test_refit_reads_the_probe_spots_at_the_morphology_side(tmp_path):
     pred = predict_sample(s, checkpoint=str(path), mode="probe", device="cpu")
     assert pred.uns["comtip"]["read_px"] == 64
     assert np.isfinite(np.asarray(pred.X)).all()
+
+
+def test_a_run_trained_with_the_reading_fits_its_probe_on_spots_read_at_that_side(tmp_path):
+    """pretrain with vision.morphology_px set: training batches stay at img_size, the final probe
+    and bank are fitted on the same spots read at the reading side (engine/bank_probe.py reading_set)."""
+    from _model_common import train_on_demo
+
+    from napari_comtip.engine.predict import predict_sample
+    from napari_comtip.io import load_sample
+
+    model, ts, _ = train_on_demo(tmp_path, {"mode": "names+values"}, model={"vision": {"morphology_px": 48}})
+    assert ts.patches.shape[1] == 32 and model.input_px == 48
+    pred = predict_sample(load_sample("@demo"), checkpoint=str(tmp_path / "run" / "model.pt"), mode="probe", device="cpu")
+    assert pred.uns["comtip"]["read_px"] == 48 and np.isfinite(np.asarray(pred.X)).all()
+
+
+def test_a_training_set_at_another_side_without_its_samples_is_refused_before_training(tmp_path):
+    from napari_comtip.engine import run_config as RC
+    from napari_comtip.engine import training as T
+    from napari_comtip.engine.data import build_training_set
+    from napari_comtip.engine.run_config import DataConfig
+    from napari_comtip.io import load_sample
+
+    ts = build_training_set([load_sample("@demo")], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0,
+                            img_size=32)
+    cfg = RC.run_config_from_dict({"preset": "micro", "model": {"vision": {"morphology_px": 48}},
+                                  "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False},
+                                  "training": {"epochs": 1, "batch_size": 16, "threads": 1}})
+    with pytest.raises(ConfigError, match="training_samples"):
+        T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
+    assert not (tmp_path / "run" / "model.pt").exists()

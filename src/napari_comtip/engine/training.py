@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..errors import ConfigError, InputError, TrainingError
+from ..model.reading import input_px
 from ..progress import Cancel, Progress
 from . import run_folder as rf
 from .bank_probe import build_bank_and_probe, panel_rule_text, save_final
@@ -177,6 +178,11 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
     else:
         ts = training_set
         samples = training_samples
+        side = input_px(cfg.model)
+        if samples is None and ts.patches.shape[1] != side:  # refused before any step, not after training
+            raise ConfigError(f"vision.morphology_px reads patches at {side} px but the given training set's are "
+                              f"{ts.patches.shape[1]} px, and no training_samples were given to read the probe's spots",
+                              hint="pass training_samples (the loaded samples of the training set) to pretrain")
     panel = list(ts.panel)
     if state is not None and list(state["gene_panel"]) != panel:
         raise ConfigError("the gene panel differs from the run being resumed", path=out,
