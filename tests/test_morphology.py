@@ -174,3 +174,22 @@ def test_a_training_set_at_another_side_without_its_samples_is_refused_before_tr
     with pytest.raises(ConfigError, match="training_samples"):
         T.pretrain(cfg, [], tmp_path / "run", max_steps=3, training_set=ts, device="cpu")
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_statistics_stay_float32_inside_autocast():
+    x = torch.from_numpy(_tissue(6, 5)[None])
+    want = morphology_stats(x, UPP)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = morphology_stats(x, UPP)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_colour_statistics_stay_float32_inside_autocast():
+    from napari_comtip.model.colour import colour_texture
+
+    x = torch.from_numpy(_tissue(6, 5)[None])
+    want = colour_texture(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = colour_texture(x)
+    torch.testing.assert_close(got, want)

@@ -60,8 +60,13 @@ def _hist8(v: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def colour_texture(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) float RGB in [0, 1] -> (B, 70) float32 statistics (see the module docstring)."""
-    x = x.float()
+    """(B, H, W, 3) float RGB in [0, 1] -> (B, 70) float32 statistics (see the module docstring);
+    in float32 even inside the encoder's CUDA autocast, so a GPU reads the statistics a CPU fitted."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _colour_texture(x.float())
+
+
+def _colour_texture(x: torch.Tensor) -> torch.Tensor:
     b = x.shape[0]
     if b == 0:
         return x.new_zeros((0, N_COLOUR_FEATURES))

@@ -111,12 +111,18 @@ def _nuclear(h: torch.Tensor, e: torch.Tensor, um_per_px: float) -> torch.Tensor
 @torch.no_grad()
 def morphology_stats(x: torch.Tensor, um_per_px: float) -> torch.Tensor:
     """(B, H, W, 3) float RGB in [0, 1], read at ``um_per_px`` -> (B, 92) float32 statistics."""
-    x = x.float()
+    if not (um_per_px > 0 and math.isfinite(um_per_px)):
+        raise ValueError(f"um_per_px must be a positive number, got {um_per_px!r}")
+    # in float32 even inside the encoder's CUDA autocast: half precision would blur the stain
+    # densities' small differences that the threshold and the nuclear maxima read
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _stats(x.float(), um_per_px)
+
+
+def _stats(x: torch.Tensor, um_per_px: float) -> torch.Tensor:
     b = x.shape[0]
     if b == 0:
         return x.new_zeros((0, N_MORPHOLOGY_FEATURES))
-    if not (um_per_px > 0 and math.isfinite(um_per_px)):
-        raise ValueError(f"um_per_px must be a positive number, got {um_per_px!r}")
     hed = rgb_to_hed(x)
     q = torch.tensor([0.1, 0.5, 0.9], dtype=x.dtype, device=x.device)
     parts = [colour_texture(x)]
