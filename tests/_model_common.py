@@ -31,6 +31,19 @@ def micro_model(genes, seed: int = 0):
     return build_model(cfg, list(genes), name_embeddings=torch.randn(len(genes), 384)).eval()
 
 
+def micro_reading_model(genes, **vision):
+    """An untrained micro-preset CoMTIP over ``genes`` without MFM, in eval mode, seeded, with
+    these ``vision`` reading keys (e.g. ``colour_features=True, test_views=8``)."""
+    from napari_comtip.model import build_model, get_preset
+
+    cfg = get_preset("micro")
+    cfg.w_mfm = 0.0
+    for k, v in vision.items():
+        setattr(cfg.vision, k, v)
+    torch.manual_seed(0)
+    return build_model(cfg, list(genes), name_embeddings=torch.randn(len(genes), 8)).eval()
+
+
 def train_on_demo(tmp_path, text: dict, model: dict | None = None):
     """(loaded model, training set, run config) of 3 micro steps on the demo sample with these
     ``model.text`` keys (and other ``model`` keys): the end-to-end path (training set, pretrain,

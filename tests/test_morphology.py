@@ -6,7 +6,6 @@ import torch
 
 from napari_comtip.errors import ConfigError
 from napari_comtip.model.colour import row_quantile
-from napari_comtip.model.factory import build_model
 from napari_comtip.model.morphology import N_MORPHOLOGY_FEATURES, morphology_stats, otsu_threshold, rgb_to_hed
 from napari_comtip.model.presets import get_preset
 
@@ -85,12 +84,9 @@ def test_row_quantile_chunks_like_torch_quantile():
 
 
 def _model(morph: int):
-    cfg = get_preset("micro")
-    cfg.w_mfm = 0.0
-    cfg.vision.colour_features = True
-    cfg.vision.morphology_px = morph
-    torch.manual_seed(0)
-    return build_model(cfg, GENES, name_embeddings=torch.randn(6, 8)).eval()
+    from _model_common import micro_reading_model
+
+    return micro_reading_model(GENES, colour_features=True, morphology_px=morph)
 
 
 def test_the_model_reads_full_resolution_but_its_vit_and_embedding_stay_at_img_size():

@@ -6,7 +6,6 @@ import torch
 
 from napari_comtip.errors import ConfigError
 from napari_comtip.model.config import TEST_VIEWS
-from napari_comtip.model.factory import build_model
 from napari_comtip.model.presets import get_preset
 from napari_comtip.model.vision import dihedral_view, mean_over_views
 
@@ -14,12 +13,9 @@ GENES = [f"G{i}" for i in range(6)]
 
 
 def _model(views: int, colour: bool = False):
-    cfg = get_preset("micro")
-    cfg.w_mfm = 0.0
-    cfg.vision.colour_features = colour
-    cfg.vision.test_views = views
-    torch.manual_seed(0)
-    return build_model(cfg, GENES, name_embeddings=torch.randn(6, 8)).eval()
+    from _model_common import micro_reading_model
+
+    return micro_reading_model(GENES, colour_features=colour, test_views=views)
 
 
 def _patches(n=4, side=None, seed=0):

@@ -20,6 +20,7 @@ import torch
 from ..constants import Default
 from .context import context_features_grouped, fit_context_probe
 from .data import TrainingSet, build_training_set
+from .embedding_cache import model_img_size
 from .run_config import DataConfig, RunConfig
 from .zero_shot_spread import EXTRAS_KEY as SPREAD_KEY
 from .zero_shot_spread import fit_spread
@@ -34,9 +35,12 @@ def embed_patches(model, patches: np.ndarray, device: torch.device, batch_size: 
     for s in range(0, len(patches), batch_size):
         x = torch.from_numpy(np.asarray(patches[s:s + batch_size])).to(device)
         x = model.preprocess(x)
-        embs.append(model.encode_image(x).float().cpu())
-        if features:
-            feats.append(model.probe_features(x).float().cpu())
+        if features:  # one ViT pass for both
+            e, f = model.encode_image_and_features(x)
+            feats.append(f.float().cpu())
+        else:
+            e = model.encode_image(x)
+        embs.append(e.float().cpu())
     e = torch.cat(embs).numpy()
     f = torch.cat(feats).numpy() if features else None
     return e, f
@@ -46,7 +50,7 @@ def reading_set(model, ts: TrainingSet, samples: Sequence | None = None) -> Trai
     """The labelled spots of ``ts`` as the model reads them at inference: ``ts`` itself when its
     patches are at the model's reading side (``model.input_px``), else the same spots of ``samples``
     read again at that side (``vision.morphology_px``: training patches are at ``img_size``)."""
-    side = int(getattr(model, "input_px", model.config.vision.img_size))
+    side = model_img_size(model)
     if ts.patches.shape[1] == side:
         return ts
     if samples is None:

@@ -50,7 +50,9 @@ CACHE_FORMAT = 1
 def model_img_size(model: torch.nn.Module) -> int:
     """The side in pixels patches are read at for this model: ``config.vision.img_size``, or
     ``vision.morphology_px`` when the probe reads full-resolution morphology (``input_px``)."""
-    return int(getattr(model, "input_px", model.config.vision.img_size))
+    from ..model.reading import input_px
+
+    return input_px(model.config)
 
 
 def model_patch_um(model: torch.nn.Module) -> float:

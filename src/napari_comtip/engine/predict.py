@@ -96,7 +96,7 @@ def predict_sample(
 
     from . import predictors
     from .device import describe_device, resolve_device
-    from .embedding_cache import check_signature, embedding_signature, weights_digest
+    from .embedding_cache import check_signature, embedding_signature, model_img_size, weights_digest
     from .inference import embed_sample, precision_for
 
     t0 = time.perf_counter()
@@ -271,7 +271,7 @@ def predict_sample(
         "embeddings_cached": bool(emb.cached),
         "patch_um": float(model.config.patch_um),
         "img_size": int(model.config.vision.img_size),
-        "read_px": int(getattr(model, "input_px", model.config.vision.img_size)),
+        "read_px": model_img_size(model),
         "mpp": float(sample.mpp),
         "mpp_source": str(sample.mpp_source),
         "sample": {"name": sample.name, "format": sample.format, "identity": sample.identity,

@@ -164,13 +164,14 @@ class CoMTIP(nn.Module):
         """The probe's input (B, F'): the pooled ViT features, followed by the colour-texture
         statistics of the ViT's input patch when ``vision.colour_features`` (model/colour.py) and the
         full-resolution morphology statistics when ``vision.morphology_px`` (model/morphology.py)."""
-        return self._with_colour(x, self._pooled(x))
+        xv = self._vit_input(x)
+        return self._with_colour(x, xv, self._pooled(xv))
 
-    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled ViT features; at inference (eval mode) their mean over ``vision.test_views``
-        flips and rotations of each patch (model/vision.py ``mean_over_views``; the colour
-        statistics likewise)."""
-        return mean_over_views(self.vision, self._vit_input(x), self._views())
+    def _pooled(self, xv: torch.Tensor) -> torch.Tensor:
+        """Pooled ViT features of patches at the ViT's side; at inference (eval mode) their mean over
+        ``vision.test_views`` flips and rotations of each patch (model/vision.py ``mean_over_views``;
+        the colour statistics likewise)."""
+        return mean_over_views(self.vision, xv, self._views())
 
     def _views(self) -> int:
         return 1 if self.training else int(self.config.vision.test_views)
@@ -183,17 +184,18 @@ class CoMTIP(nn.Module):
             f"+views{v.test_views}" if v.test_views > 1 else "") + (
             f"+morph{N_MORPHOLOGY_FEATURES}@{v.morphology_px}" if v.morphology_px else "")
 
-    def _with_colour(self, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        return reading.reading_stats(self, x, feats, self._views())
+    def _with_colour(self, x: torch.Tensor, xv: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        return reading.reading_stats(self, x, xv, feats, self._views())
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embedding in the shared space (B, D)."""
-        return F.normalize(self.image_proj(self._pooled(x)), dim=-1)
+        return F.normalize(self.image_proj(self._pooled(self._vit_input(x))), dim=-1)
 
     def encode_image_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both at the cost of one ViT pass: ((B, D) embedding, (B, F) features)."""
-        feats = self._pooled(x)
-        return F.normalize(self.image_proj(feats), dim=-1), self._with_colour(x, feats)
+        xv = self._vit_input(x)  # resized once for the ViT and the colour statistics
+        feats = self._pooled(xv)
+        return F.normalize(self.image_proj(feats), dim=-1), self._with_colour(x, xv, feats)
 
     # ------------------------------------------------------------------ genes
     def encode_genes(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

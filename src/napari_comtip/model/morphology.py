@@ -100,9 +100,11 @@ def _nuclear(h: torch.Tensor, e: torch.Tensor, um_per_px: float) -> torch.Tensor
     density = count / (area_um2 / 1e4)  # per 0.01 mm2
     nuc_area = frac * area_um2 / count.clamp_min(1.0)
     m = mask.float()
+    out = 1 - m
+    n_out = out.sum((1, 2)).clamp_min(1.0)
     inside = (hs * m).sum((1, 2)) / m.sum((1, 2)).clamp_min(1.0)
-    outside = (hs * (1 - m)).sum((1, 2)) / (1 - m).sum((1, 2)).clamp_min(1.0)
-    e_out = (e * (1 - m)).sum((1, 2)) / (1 - m).sum((1, 2)).clamp_min(1.0)
+    outside = (hs * out).sum((1, 2)) / n_out
+    e_out = (e * out).sum((1, 2)) / n_out
     g = _sobel_mag(hs).reshape(b, -1) / um_per_px
     return torch.stack([thr, frac, density, nuc_area, inside, outside, e_out,
                         g.mean(1), g.std(1, unbiased=False), row_quantile(g, 0.9)], 1)

@@ -22,6 +22,7 @@ from .vision import mean_over_views
 
 
 def input_px(config) -> int:
+    """The side patches are read at for a model of ``config`` (a CoMTIP's ``config``)."""
     v = config.vision
     return max(int(v.morphology_px), int(v.img_size)) if v.morphology_px else int(v.img_size)
 
@@ -42,7 +43,7 @@ def preprocess(model, patches) -> torch.Tensor:
     x = patches.to(model.device, non_blocking=True).permute(0, 3, 1, 2).float()
     s, m = int(model.config.vision.img_size), input_px(model.config)
     if x.shape[-2] != x.shape[-1] or x.shape[-1] not in (s, m):
-        x = F.interpolate(x, size=(m, m), mode="bilinear", antialias=True, align_corners=False)
+        x = _resize(x, m)
     x = (x - model.pixel_mean) / model.pixel_std
     x = x.to(model.image_proj.weight.dtype)  # a model converted with .half()/.bfloat16()
     return x.contiguous(memory_format=torch.channels_last)
@@ -54,7 +55,12 @@ def vit_input(x: torch.Tensor, img_size: int) -> torch.Tensor:
     s = int(img_size)
     if x.shape[-1] == s and x.shape[-2] == s:
         return x
-    return F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+    return _resize(x, s)
+
+
+def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, side, side), bilinear and antialiased (as the patch readers resize)."""
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _rgb(model, x: torch.Tensor) -> torch.Tensor:
@@ -62,14 +68,15 @@ def _rgb(model, x: torch.Tensor) -> torch.Tensor:
     return ((x.float() * model.pixel_std + model.pixel_mean) / 255.0).clamp(0.0, 1.0)
 
 
-def reading_stats(model, x: torch.Tensor, feats: torch.Tensor, views: int) -> torch.Tensor:
-    """``feats`` followed by the reading's statistics of the preprocessed patches ``x``."""
+def reading_stats(model, x: torch.Tensor, xv: torch.Tensor, feats: torch.Tensor, views: int) -> torch.Tensor:
+    """``feats`` followed by the reading's statistics of the preprocessed patches ``x`` (``xv``:
+    the same patches at the ViT's side, :func:`vit_input`, which the colour statistics read)."""
     v = model.config.vision
     if not (v.colour_features or v.morphology_px):
         return feats
     parts = [feats.float()]
     if v.colour_features:
-        rgb = _rgb(model, vit_input(x, v.img_size))
+        rgb = _rgb(model, xv)
         parts.append(mean_over_views(lambda t: colour_texture(t.permute(0, 2, 3, 1)), rgb, views))
     if v.morphology_px:  # statistics of the whole patch: no view averaging (they do not depend on orientation)
         full = _rgb(model, x)
