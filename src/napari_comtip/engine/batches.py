@@ -170,27 +170,58 @@ class BatchSet(torch.utils.data.Dataset):
         # the profile and value-grid terms' input: the log-normalised vector itself (empty when both are off)
         m = self.cfg.model
         profile = expr.float() if m.w_profile > 0 or m.w_grid > 0 else torch.zeros((0, expr.shape[1]))
-        if self.cfg.model.text.value_transform == "spot_rank":
-            expr = spot_rank(expr)
+        lib = None if self.ts.library_z is None else self.ts.library_z[idx]
+        gene_idx, values, mask = self.sentences(expr, lib, g)
         dc = self.cfg.data
-        if self.cfg.model.text.mode == "names+values" and dc.sentence_sampler in ("expressed", "shared"):
-            sampler = expressed_sentences if dc.sentence_sampler == "expressed" else shared_sentences
-            gene_idx, values, mask = sampler(expr, self.cfg.model.text, dc.expressed_weight, g)
-        else:
-            gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
-        if self.zstats is not None:  # genes drawn by their lognorm values, then standardised per gene
-            values = gene_z(values, gene_idx, *self.zstats)
-        if self.cfg.model.text.library_token and self.ts.library_z is not None:  # the spot's depth as its own token
-            n = len(idx)
-            gene_idx = torch.cat([gene_idx, torch.full((n, 1), len(self.ts.panel), dtype=gene_idx.dtype)], 1)
-            values = torch.cat([values, torch.from_numpy(self.ts.library_z[idx]).to(values.dtype).view(n, 1)], 1)
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], 1)
         extra = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
         if self.pixels and self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
             u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
             us = np.sort(u)
             extra = self.aug(torch.from_numpy(np.asarray(self.ts.unlabelled[us])), g)
-        return imgs, gene_idx, values, mask, extra, profile
+        return imgs, gene_idx, values, mask, extra, profile, self.ssl_views(g)
+
+    def sentences(self, expr: torch.Tensor, library_z: np.ndarray | None, g: torch.Generator):
+        """Gene sentences ``(gene_idx, values, mask)`` of log-normalised spots ``expr`` (B, G), as the
+        run's text config draws them (sampler, value transform, library-size token)."""
+        dc, tc = self.cfg.data, self.cfg.model.text
+        if tc.value_transform == "spot_rank":
+            expr = spot_rank(expr)
+        if tc.mode == "names+values" and dc.sentence_sampler in ("expressed", "shared"):
+            sampler = expressed_sentences if dc.sentence_sampler == "expressed" else shared_sentences
+            gene_idx, values, mask = sampler(expr, tc, dc.expressed_weight, g)
+        else:
+            gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
+        if self.zstats is not None:  # genes drawn by their lognorm values, then standardised per gene
+            values = gene_z(values, gene_idx, *self.zstats)
+        if tc.library_token and library_z is not None:  # the spot's depth as its own token
+            n = len(expr)
+            gene_idx = torch.cat([gene_idx, torch.full((n, 1), len(self.ts.panel), dtype=gene_idx.dtype)], 1)
+            values = torch.cat([values, torch.from_numpy(np.asarray(library_z)).to(values.dtype).view(n, 1)], 1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], 1)
+        return gene_idx, values, mask
+
+    def ssl_views(self, g: torch.Generator) -> tuple:
+        """The expression-only term's input (``model.w_text_ssl``; empty when off): two independently
+        drawn sentences ``(gene_idx, values, mask) * 2`` of each of ``data.expression_only_batch`` spots
+        drawn from all expression of the run, the training spots and those of ``data.expression_only``."""
+        if self.cfg.model.w_text_ssl <= 0:
+            return ()
+        pool_expr, pool_lib = self._ssl_pool
+        k = min(int(self.cfg.data.expression_only_batch), len(pool_expr))
+        rows = torch.randperm(len(pool_expr), generator=g)[:k].numpy()
+        expr = torch.from_numpy(np.asarray(pool_expr[rows]))
+        lib = None if pool_lib is None else pool_lib[rows]
+        return self.sentences(expr, lib, g) + self.sentences(expr, lib, g)
+
+    @property
+    def _ssl_pool(self) -> tuple[np.ndarray, np.ndarray | None]:
+        ts = self.ts
+        if ts.text_only_expr is None or not len(ts.text_only_expr):
+            return ts.expr, ts.library_z
+        if "_pool" not in self.__dict__:
+            lib = None if ts.library_z is None else np.concatenate([ts.library_z, ts.text_only_library_z])
+            self.__dict__["_pool"] = (np.concatenate([ts.expr, ts.text_only_expr]), lib)
+        return self.__dict__["_pool"]
 
 
 __all__ = ["BatchSet", "Augment", "expressed_sentences", "shared_sentences", "step_seed", "generator"]

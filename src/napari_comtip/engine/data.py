@@ -187,6 +187,10 @@ class TrainingSet:
     centres_rc: np.ndarray | None = None  # (N, 2) spot centres (row, col), full-resolution px of their sample
     library_z: np.ndarray | None = None  # (N,) log total counts, standardised over these spots (library token)
     info: dict[str, Any] = field(default_factory=dict)
+    # spots with expression but no image (data.expression_only): panel expression and library token
+    # value (standardised with the training spots' mean and sd), for the expression-only term
+    text_only_expr: np.ndarray | None = None  # (M, G) float32
+    text_only_library_z: np.ndarray | None = None  # (M,)
 
     @property
     def n_spots(self) -> int:
@@ -215,7 +219,7 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
         if list(map(str, ad.obs_names)) != spot_ids:
             ad = ad[spot_ids]
         exprs.append(panel_matrix(ad, panel, s.name, s.provenance.get("source"), cfg.min_shared_genes))
-        libs.append(np.log1p(np.asarray(ad.X.sum(axis=1), dtype=np.float64).ravel()))
+        libs.append(_log_library(ad))
         patches.append(np.asarray(cache.spots(s, patch_um, img_size, progress=progress, cancel=cancel)))
         owner.append(np.full(s.n_spots, i))
         centres.append(s.centers_rc())
@@ -224,6 +228,8 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
             c = tissue_centres(s, patch_um, max_n=cfg.unlabelled_per_sample, tissue_frac=cfg.tissue_frac, seed=seed)
             if len(c):
                 unl.append(np.asarray(cache.get(s, c, patch_um, img_size, "tissue", progress=progress, cancel=cancel)))
+    lib = np.concatenate(libs, 0)
+    text_only, text_only_lib, text_only_names = expression_only_set(cfg, panel, lib)
     return TrainingSet(
         panel=panel,
         patches=np.concatenate(patches, 0),
@@ -232,15 +238,42 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
         names=[s.name for s in samples],
         spot_ids=ids,
         unlabelled=np.concatenate(unl, 0) if unl else None,
-        info={"n_unlabelled": int(sum(len(u) for u in unl))},
+        info={"n_unlabelled": int(sum(len(u) for u in unl)),
+              **({"expression_only": text_only_names, "n_expression_only": int(len(text_only))} if text_only_names else {})},
         centres_rc=np.concatenate(centres, 0),
-        library_z=_standardised(np.concatenate(libs, 0)),
+        library_z=_standardised(lib),
+        text_only_expr=text_only if text_only_names else None,
+        text_only_library_z=text_only_lib if text_only_names else None,
     )
 
 
-def _standardised(x: np.ndarray) -> np.ndarray:
-    sd = float(x.std())
-    return ((x - x.mean()) / (sd if sd > 1e-8 else 1.0)).astype(np.float32)
+def _standardised(x: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    ref = x if ref is None else ref
+    sd = float(ref.std())
+    return ((x - ref.mean()) / (sd if sd > 1e-8 else 1.0)).astype(np.float32)
+
+
+def _log_library(ad) -> np.ndarray:
+    return np.log1p(np.asarray(ad.X.sum(axis=1), dtype=np.float64).ravel())
+
+
+def expression_only_set(cfg: DataConfig, panel: Sequence[str], train_library: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Panel expression (M, G), library token values (M,) and ``path:section`` names of the spots of
+    ``cfg.expression_only`` (io/expression_only.py); each section must share ``min_shared_genes`` of
+    the panel. The library values are standardised with the *training* spots' ``train_library``, so a
+    token means the same depth in both."""
+    from ..io.expression_only import read_expression_only
+
+    exprs, libs, names = [], [], []
+    for path in cfg.expression_only:
+        for name, ad in read_expression_only(path):
+            exprs.append(panel_matrix(ad, panel, name, path, cfg.min_shared_genes))
+            libs.append(_log_library(ad))
+            names.append(f"{path}:{name}")
+    if not names:
+        return np.zeros((0, len(panel)), np.float32), np.zeros(0, np.float32), []
+    return (np.concatenate(exprs, 0).astype(np.float32), _standardised(np.concatenate(libs, 0), train_library), names)
 
 
 # --------------------------------------------------------------------------- what to train on
@@ -300,5 +333,5 @@ def load_training_samples(specs: Sequence[DataSpec | str | tuple], progress=None
 
 __all__ = [
     "select_gene_panel", "panel_matrix", "lognorm_matrix", "tissue_centres", "TrainingSet",
-    "build_training_set", "DataSpec", "resolve_data_specs", "load_training_samples",
+    "build_training_set", "expression_only_set", "DataSpec", "resolve_data_specs", "load_training_samples",
 ]

@@ -75,6 +75,11 @@ ARMS: dict[str, dict[str, Any]] = {
                                     "model.vision.colour_features": True, "model.vision.morphology_px": 224},
     "comtip-grid": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_grid": 1.0,
                     "model.vision.colour_features": True},
+    # the shipped her2st recipe plus the expression-only term (model/text_ssl.py): gene sentences also
+    # trained on spots without images, those of data.expression_only (training/configs/loso-textssl.yaml
+    # names her2st_counts_only) and the training spots
+    "comtip-textssl": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_text_ssl": 1.0,
+                       "model.vision.colour_features": True, "model.vision.morphology_px": 112},
     "comtip-grid-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
                             "model.w_grid": 1.0, "model.vision.colour_features": True},
     "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
@@ -116,6 +121,7 @@ ARM_TEXT = {
     "comtip-profile-colour-morph": "comtip-profile-colour, its probe also reading the full-resolution morphology statistics (224 px)",
     "comtip-grid": "comtip-rank-colour plus the value-grid term (the zero-shot readout trained: each image against its genes' value grids)",
     "comtip-grid-profile": "comtip-profile-colour plus the value-grid term",
+    "comtip-textssl": "comtip-rank-colour-morph112 plus the expression-only term (two gene sentences of one spot, with or without its image, find each other)",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
     "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",
 }

@@ -43,6 +43,10 @@ class DataConfig:
     unlabelled_per_sample: int = 1500  # cap on unlabelled tissue patches per sample
     unlabelled_batch: int = 32  # vision-only patches per step
     tissue_frac: float = 0.5  # unlabelled patch must be at least this fraction tissue
+    # expression without images (model.w_text_ssl only): data sets whose spots' counts train the gene
+    # sentences (a legacy ST folder of counts and spot tables, an .h5ad of counts, or any readable sample)
+    expression_only: list[str] = dataclasses.field(default_factory=list)
+    expression_only_batch: int = 64  # spots per step of the expression-only term (drawn from all expression)
     # augmentation
     flips: bool = True
     rot90: bool = True

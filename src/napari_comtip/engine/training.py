@@ -65,7 +65,8 @@ class _StepModule(torch.nn.Module):
         if self.training:
             self._captured.append(out.detach())
 
-    def forward(self, images, gene_idx, values, mask, extra_images=None, pooled: bool = False, profile=None):
+    def forward(self, images, gene_idx, values, mask, extra_images=None, pooled: bool = False, profile=None,
+                ssl_views: tuple = ()):
         self._captured.clear()
         prof = profile if profile is not None and profile.shape[0] else None
         out = dict(self.model(images, gene_idx, values, mask, pooled=pooled, profile=prof))
@@ -81,6 +82,11 @@ class _StepModule(torch.nn.Module):
             mfm = (out["mfm"] * n_l + mfm_extra * n_u) / (n_l + n_u)
             out["loss"] = out["loss"] + self.w_mfm * (mfm - out["mfm"])
             out["mfm"] = mfm
+        if ssl_views:  # the expression-only term (model/text_ssl.py): gene sentences without images
+            from ..model.text_ssl import text_ssl_loss
+
+            out["text_ssl"] = text_ssl_loss(self.model, ssl_views)
+            out["loss"] = out["loss"] + self.model.config.w_text_ssl * out["text_ssl"]
         return out
 
 
@@ -275,7 +281,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, sampler=sampler, num_workers=tc.num_workers,
             pin_memory=dev.type == "cuda", persistent_workers=False)
-        for imgs, gene_idx, values, mask, extra, profile in loader:
+        for imgs, gene_idx, values, mask, extra, profile, ssl in loader:
             ts0 = time.time()
             if fcache is not None:  # imgs are spot indices: cached pooled features of their view
                 x, xe = fcache.features(imgs.numpy(), epoch), None
@@ -284,9 +290,11 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
                 x = model.preprocess(imgs)
                 xe = model.preprocess(extra.to(dev, non_blocking=True)) if extra.shape[0] else None
             gene_idx, values, mask = gene_idx.to(dev), values.to(dev), mask.to(dev)
+            ssl = tuple(t.to(dev) for t in ssl)
             torch.manual_seed(step_seed(tc.seed, step, dist.rank, 3))  # model-internal randomness
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outd = train_mod(x, gene_idx, values, mask, xe, pooled=fcache is not None, profile=profile.to(dev))
+                outd = train_mod(x, gene_idx, values, mask, xe, pooled=fcache is not None, profile=profile.to(dev),
+                                 ssl_views=ssl)
             loss = outd["loss"]
             bad = not bool(torch.isfinite(loss.detach()).item())
             if dist.any_true(bad):
@@ -314,6 +322,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
                 "i2t_acc": float(outd["i2t_acc"]) if "i2t_acc" in outd else float("nan"),
                 "profile": float(outd["profile"].detach()) if "profile" in outd else 0.0,
                 "grid": float(outd["grid"].detach()) if "grid" in outd else 0.0,
+                "text_ssl": float(outd["text_ssl"].detach()) if "text_ssl" in outd else 0.0,
             }
             if dist.main:
                 rf.append_metrics(out / rf.METRICS_FILE, metrics)
@@ -334,6 +343,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
         extras["training"] = {
             "steps": step, "total_steps": total, "stopped_early": stopped, "epochs": step / spe,
             "samples": list(ts.names), "n_spots": ts.n_spots, "n_unlabelled": ts.info.get("n_unlabelled", 0),
+            "expression_only": ts.info.get("expression_only", []), "n_expression_only": ts.info.get("n_expression_only", 0),
             "elapsed_s": elapsed0 + time.time() - t0, "world_size": dist.world, "device": str(dev),
             "run_config": cfg.to_dict(), "panel_rule": panel_rule_text(cfg.data),
             "selection_rule": "final weights after the fixed step budget",

@@ -182,6 +182,48 @@ def estimate_pitch_px(spots: pd.DataFrame) -> tuple[float, str]:
     return float(np.median(d[:, 1])), "median nearest-neighbour distance"
 
 
+def _spots_with_counts(files: dict[str, Path], provenance: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.Index]:
+    """The selected spots, the count table, and the ids of the selected spots that have counts
+    (the others are dropped with a warning)."""
+    spots = read_selection(files["selection"])
+    if len(spots) == 0:
+        raise InputError("no selected spots (selected == 1)", path=files["selection"],
+                         hint="the selection table must mark spots under tissue with selected = 1")
+    counts = read_counts(files["counts"])
+    shared = spots.index.intersection(counts.index, sort=False)
+    if len(shared) == 0:
+        raise InputError(
+            f"the counts rows (e.g. {counts.index[0] if len(counts) else 'none'}) and the selected spots "
+            f"(e.g. {spots.index[0]}) share no spot ids",
+            path=files["counts"],
+            hint=f"counts rows must be named <x>x<y> like the x, y columns of {files['selection'].name}",
+        )
+    n_drop = len(spots) - len(shared)
+    if n_drop:
+        missing = [s for s in spots.index if s not in counts.index]
+        msg = (f"{n_drop} selected spot(s) have no counts in {files['counts'].name} and were dropped "
+               f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''})")
+        warnings.warn(msg, stacklevel=3)
+        provenance.setdefault("warnings", []).append(msg)
+    provenance["dropped_spots"] = int(n_drop)
+    provenance["unselected_count_rows"] = int(len(counts.index.difference(spots.index)))
+    return spots, counts, shared
+
+
+def read_legacy_st_expression(root: str | os.PathLike, sample: str):
+    """The expression AnnData of one section's selected spots, without its image (a section whose
+    H&E is not available: expression-only training data, ``data.expression_only``)."""
+    files = sample_files(root, sample)
+    provenance: dict[str, Any] = {"reader": "legacy_st (expression only)", "root": str(root), "sample": sample}
+    spots, counts, shared = _spots_with_counts(files, provenance)
+    spots = spots.loc[shared]
+    matrix = counts.loc[spots.index].to_numpy(dtype=np.float32)
+    warn_non_integer(matrix, files["counts"], "the count table", provenance)
+    expr = make_expression(matrix, spots.index, counts.columns, spots, path=files["counts"])
+    expr.uns["provenance"] = {k: v for k, v in provenance.items() if k != "warnings"}
+    return expr
+
+
 # --------------------------------------------------------------------------- reader
 def read_legacy_st(root: str | os.PathLike, sample: str | None = None, slide: str | os.PathLike | None = None,
                    mpp: float | None = None, progress=None) -> SpatialSample:
@@ -205,29 +247,7 @@ def read_legacy_st(root: str | os.PathLike, sample: str | None = None, slide: st
                          hint=f"expected {IMAGES_DIR}/{sample[:1]}/{sample}/<image>.jpg, or pass --slide")
 
     provenance: dict[str, Any] = {"reader": "legacy_st", "root": str(root), "sample": sample}
-    spots = read_selection(files["selection"])
-    if len(spots) == 0:
-        raise InputError("no selected spots (selected == 1)", path=files["selection"],
-                         hint="the selection table must mark spots under tissue with selected = 1")
-    counts = read_counts(files["counts"])
-
-    shared = spots.index.intersection(counts.index, sort=False)
-    if len(shared) == 0:
-        raise InputError(
-            f"the counts rows (e.g. {counts.index[0] if len(counts) else 'none'}) and the selected spots "
-            f"(e.g. {spots.index[0]}) share no spot ids",
-            path=files["counts"],
-            hint=f"counts rows must be named <x>x<y> like the x, y columns of {files['selection'].name}",
-        )
-    n_drop = len(spots) - len(shared)
-    if n_drop:
-        missing = [s for s in spots.index if s not in counts.index]
-        msg = (f"{n_drop} selected spot(s) have no counts in {files['counts'].name} and were dropped "
-               f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''})")
-        warnings.warn(msg, stacklevel=2)
-        provenance.setdefault("warnings", []).append(msg)
-    provenance["dropped_spots"] = int(n_drop)
-    provenance["unselected_count_rows"] = int(len(counts.index.difference(spots.index)))
+    spots, counts, shared = _spots_with_counts(files, provenance)
 
     pitch_px, how = estimate_pitch_px(spots)
     data_mpp = Default.LEGACY_ST_PITCH_UM / pitch_px if np.isfinite(pitch_px) and pitch_px > 0 else None
@@ -261,5 +281,5 @@ def read_legacy_st(root: str | os.PathLike, sample: str | None = None, slide: st
                          expression=expr, format=FORMAT, provenance=provenance)
 
 
-__all__ = ["read_legacy_st", "list_samples", "is_legacy_st", "read_selection", "read_counts", "estimate_pitch_px",
+__all__ = ["read_legacy_st", "read_legacy_st_expression", "list_samples", "is_legacy_st", "read_selection", "read_counts", "estimate_pitch_px",
            "sample_files"]

@@ -190,6 +190,10 @@ class ComtipConfig:
     # weight of the value-grid term (0 = off; model/grid_term.py, docs/model.md): the zero-shot
     # readout trained directly, each image against the one-gene sentences of its genes' value grids
     w_grid: float = 0.0
+    # weight of the expression-only term (0 = off; model/text_ssl.py, docs/model.md): two gene
+    # sentences drawn from one spot's expression must find each other among the batch's spots
+    # (InfoNCE), on the training spots and the expression-only spots of data.expression_only
+    w_text_ssl: float = 0.0
     init_temperature: float = 0.07  # CLIP's initial temperature
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
     learn_temperature: bool = True
@@ -267,7 +271,7 @@ class ComtipConfig:
         if self.w_grid > 0 and t.mode != "names+values":
             raise ConfigError(f"w_grid needs text.mode names+values (it trains the zero-shot readout), got {t.mode!r}",
                               hint="set w_grid: 0")
-        for name in ("w_mfm", "w_paat", "w_profile", "w_grid"):
+        for name in ("w_mfm", "w_paat", "w_profile", "w_grid", "w_text_ssl"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.zero_shot.grid < 2:
@@ -385,6 +389,8 @@ def _coerce(name: str, current: Any, f: dataclasses.Field, value: Any) -> Any:
             return int(value)
         if ann.startswith("float"):
             return float(value)
+        if ann.startswith("list[str]"):
+            return [str(x) for x in ([value] if isinstance(value, str) else value)]
         if ann.startswith("list"):
             return [float(x) for x in value]
         if ann.startswith("str"):
