@@ -118,7 +118,7 @@ def test_loso_runs_every_control_on_real_sections_and_reevaluates(her2st_dir, tm
     by = {(r["arm"], r["held_out"]): r for r in res["results"]}
     assert len(by) == 6
     assert set(by[("ridge", "C2")]["modes"]) == {"ridge", "ridge-ctx"}
-    assert set(by[("untrained", "C3")]["modes"]) == set(LEARNED_MODES) - {"zero-shot", "zero-shot-raw"}
+    assert set(by[("untrained", "C3")]["modes"]) == set(LEARNED_MODES)  # zero-shot too: its readout is set
     assert set(by[("comtip-nomfm", "C3")]["modes"]) == set(LEARNED_MODES)
     assert by[("untrained", "C2")]["train_seconds"] < 60
     for r in res["results"]:
@@ -136,3 +136,36 @@ def test_loso_runs_every_control_on_real_sections_and_reevaluates(her2st_dir, tm
         by[("comtip-nomfm", "C2")]["modes"]["probe"]["pcc_heg50"], abs=1e-6)
     assert ck.stat().st_mtime_ns != mtime  # the probe was re-fitted in place, the encoder not retrained
     assert all(-1 <= m["unc_spearman"] <= 1 for m in r2[("comtip-nomfm", "C2")]["modes"].values())  # --reevaluate fills it
+
+
+def test_the_untrained_control_gets_zero_shot_readout_from_its_training_spots(tmp_path):
+    """save_untrained: no training step, but each gene's value range and calibration line come from
+    the training spots (as training leaves them), so its zero-shot is a control; a control saved
+    without them (before) is not scored by zero-shot."""
+    import torch
+
+    from napari_comtip.engine.data import build_training_set
+    from napari_comtip.engine.loso import _has_zero_shot_readout, save_untrained
+    from napari_comtip.engine.predictors import zero_shot
+    from napari_comtip.engine.run_config import DataConfig, run_config_from_dict
+    from napari_comtip.io import load_sample
+    from napari_comtip.model.checkpoint import load_checkpoint
+
+    s = load_sample("@demo")
+    ts = build_training_set([s], DataConfig(n_hvg=30, n_mean=10, unlabelled=False), patch_um=175.0, img_size=32)
+    cfg = run_config_from_dict({"preset": "micro", "model": {"text": {"value_transform": "spot_rank"}},
+                                "data": {"n_hvg": 30, "n_mean": 10, "unlabelled": False}})
+    path = save_untrained(cfg, ts, tmp_path / "u" / "model.pt", device="cpu", samples=[s])
+    assert _has_zero_shot_readout(path)
+    m = load_checkpoint(path).model
+    assert bool((m.value_count > 0).all())
+    ranks = m.text_values(torch.from_numpy(ts.expr))
+    torch.testing.assert_close(m.value_hi.float(), ranks.max(0).values, atol=2e-3, rtol=0)  # fp16 storage
+    a, b = m.value_cal.float().numpy()
+    np.testing.assert_allclose((a + b * ranks.numpy()).mean(0), ts.expr.mean(0), atol=2e-2)
+    pred = zero_shot(m, torch.randn(5, m.embed_dim))
+    assert pred.shape == (5, len(ts.panel)) and np.isfinite(pred).all()
+    ck = torch.load(path, weights_only=True, map_location="cpu")
+    del ck["provenance"]["zero_shot_readout"]
+    torch.save(ck, tmp_path / "old.pt")
+    assert not _has_zero_shot_readout(tmp_path / "old.pt")

@@ -157,8 +157,15 @@ def save_untrained(cfg, ts, path: Path, *, device="auto", samples=None) -> Path:
     dev = resolve_device(device)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, ts.panel).to(dev)
+    if model.text.encodes_values:  # zero-shot's readout as training would leave it, without the step:
+        # each gene's value range over the training spots and the calibration line to lognorm
+        expr = torch.from_numpy(np.asarray(ts.expr, np.float32)).to(dev)
+        gi = torch.arange(expr.shape[1], device=dev).expand(expr.shape[0], -1)
+        model.observe_values(gi, model.text_values(expr), torch.ones_like(gi, dtype=torch.bool))
+        model.calibrate_values(ts.expr)
     extras = build_bank_and_probe(model, ts, dev, cfg, samples=samples)
     extras["training"] = {"steps": 0, "total_steps": 0, "samples": list(ts.names), "n_spots": ts.n_spots,
+                          "zero_shot_readout": "value range and calibration line from the training spots",
                           "run_config": cfg.to_dict(), "panel_rule": panel_rule_text(cfg.data),
                           "selection_rule": "untrained control: random initialisation, seed " + str(cfg.training.seed)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +207,9 @@ def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, 
     from .predict import predict_sample
 
     out: dict[str, dict[str, Any]] = {}
-    if cfg.model.text.mode == "names" or is_untrained(arm):  # zero-shot is undefined / meaningless there
+    # zero-shot is undefined for names-only text, and meaningless for an untrained control saved
+    # without zero-shot's readout (value ranges and calibration; before 2026-12-07e)
+    if cfg.model.text.mode == "names" or (is_untrained(arm) and not _has_zero_shot_readout(ckpt)):
         modes = [m for m in modes if not m.startswith("zero-shot")]
     for mode in modes:
         t1 = time.time()
@@ -218,6 +227,13 @@ def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, 
             m.update(unc_spearman=r["per_gene"], unc_spearman_pooled=r["pooled"])
         out[mode] = m
     return out
+
+
+def _has_zero_shot_readout(ckpt: Path) -> bool:
+    import torch
+
+    prov = torch.load(ckpt, weights_only=True, map_location="cpu").get("provenance") or {}
+    return bool(prov.get("zero_shot_readout"))
 
 
 def _unc_spearman(pred, test_sample) -> dict[str, float]:

@@ -71,6 +71,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "untrained-colour-morph112": {"model.vision.colour_features": True, "model.vision.morphology_px": 112},
     "comtip-rank-colour-morph112": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
                                     "model.vision.colour_features": True, "model.vision.morphology_px": 112},
+    # the shipped recipes' own architectures with random weights: the untrained control of the probe
+    # AND of zero-shot (its readout, value ranges and calibration, set from the training spots)
+    "untrained-rank-colour-morph112": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
+                                       "model.vision.colour_features": True, "model.vision.morphology_px": 112},
+    "untrained-profile-colour": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
+                                 "model.vision.colour_features": True},
     "comtip-profile-colour-morph": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
                                     "model.vision.colour_features": True, "model.vision.morphology_px": 224},
     "comtip-grid": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_grid": 1.0,
@@ -118,6 +124,8 @@ ARM_TEXT = {
     "comtip-rank-colour-morph": "comtip-rank-colour, its probe also reading the full-resolution morphology statistics (224 px)",
     "untrained-colour-morph112": "untrained-colour-morph with the patch read at 112 px (1.38 um/px)",
     "comtip-rank-colour-morph112": "comtip-rank-colour-morph with the patch read at 112 px (1.38 um/px)",
+    "untrained-rank-colour-morph112": "comtip-rank-colour-morph112 (the her2st checkpoint's recipe) with random weights: the probe's and zero-shot's control",
+    "untrained-profile-colour": "comtip-profile-colour (the mouse-brain checkpoint's recipe) with random weights: the probe's and zero-shot's control",
     "comtip-profile-colour-morph": "comtip-profile-colour, its probe also reading the full-resolution morphology statistics (224 px)",
     "comtip-grid": "comtip-rank-colour plus the value-grid term (the zero-shot readout trained: each image against its genes' value grids)",
     "comtip-grid-profile": "comtip-profile-colour plus the value-grid term",
