@@ -126,6 +126,17 @@ def test_two_views_of_the_same_spots_and_the_main_batch_unchanged(demo):
         assert all(abs(da[g] - db[g]) < 1e-6 for g in set(da) & set(db))
 
 
+def test_shared_views_name_one_gene_set_per_view_for_every_spot(demo):
+    _, ts = demo
+    b = _batches(ts, w_text_ssl=1.0)
+    b.cfg.data.expression_only_sampler = "shared"
+    gi_a, v_a, m_a, gi_b, v_b, m_b = b.ssl_views(torch.Generator().manual_seed(3))
+    assert bool((gi_a == gi_a[0]).all()) and bool((gi_b == gi_b[0]).all())  # one set per view
+    assert not torch.equal(v_a, v_a[:1].expand_as(v_a))  # the spots differ by their values
+    with pytest.raises(ConfigError, match="expression_only_sampler"):
+        RC.run_config_from_dict({"data": {"expression_only_sampler": "spot"}})
+
+
 def test_the_term_teaches_the_text_side_to_match_two_subsets_of_a_spot(demo):
     """The loss itself: trained alone for 60 steps on the demo's spots, it falls well below chance."""
     from napari_comtip.model.text_ssl import text_ssl_loss

@@ -180,14 +180,17 @@ class BatchSet(torch.utils.data.Dataset):
             extra = self.aug(torch.from_numpy(np.asarray(self.ts.unlabelled[us])), g)
         return imgs, gene_idx, values, mask, extra, profile, self.ssl_views(g)
 
-    def sentences(self, expr: torch.Tensor, library_z: np.ndarray | None, g: torch.Generator):
+    def sentences(self, expr: torch.Tensor, library_z: np.ndarray | None, g: torch.Generator,
+                  sampler_name: str | None = None):
         """Gene sentences ``(gene_idx, values, mask)`` of log-normalised spots ``expr`` (B, G), as the
-        run's text config draws them (sampler, value transform, library-size token)."""
+        run's text config draws them (sampler, value transform, library-size token); ``sampler_name``
+        replaces ``data.sentence_sampler``."""
         dc, tc = self.cfg.data, self.cfg.model.text
+        name = sampler_name or dc.sentence_sampler
         if tc.value_transform == "spot_rank":
             expr = spot_rank(expr)
-        if tc.mode == "names+values" and dc.sentence_sampler in ("expressed", "shared"):
-            sampler = expressed_sentences if dc.sentence_sampler == "expressed" else shared_sentences
+        if tc.mode == "names+values" and name in ("expressed", "shared"):
+            sampler = expressed_sentences if name == "expressed" else shared_sentences
             gene_idx, values, mask = sampler(expr, tc, dc.expressed_weight, g)
         else:
             gene_idx, values, mask = sample_gene_subsets(expr, self.cfg.model, g)
@@ -203,7 +206,9 @@ class BatchSet(torch.utils.data.Dataset):
     def ssl_views(self, g: torch.Generator) -> tuple:
         """The expression-only term's input (``model.w_text_ssl``; empty when off): two independently
         drawn sentences ``(gene_idx, values, mask) * 2`` of each of ``data.expression_only_batch`` spots
-        drawn from all expression of the run, the training spots and those of ``data.expression_only``."""
+        drawn from all expression of the run, the training spots and those of ``data.expression_only``,
+        by ``data.expression_only_sampler`` (``run``: the run's sentence sampler; ``shared``: one gene
+        set per view for all the spots, so the views of a spot can only be matched by their values)."""
         if self.cfg.model.w_text_ssl <= 0:
             return ()
         pool_expr, pool_lib = self._ssl_pool
@@ -211,7 +216,8 @@ class BatchSet(torch.utils.data.Dataset):
         rows = torch.randperm(len(pool_expr), generator=g)[:k].numpy()
         expr = torch.from_numpy(np.asarray(pool_expr[rows]))
         lib = None if pool_lib is None else pool_lib[rows]
-        return self.sentences(expr, lib, g) + self.sentences(expr, lib, g)
+        name = None if self.cfg.data.expression_only_sampler == "run" else self.cfg.data.expression_only_sampler
+        return self.sentences(expr, lib, g, name) + self.sentences(expr, lib, g, name)
 
     @property
     def _ssl_pool(self) -> tuple[np.ndarray, np.ndarray | None]:

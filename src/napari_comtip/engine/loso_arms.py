@@ -71,6 +71,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "untrained-colour-morph112": {"model.vision.colour_features": True, "model.vision.morphology_px": 112},
     "comtip-rank-colour-morph112": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
                                     "model.vision.colour_features": True, "model.vision.morphology_px": 112},
+    # ... its two views drawn with one gene set per view for the whole batch (values alone match them)
+    "comtip-textssl-shared": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_text_ssl": 1.0,
+                              "data.expression_only_sampler": "shared",
+                              "model.vision.colour_features": True, "model.vision.morphology_px": 112},
     # the shipped recipes' own architectures with random weights: the untrained control of the probe
     # AND of zero-shot (its readout, value ranges and calibration, set from the training spots)
     "untrained-rank-colour-morph112": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
@@ -129,6 +133,7 @@ ARM_TEXT = {
     "comtip-profile-colour-morph": "comtip-profile-colour, its probe also reading the full-resolution morphology statistics (224 px)",
     "comtip-grid": "comtip-rank-colour plus the value-grid term (the zero-shot readout trained: each image against its genes' value grids)",
     "comtip-grid-profile": "comtip-profile-colour plus the value-grid term",
+    "comtip-textssl-shared": "comtip-textssl with the two views drawn from one gene set per view for the whole batch (only values tell the spots apart)",
     "comtip-textssl": "comtip-rank-colour-morph112 plus the expression-only term (two gene sentences of one spot, with or without its image, find each other)",
     "comtip-zs-uniform": "names+values, no MFM, genes drawn uniformly (zeros in sentences), 30 % one-gene sentences",
     "comtip-zs-w3": "names+values, no MFM, expressed genes 3x as likely, 30 % one-gene sentences",

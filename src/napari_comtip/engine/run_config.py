@@ -47,6 +47,9 @@ class DataConfig:
     # sentences (a legacy ST folder of counts and spot tables, an .h5ad of counts, or any readable sample)
     expression_only: list[str] = dataclasses.field(default_factory=list)
     expression_only_batch: int = 64  # spots per step of the expression-only term (drawn from all expression)
+    # its sentences: "run" (data.sentence_sampler) or "shared" (one gene set per view for the whole batch,
+    # so a spot's two views share no gene identity the term could match them by: only values)
+    expression_only_sampler: str = "run"
     # augmentation
     flips: bool = True
     rot90: bool = True
@@ -202,6 +205,7 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
         raise ConfigError(msg, path=path) from None
     data = _section(DataConfig(), _merge(base["data"], _mapping(d, "data", path)), "data", path)
     _choice("data.sentence_sampler", data.sentence_sampler, SENTENCE_SAMPLERS, path)
+    _choice("data.expression_only_sampler", data.expression_only_sampler, ("run", "shared"), path)
     training = _section(TrainingConfig(), _merge(base["training"], _mapping(d, "training", path)), "training", path)
     _choice("training.probe_context", training.probe_context, CONTEXTS, path)
     _choice("training.amp", training.amp, AMP_MODES, path)
