@@ -230,9 +230,9 @@ def evaluate_fold(arm: str, cfg, ckpt: Path, train_samples, test_sample, panel, 
 
 
 def _has_zero_shot_readout(ckpt: Path) -> bool:
-    import torch
+    from ..model.checkpoint import read_checkpoint
 
-    prov = torch.load(ckpt, weights_only=True, map_location="cpu").get("provenance") or {}
+    prov = read_checkpoint(ckpt, mmap=True).get("provenance") or {}  # metadata only: tensors mapped, not read
     return bool(prov.get("zero_shot_readout"))
 
 
