@@ -6,7 +6,8 @@ returns one ``(name, AnnData)`` per section, each AnnData in the IO layer's stan
 (``make_expression``: raw counts in ``layers["counts"]``, log-normalised ``X``), from
 
 * a legacy ST folder (``ST-cnts/`` + ``ST-spotfiles/``; ``ST-imgs/`` may be absent): every section;
-* an ``.h5ad`` file of counts (``layers["counts"]``, else ``X``; spots as observations);
+* an ``.h5ad`` file of counts (``layers["counts"]``, else ``raw.X``, else ``X``, as the h5ad
+  reader takes them; spots as observations);
 * any other input :func:`napari_comtip.io.load_sample` reads (its image is opened but not used).
 """
 
@@ -50,24 +51,21 @@ def read_expression_only(path: str | os.PathLike) -> list[tuple[str, "anndata.An
 
 
 def _read_counts_h5ad(path: Path):
-    import anndata
+    """The counts of an ``.h5ad`` by the h5ad reader's rule (io/h5ad.py), without its spot geometry."""
     import pandas as pd
 
     from .expression import make_expression
+    from .h5ad import anndata_counts, open_anndata
 
-    try:
-        ad = anndata.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - any read error is a bad file
-        raise InputError(f"cannot read the AnnData file ({type(exc).__name__})", path=path,
-                         hint="give an .h5ad written by anndata, with raw counts in X or layers['counts']") from None
-    x = ad.layers[Key.COUNTS] if Key.COUNTS in ad.layers else ad.X
-    if x is None or ad.n_obs == 0 or ad.n_vars == 0:
+    ad = open_anndata(path)
+    if ad.n_obs == 0 or ad.n_vars == 0:
         raise InputError("the AnnData file holds no counts", path=path,
                          hint="expected spots x genes raw counts in X or layers['counts']")
+    x, genes, gene_ids = anndata_counts(ad, path, {})
     ids = [str(i) for i in ad.obs_names]
-    zeros = np.zeros(len(ids))
+    zeros = np.zeros(len(ids))  # no coordinates are needed: these spots have no image
     spots = pd.DataFrame({Key.ROW: zeros, Key.COL: zeros}, index=pd.Index(ids))
-    return make_expression(x, ids, [str(g) for g in ad.var_names], spots, path=path)
+    return make_expression(x, ids, genes, spots, path=path, gene_ids=gene_ids)
 
 
 __all__ = ["read_expression_only"]

@@ -65,7 +65,21 @@ def _scalef(sf: dict, key: str) -> float | None:
     return None
 
 
-def _counts(adata, path: Path, provenance: dict) -> tuple[sp.csr_matrix, list[str], list[str] | None]:
+def open_anndata(path: Path):
+    """``anndata.read_h5ad`` with one-line errors (a damaged file, not an AnnData file)."""
+    import anndata
+
+    try:
+        with quiet_duplicate_names():
+            return anndata.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
+        raise InputError(f"cannot read the .h5ad file ({type(exc).__name__}: {exc})", path=path,
+                         hint="the file is damaged or not an AnnData file; re-export it") from None
+
+
+def anndata_counts(adata, path: Path, provenance: dict) -> tuple[sp.csr_matrix, list[str], list[str] | None]:
+    """The raw counts of an AnnData (``layers['counts']``, else ``raw.X``, else ``X``), its gene symbols
+    and feature ids (Ensembl var_names are replaced by a symbol column when there is one)."""
     genes = list(map(str, adata.var_names))
     if Key.COUNTS in adata.layers:
         X, src = adata.layers[Key.COUNTS], f"layers['{Key.COUNTS}']"
@@ -93,15 +107,8 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
               mpp: float | None = None, progress=None, *, mpp_hint: tuple[float, str] | None = None,
               spot_um: float | None = None, fmt: str = FORMAT, name: str | None = None,
               extra_inputs: list[str] | None = None) -> SpatialSample:
-    import anndata
-
     path = Path(path)
-    try:
-        with quiet_duplicate_names():
-            adata = anndata.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
-        raise InputError(f"cannot read the .h5ad file ({type(exc).__name__}: {exc})", path=path,
-                         hint="the file is damaged or not an AnnData file; re-export it") from None
+    adata = open_anndata(path)
     provenance: dict[str, Any] = {"reader": fmt, "root": str(path)}
     if Key.SPATIAL not in adata.obsm:
         raise InputError(f"no obsm['{Key.SPATIAL}'] with spot coordinates", path=path,
@@ -229,7 +236,7 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
     if Key.IN_TISSUE in spots.columns and (spots[Key.IN_TISSUE] == 1).any():
         keep = (spots[Key.IN_TISSUE] == 1).to_numpy()
         provenance["not_in_tissue"] = int((~keep).sum())
-    X, genes, gene_ids = _counts(adata, path, provenance)
+    X, genes, gene_ids = anndata_counts(adata, path, provenance)
     spots = spots.loc[keep]
     X = X[np.flatnonzero(keep)]
     n0 = len(spots)
@@ -253,4 +260,4 @@ def read_h5ad(path: str | os.PathLike, sample: str | None = None, slide: str | o
                          mpp_source=mpp_source, spots=spots, expression=expr, format=fmt, provenance=provenance)
 
 
-__all__ = ["read_h5ad", "list_samples", "FORMAT"]
+__all__ = ["read_h5ad", "list_samples", "open_anndata", "anndata_counts", "FORMAT"]
