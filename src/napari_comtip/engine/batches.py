@@ -211,23 +211,29 @@ class BatchSet(torch.utils.data.Dataset):
         set per view for all the spots, so the views of a spot can only be matched by their values)."""
         if self.cfg.model.w_text_ssl <= 0:
             return ()
-        pool_expr, pool_lib = self._ssl_pool
-        k = min(int(self.cfg.data.expression_only_batch), len(pool_expr))
-        rows = torch.randperm(len(pool_expr), generator=g)[:k].numpy()
-        expr = torch.from_numpy(np.asarray(pool_expr[rows]))
-        lib = None if pool_lib is None else pool_lib[rows]
+        ts = self.ts
+        pool = ts.n_spots + (0 if ts.text_only_expr is None else len(ts.text_only_expr))
+        rows = torch.randperm(pool, generator=g)[: int(self.cfg.data.expression_only_batch)].numpy()
+        expr, lib = self._pool_rows(rows)
         name = None if self.cfg.data.expression_only_sampler == "run" else self.cfg.data.expression_only_sampler
         return self.sentences(expr, lib, g, name) + self.sentences(expr, lib, g, name)
 
-    @property
-    def _ssl_pool(self) -> tuple[np.ndarray, np.ndarray | None]:
+    def _pool_rows(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Expression (and library token values) of ``rows`` of the pool: the training spots, then the
+        expression-only spots (index ``n_spots + j``), in the order given; nothing is concatenated."""
         ts = self.ts
-        if ts.text_only_expr is None or not len(ts.text_only_expr):
-            return ts.expr, ts.library_z
-        if "_pool" not in self.__dict__:
-            lib = None if ts.library_z is None else np.concatenate([ts.library_z, ts.text_only_library_z])
-            self.__dict__["_pool"] = (np.concatenate([ts.expr, ts.text_only_expr]), lib)
-        return self.__dict__["_pool"]
+        own = rows < ts.n_spots
+        expr = np.empty((len(rows), ts.expr.shape[1]), dtype=ts.expr.dtype)
+        expr[own] = ts.expr[rows[own]]
+        lib = None if ts.library_z is None else np.empty(len(rows), dtype=ts.library_z.dtype)
+        if lib is not None:
+            lib[own] = ts.library_z[rows[own]]
+        if not own.all():
+            j = rows[~own] - ts.n_spots
+            expr[~own] = ts.text_only_expr[j]
+            if lib is not None:
+                lib[~own] = ts.text_only_library_z[j]
+        return torch.from_numpy(expr), lib
 
 
 __all__ = ["BatchSet", "Augment", "expressed_sentences", "shared_sentences", "step_seed", "generator"]
