@@ -33,6 +33,7 @@ import torch
 
 from ..errors import ConfigError, InputError, TrainingError
 from ..model.reading import input_px
+from ..model.text_ssl import text_ssl_loss
 from ..progress import Cancel, Progress
 from . import run_folder as rf
 from .bank_probe import build_bank_and_probe, panel_rule_text, save_final
@@ -83,8 +84,6 @@ class _StepModule(torch.nn.Module):
             out["loss"] = out["loss"] + self.w_mfm * (mfm - out["mfm"])
             out["mfm"] = mfm
         if ssl_views:  # the expression-only term (model/text_ssl.py): gene sentences without images
-            from ..model.text_ssl import text_ssl_loss
-
             out["text_ssl"] = text_ssl_loss(self.model, ssl_views)
             out["loss"] = out["loss"] + self.model.config.w_text_ssl * out["text_ssl"]
         return out
