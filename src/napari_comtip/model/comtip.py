@@ -163,9 +163,9 @@ class CoMTIP(nn.Module):
     def probe_features(self, x: torch.Tensor) -> torch.Tensor:
         """The probe's input (B, F'): the pooled ViT features, followed by the colour-texture
         statistics of the ViT's input patch when ``vision.colour_features`` (model/colour.py) and the
-        full-resolution morphology statistics when ``vision.morphology_px`` (model/morphology.py)."""
-        xv = self._vit_input(x)
-        return self._with_colour(x, xv, self._pooled(xv))
+        full-resolution morphology statistics when ``vision.morphology_px`` (model/morphology.py);
+        ``vision.probe_input`` may add the image embedding after them or read it alone."""
+        return self.encode_image_and_features(x)[1]
 
     def _pooled(self, xv: torch.Tensor) -> torch.Tensor:
         """Pooled ViT features of patches at the ViT's side; at inference (eval mode) their mean over
@@ -180,9 +180,10 @@ class CoMTIP(nn.Module):
     def probe_feature_spec(self) -> str:
         """What :meth:`probe_features` (and, for the views, the embedding) returns, for the embedding cache's signature."""
         v = self.config.vision
-        return f"vit-{v.pool}" + (f"+colour{N_COLOUR_FEATURES}" if v.colour_features else "") + (
-            f"+views{v.test_views}" if v.test_views > 1 else "") + (
+        views = f"+views{v.test_views}" if v.test_views > 1 else ""
+        spec = f"vit-{v.pool}" + (f"+colour{N_COLOUR_FEATURES}" if v.colour_features else "") + views + (
             f"+morph{N_MORPHOLOGY_FEATURES}@{v.morphology_px}" if v.morphology_px else "")
+        return {"features": spec, "features+embedding": spec + "+embedding"}.get(v.probe_input, "embedding" + views)
 
     def _with_colour(self, x: torch.Tensor, xv: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         return reading.reading_stats(self, x, xv, feats, self._views())
@@ -195,7 +196,14 @@ class CoMTIP(nn.Module):
         """Both at the cost of one ViT pass: ((B, D) embedding, (B, F) features)."""
         xv = self._vit_input(x)  # resized once for the ViT and the colour statistics
         feats = self._pooled(xv)
-        return F.normalize(self.image_proj(feats), dim=-1), self._with_colour(x, xv, feats)
+        emb = F.normalize(self.image_proj(feats), dim=-1)
+        which = self.config.vision.probe_input
+        if which == "embedding":
+            return emb, emb
+        probe_in = self._with_colour(x, xv, feats)
+        if which == "features+embedding":
+            probe_in = torch.cat([probe_in.float(), emb.float()], 1)
+        return emb, probe_in
 
     # ------------------------------------------------------------------ genes
     def encode_genes(self, gene_idx: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

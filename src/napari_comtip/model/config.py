@@ -35,7 +35,10 @@ TEST_VIEWS = (1, 2, 4, 8)
 #: config keys that change how a trained model reads a patch at inference, never a training step:
 #: a checkpoint may be switched after training (model/checkpoint.py ``update_checkpoint``; its
 #: probe, bank and zero-shot spread are then re-fitted, engine/bank_probe.py ``refit_probe``)
-READING_KEYS = ("vision.colour_features", "vision.test_views", "vision.morphology_px")
+READING_KEYS = ("vision.colour_features", "vision.test_views", "vision.morphology_px", "vision.probe_input")
+#: what the probe reads (``vision.probe_input``): the pooled features (with the reading's statistics),
+#: those and the image embedding side by side, or the image embedding alone (docs/model.md "Probe input")
+PROBE_INPUTS = ("features", "features+embedding", "embedding")
 MAX_MORPHOLOGY_PX = 1024  # largest side vision.morphology_px may read a patch at
 POOLS_TEXT = ("attention", "mean")
 VALUE_TRANSFORMS = ("lognorm", "spot_rank", "gene_z")
@@ -71,6 +74,7 @@ class VisionConfig:
     # reads 92 statistics of the full-resolution patch: colour-texture, H/E/DAB colour deconvolution,
     # nuclear density, size and staining (model/morphology.py; training is unchanged; docs/model.md)
     morphology_px: int = 0
+    probe_input: str = "features"  # PROBE_INPUTS: what the probe reads (training is unchanged)
 
 
 @dataclass
@@ -239,6 +243,7 @@ class ComtipConfig:
         _choice("text.combination", t.combination, TOKEN_COMBINATIONS)
         _choice("text.pool", t.pool, POOLS_TEXT)
         _choice("vision.pool", v.pool, POOLS_VISION)
+        _choice("vision.probe_input", v.probe_input, PROBE_INPUTS)
         if v.morphology_px and not (v.img_size <= v.morphology_px <= MAX_MORPHOLOGY_PX):
             raise ConfigError(f"vision.morphology_px must be 0 (off) or between vision.img_size ({v.img_size}) and "
                               f"{MAX_MORPHOLOGY_PX}; got {v.morphology_px!r}", hint="use 224, the floor's resolution, or 0")
