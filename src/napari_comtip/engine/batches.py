@@ -134,6 +134,19 @@ def shared_sentences(expr: torch.Tensor, text_cfg, weight: float, gen: torch.Gen
 
 
 # --------------------------------------------------------------------------- batches
+def section_batches(sample_of: np.ndarray, batch_size: int, gen: torch.Generator) -> list[np.ndarray]:
+    """One epoch's batches when each is drawn from one section (``data.batches: per_section``):
+    every section's spots shuffled and split into ceil(n / batch_size) batches of near-equal size
+    (none larger than ``batch_size``, no spot twice), then the batches of all sections shuffled."""
+    groups = np.asarray(sample_of)
+    out: list[np.ndarray] = []
+    for k in np.unique(groups):
+        rows = np.flatnonzero(groups == k)
+        rows = rows[torch.randperm(len(rows), generator=gen).numpy()]
+        out.extend(np.array_split(rows, -(-len(rows) // batch_size)))
+    return [out[j] for j in torch.randperm(len(out), generator=gen).tolist()]
+
+
 class BatchSet(torch.utils.data.Dataset):
     """Item ``i`` = the whole batch ``i`` of an epoch, built deterministically from (seed, step).
 
@@ -146,8 +159,14 @@ class BatchSet(torch.utils.data.Dataset):
         self.ts, self.cfg, self.epoch, self.spe, self.dist, self.aug = ts, cfg, epoch, steps_per_epoch, dist, augment
         self.pixels = pixels  # False (feature cache): item 0 is the spot indices, the cache has the images
         seed = cfg.training.seed
-        perm = torch.randperm(ts.n_spots, generator=generator(step_seed(seed, epoch, 0, 1)))
-        self.order = perm[dist.rank::dist.world]  # this rank's share of the epoch
+        gen = generator(step_seed(seed, epoch, 0, 1))
+        B = cfg.training.batch_size
+        if cfg.data.batches == "per_section":
+            batches = section_batches(ts.sample_of, B, gen)
+            self.batches = batches[dist.rank::dist.world]  # this rank's share of the epoch
+        else:
+            order = torch.randperm(ts.n_spots, generator=gen)[dist.rank::dist.world].numpy()
+            self.batches = [order[i:i + B] for i in range(0, len(order), B)]
         # gene_z sentence values: the same statistics the model stores (CoMTIP.set_gene_stats)
         self.zstats = gene_z_stats(ts.expr) if cfg.model.text.value_transform == "gene_z" else None
 
@@ -155,9 +174,8 @@ class BatchSet(torch.utils.data.Dataset):
         return self.spe
 
     def __getitem__(self, i: int):
-        B = self.cfg.training.batch_size
         step = self.epoch * self.spe + i
-        idx = self.order[i * B:(i + 1) * B].numpy()
+        idx = self.batches[i]
         idx_sorted = np.sort(idx)
         g = generator(step_seed(self.cfg.training.seed, step, self.dist.rank, 2))
         if self.pixels:

@@ -26,6 +26,9 @@ from .context import CONTEXTS
 #: ``data.sentence_sampler``: weighted towards expressed genes, the same genes for the whole batch
 #: (weighted by how often each is detected in it), or the model's own sampler.
 SENTENCE_SAMPLERS = ("expressed", "shared", "uniform")
+#: ``data.batches``: each batch drawn from all training spots, or from one section's spots only (so
+#: that InfoNCE's negatives share the positive's stain and patient, engine/batches.py ``section_batches``)
+BATCH_MODES = ("mixed", "per_section")
 #: ``training.amp``: bf16 autocast on CUDA ("auto"), always, or never.
 AMP_MODES = ("auto", "bf16", "off")
 _TOP_KEYS = ("preset", "model", "data", "training")
@@ -63,6 +66,7 @@ class DataConfig:
     # whole batch, so its sentences differ only by their values (engine/batches.py); "uniform": the model's sampler
     sentence_sampler: str = "expressed"
     expressed_weight: float = 10.0  # "expressed": sampling weight of an expressed gene (a zero has 1)
+    batches: str = "mixed"  # BATCH_MODES: a batch's spots from every section, or from one section
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,6 +210,7 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
     data = _section(DataConfig(), _merge(base["data"], _mapping(d, "data", path)), "data", path)
     _choice("data.sentence_sampler", data.sentence_sampler, SENTENCE_SAMPLERS, path)
     _choice("data.expression_only_sampler", data.expression_only_sampler, ("run", "shared"), path)
+    _choice("data.batches", data.batches, BATCH_MODES, path)
     training = _section(TrainingConfig(), _merge(base["training"], _mapping(d, "training", path)), "training", path)
     _choice("training.probe_context", training.probe_context, CONTEXTS, path)
     _choice("training.amp", training.amp, AMP_MODES, path)
