@@ -1,9 +1,11 @@
 """Derive a LOSO arm's fold checkpoints from another arm's when the difference changes no training step.
 
-``model.vision.colour_features`` only appends the colour-texture statistics of the input patch to
-the features the probe reads, ``model.vision.test_views`` only averages inference over flips and
-quarter turns (docs/model.md): the weights a run learns are the same with and without them. Training the arm again would cost the CPU time of the parent arm for the same weights,
-so this copies each fold's run folder of ``--from`` under ``--to`` with the child arm's model
+The reading keys (model/config.py ``READING_KEYS``) change only how a trained model reads a patch:
+``model.vision.colour_features`` and ``morphology_px`` append statistics of the patch to the
+features the probe reads, ``test_views`` averages inference over flips and quarter turns,
+``probe_input`` chooses whether the probe reads the features, the image embedding or both
+(docs/model.md): the weights a run learns are the same with and without them. Training the arm
+again would cost the CPU time of the parent arm for the same weights, so this copies each fold's run folder of ``--from`` under ``--to`` with the child arm's model
 overrides written into the checkpoint's config, and leaves the parent's ``result.json`` there;
 ``comtip benchmark-loso --reevaluate --arms CHILD`` then re-fits the probe (now with the new
 features) and scores every predictor. Only model keys that change no training step are accepted.
