@@ -26,6 +26,8 @@ from .context import CONTEXTS
 #: ``data.sentence_sampler``: weighted towards expressed genes, the same genes for the whole batch
 #: (weighted by how often each is detected in it), or the model's own sampler.
 SENTENCE_SAMPLERS = ("expressed", "shared", "uniform")
+#: ``data.expression_only_sampler``: the run's sentence sampler, or one gene set per view for the batch
+EXPRESSION_ONLY_SAMPLERS = ("run", "shared")
 #: ``data.batches``: each batch drawn from all training spots, or from one section's spots only (so
 #: that InfoNCE's negatives share the positive's stain and patient, engine/batches.py ``section_batches``)
 BATCH_MODES = ("mixed", "per_section")
@@ -209,7 +211,7 @@ def run_config_from_dict(d: dict | None, path=None) -> RunConfig:
         raise ConfigError(msg, path=path) from None
     data = _section(DataConfig(), _merge(base["data"], _mapping(d, "data", path)), "data", path)
     _choice("data.sentence_sampler", data.sentence_sampler, SENTENCE_SAMPLERS, path)
-    _choice("data.expression_only_sampler", data.expression_only_sampler, ("run", "shared"), path)
+    _choice("data.expression_only_sampler", data.expression_only_sampler, EXPRESSION_ONLY_SAMPLERS, path)
     _choice("data.batches", data.batches, BATCH_MODES, path)
     training = _section(TrainingConfig(), _merge(base["training"], _mapping(d, "training", path)), "training", path)
     _choice("training.probe_context", training.probe_context, CONTEXTS, path)
