@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
         like.training.batch_size = B
         for k in range(warm + steps):
-            imgs, gi, v, m, _, prof, _ = BatchSet(ts, like, k // spe, spe, Dist(), Augment(like.data))[k % spe]
+            imgs, gi, v, m, _, prof, _, _ = BatchSet(ts, like, k // spe, spe, Dist(), Augment(like.data))[k % spe]
             batches.append((model.preprocess(imgs.to(dev)), gi.to(dev), v.to(dev), m.to(dev),
                             prof.to(dev) if prof.shape[0] else None))  # the profile term's input, as pretrain
         source = "the trainer's own batches"

@@ -132,7 +132,7 @@ def test_gene_z_training_stores_the_statistics_and_zero_shot_spans_negative_valu
     from napari_comtip.engine.distributed import Dist
 
     batches = BatchSet(ts, cfg, 0, 1, Dist(), lambda x, g: x.float())
-    _, gi, vals, mask, _, _, _ = batches[0]
+    _, gi, vals, mask, _, _, _, _ = batches[0]
     raw = torch.from_numpy(np.asarray(ts.expr[batches.batches[0]])).float()
     want = m.text_values(raw).gather(1, gi)
     torch.testing.assert_close(vals[mask], want[mask], atol=1e-4, rtol=1e-4)

@@ -6,7 +6,8 @@
 * :class:`Augment` -- seeded flips, 90 degree rotations, HED stain jitter and
   brightness/contrast/saturation jitter on uint8 patch batches (staining differs strongly
   between patients, peers.md);
-* :func:`expressed_sentences` -- gene sentences weighted towards expressed genes (names+values).
+* :func:`expressed_sentences` -- gene sentences weighted towards expressed genes (names+values);
+* :func:`random_crops` -- the image self-distillation's second views (``model.w_image_ssl``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,25 @@ class Augment:
             grey = (xf * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True)
             xf = (xf - grey) * (1 + c.saturation * (2 * torch.rand(B, 1, 1, 1, generator=gen) - 1)) + grey
         return torch.clamp(xf * 255.0 + 0.5, 0, 255).to(torch.uint8)
+
+
+def random_crops(x: torch.Tensor, gen: torch.Generator, min_scale: float) -> torch.Tensor:
+    """A random square crop of each uint8 patch ``x`` (B, S, S, 3), of an area fraction drawn
+    uniformly in [``min_scale``, 1] and anywhere in the patch, resized back to S (bilinear)."""
+    b, side = x.shape[0], x.shape[1]
+    if b == 0 or min_scale >= 1.0:
+        return x
+    frac = min_scale + (1.0 - min_scale) * torch.rand(b, generator=gen)
+    sides = torch.clamp((frac.sqrt() * side).round().long(), 2, side)
+    u, v = torch.rand(b, generator=gen), torch.rand(b, generator=gen)
+    out = torch.empty_like(x)
+    for i in range(b):
+        c = int(sides[i])
+        r0, c0 = int(u[i] * (side - c + 1)), int(v[i] * (side - c + 1))
+        crop = x[i, r0:r0 + c, c0:c0 + c].permute(2, 0, 1).unsqueeze(0).float()
+        crop = torch.nn.functional.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False)
+        out[i] = crop[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 # --------------------------------------------------------------------------- gene sentences
@@ -192,11 +212,19 @@ class BatchSet(torch.utils.data.Dataset):
         gene_idx, values, mask = self.sentences(expr, lib, g)
         dc = self.cfg.data
         extra = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
-        if self.pixels and self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and self.cfg.model.w_mfm > 0:
+        raw_extra = None
+        if self.pixels and self.ts.unlabelled is not None and dc.unlabelled and dc.unlabelled_batch > 0 and (
+                m.w_mfm > 0 or m.w_image_ssl > 0):
             u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
             us = np.sort(u)
-            extra = self.aug(torch.from_numpy(np.asarray(self.ts.unlabelled[us])), g)
-        return imgs, gene_idx, values, mask, extra, profile, self.ssl_views(g)
+            raw_extra = torch.from_numpy(np.asarray(self.ts.unlabelled[us]))
+            extra = self.aug(raw_extra, g)
+        second = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
+        if self.pixels and m.w_image_ssl > 0:  # drawn from their own stream: the first views stay as without the term
+            raw = torch.from_numpy(patches) if raw_extra is None else torch.cat([torch.from_numpy(patches), raw_extra])
+            g2 = generator(step_seed(self.cfg.training.seed, step, self.dist.rank, 4))
+            second = random_crops(self.aug(raw, g2), g2, m.image_ssl.crop_scale)
+        return imgs, gene_idx, values, mask, extra, profile, self.ssl_views(g), second
 
     def sentences(self, expr: torch.Tensor, library_z: np.ndarray | None, g: torch.Generator,
                   sampler_name: str | None = None):
@@ -254,4 +282,4 @@ class BatchSet(torch.utils.data.Dataset):
         return torch.from_numpy(expr), lib
 
 
-__all__ = ["BatchSet", "Augment", "expressed_sentences", "shared_sentences", "step_seed", "generator"]
+__all__ = ["BatchSet", "Augment", "random_crops", "expressed_sentences", "shared_sentences", "step_seed", "generator"]

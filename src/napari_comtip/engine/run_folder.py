@@ -27,11 +27,11 @@ from ..errors import InputError, TrainingError
 #: mean over dimensions of the per-dimension standard deviation of the batch's L2-normalised
 #: image embeddings (collapse watch: it falls towards 0 when all images map to one point);
 #: ``i2t_acc`` is the fraction of the batch's images whose best-scoring text is their own;
-#: ``profile``, ``grid`` and ``text_ssl`` are the (unweighted) profile, value-grid and
-#: expression-only terms, 0 when off.
+#: ``profile``, ``grid``, ``text_ssl`` and ``image_ssl`` are the (unweighted) profile, value-grid,
+#: expression-only and image self-distillation terms, 0 when off.
 METRIC_COLUMNS = (
     "step", "epoch", "loss", "infonce", "mfm", "paat", "lr", "samples_per_s", "elapsed_s", "img_emb_std", "i2t_acc",
-    "profile", "grid", "text_ssl",
+    "profile", "grid", "text_ssl", "image_ssl",
 )
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"

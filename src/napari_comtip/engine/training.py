@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..errors import ConfigError, InputError, TrainingError
+from ..model.image_ssl import EmaTeacher, image_ssl_loss
 from ..model.reading import input_px
 from ..model.text_ssl import text_ssl_loss
 from ..progress import Cancel, Progress
@@ -54,26 +55,40 @@ class _StepModule(torch.nn.Module):
     embeddings, detached) is captured from the projection for the collapse watch.
     """
 
-    def __init__(self, model, w_mfm: float, mask_ratio: float):
+    def __init__(self, model, w_mfm: float, mask_ratio: float, teacher: EmaTeacher | None = None):
         super().__init__()
         self.model = model
         self.w_mfm = float(w_mfm)
         self.mask_ratio = float(mask_ratio)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: DDP and the optimizer never see it
         self._captured: list[torch.Tensor] = []
+        self._pooled: list[torch.Tensor] = []
         model.image_proj.register_forward_hook(self._hook)
 
     def _hook(self, module, inp, out):
         if self.training:
             self._captured.append(out.detach())
+            self._pooled.append(inp[0])  # the pooled ViT features, with gradient (image self-distillation)
 
     def forward(self, images, gene_idx, values, mask, extra_images=None, pooled: bool = False, profile=None,
-                ssl_views: tuple = ()):
+                ssl_views: tuple = (), second_images=None):
         self._captured.clear()
+        self._pooled.clear()
         prof = profile if profile is not None and profile.shape[0] else None
         out = dict(self.model(images, gene_idx, values, mask, pooled=pooled, profile=prof))
         if self._captured:
             out["img_emb"] = torch.nn.functional.normalize(self._captured[0].float(), dim=-1)
+        pooled_spots = self._pooled[0] if self._pooled else None
         self._captured.clear()
+        self._pooled.clear()
+        if self.teacher is not None and second_images is not None and second_images.shape[0] and pooled_spots is not None:
+            # image self-distillation (model/image_ssl.py): the spots' and the unlabelled patches' two views
+            vision = self.model.vision
+            has_extra = extra_images is not None and extra_images.shape[0] > 0
+            first = torch.cat([images, extra_images]) if has_extra else images
+            pooled_a = torch.cat([pooled_spots, vision.pool(vision.forward_tokens(extra_images))]) if has_extra else pooled_spots
+            out["image_ssl"] = image_ssl_loss(self.model, self.teacher, pooled_a, first, second_images)
+            out["loss"] = out["loss"] + self.model.config.w_image_ssl * out["image_ssl"]
         if extra_images is not None and extra_images.shape[0] > 0 and self.w_mfm > 0 and self.model.vision.generator is not None:
             vision = self.model.vision
             with torch.no_grad():
@@ -232,7 +247,12 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
                               path=out, hint="resume with the same --max-steps / training.epochs")
         torch.set_rng_state(state["rng_cpu"])
 
-    step_mod = _StepModule(model, cfg.model.w_mfm, cfg.model.mask_ratio)
+    teacher = None
+    if cfg.model.w_image_ssl > 0:  # the EMA teacher starts as the student (BYOL) and resumes from its own state
+        teacher = EmaTeacher(model, cfg.model.image_ssl.momentum).to(dev)
+        if state is not None and state.get("image_ssl_teacher") is not None:
+            teacher.load_state_dict(state["image_ssl_teacher"])
+    step_mod = _StepModule(model, cfg.model.w_mfm, cfg.model.mask_ratio, teacher)
     train_mod: torch.nn.Module = step_mod
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -260,7 +280,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "step": at_step, "epoch": epoch, "total": total, "elapsed_s": elapsed0 + (time.time() - t0),
                 "rng_cpu": torch.get_rng_state(), "gene_panel": panel, "config": cfg.to_dict(),
-                "world_size": dist.world,
+                "world_size": dist.world, "image_ssl_teacher": None if teacher is None else teacher.state_dict(),
             }, keep=tc.keep_checkpoints)
             last_good = path
             for cb in callbacks:
@@ -280,7 +300,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, sampler=sampler, num_workers=tc.num_workers,
             pin_memory=dev.type == "cuda", persistent_workers=False)
-        for imgs, gene_idx, values, mask, extra, profile, ssl in loader:
+        for imgs, gene_idx, values, mask, extra, profile, ssl, second in loader:
             ts0 = time.time()
             if fcache is not None:  # imgs are spot indices: cached pooled features of their view
                 x, xe = fcache.features(imgs.numpy(), epoch), None
@@ -288,12 +308,13 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
                 imgs = imgs.to(dev, non_blocking=True)
                 x = model.preprocess(imgs)
                 xe = model.preprocess(extra.to(dev, non_blocking=True)) if extra.shape[0] else None
+            xs = model.preprocess(second.to(dev, non_blocking=True)) if fcache is None and second.shape[0] else None
             gene_idx, values, mask = gene_idx.to(dev), values.to(dev), mask.to(dev)
             ssl = tuple(t.to(dev) for t in ssl)
             torch.manual_seed(step_seed(tc.seed, step, dist.rank, 3))  # model-internal randomness
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 outd = train_mod(x, gene_idx, values, mask, xe, pooled=fcache is not None, profile=profile.to(dev),
-                                 ssl_views=ssl)
+                                 ssl_views=ssl, second_images=xs)
             loss = outd["loss"]
             bad = not bool(torch.isfinite(loss.detach()).item())
             if dist.any_true(bad):
@@ -306,6 +327,8 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
             if tc.grad_clip and tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
+            if teacher is not None:
+                teacher.update(model)
             lr_now = float(opt.param_groups[0]["lr"])
             sched.step()
             step += 1
@@ -322,6 +345,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
                 "profile": float(outd["profile"].detach()) if "profile" in outd else 0.0,
                 "grid": float(outd["grid"].detach()) if "grid" in outd else 0.0,
                 "text_ssl": float(outd["text_ssl"].detach()) if "text_ssl" in outd else 0.0,
+                "image_ssl": float(outd["image_ssl"].detach()) if "image_ssl" in outd else 0.0,
             }
             if dist.main:
                 rf.append_metrics(out / rf.METRICS_FILE, metrics)

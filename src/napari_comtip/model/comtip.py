@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .config import ComtipConfig
 from .foundation import fully_frozen
 from .grid_term import value_grid_loss
+from .image_ssl import ImageSSLHead
 from .sentences import gene_z, gene_z_stats, permute_values, sample_gene_subsets, spot_rank
 from . import reading
 from .colour import N_COLOUR_FEATURES
@@ -71,6 +72,8 @@ class CoMTIP(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.image_proj = nn.Linear(self.vision.feature_dim, config.embed_dim)
+        # image self-distillation's student head (model/image_ssl.py; engine/training.py runs the term)
+        self.image_ssl_head = ImageSSLHead(self.vision.feature_dim, config.image_ssl.dim) if config.w_image_ssl > 0 else None
         self.text = GeneTextEncoder(config, g, name_embeddings)
         t = config.text
         self.profile_head = (ProfileHead(g, t.width, config.embed_dim, t.values_mlp_layers, t.dropout)

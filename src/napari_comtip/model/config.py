@@ -173,6 +173,15 @@ class ZeroShotConfig:
 
 
 @dataclass
+class ImageSSLConfig:
+    """Image self-distillation against an EMA teacher (ComtipConfig.w_image_ssl, model/image_ssl.py)."""
+
+    momentum: float = 0.99  # the teacher's EMA momentum per step
+    dim: int = 128  # projector and predictor output (their hidden layers: twice that)
+    crop_scale: float = 0.5  # the second view is a random crop of at least this fraction of the patch's area
+
+
+@dataclass
 class ComtipConfig:
     """Every hyperparameter of a CoMTIP model; stored inside each checkpoint."""
 
@@ -181,6 +190,7 @@ class ComtipConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     paat: PaatConfig = field(default_factory=PaatConfig)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    image_ssl: ImageSSLConfig = field(default_factory=ImageSSLConfig)
     embed_dim: int = 256  # shared image/text space
     mask_ratio: float = 0.5  # fraction of patch tokens hidden from the masked branch
     w_mfm: float = 1.0  # weight of the MFM loss (0 = off: the masked branch is not run)
@@ -198,6 +208,7 @@ class ComtipConfig:
     # sentences drawn from one spot's expression must find each other among the batch's spots
     # (InfoNCE), on the training spots and the expression-only spots of data.expression_only
     w_text_ssl: float = 0.0
+    w_image_ssl: float = 0.0  # image self-distillation (0 = off; model/image_ssl.py): two views of a patch, EMA teacher
     init_temperature: float = 0.07  # CLIP's initial temperature
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
     learn_temperature: bool = True
@@ -276,7 +287,9 @@ class ComtipConfig:
         if self.w_grid > 0 and t.mode != "names+values":
             raise ConfigError(f"w_grid needs text.mode names+values (it trains the zero-shot readout), got {t.mode!r}",
                               hint="set w_grid: 0")
-        for name in ("w_mfm", "w_paat", "w_profile", "w_grid", "w_text_ssl"):
+        if self.w_image_ssl > 0 and (v.freeze is True or (not isinstance(v.freeze, bool) and v.freeze == 0)):
+            raise ConfigError(f"w_image_ssl trains the ViT, but vision.freeze is {v.freeze!r} (no block trains)", hint="set w_image_ssl: 0 or vision.freeze: false")
+        for name in ("w_mfm", "w_paat", "w_profile", "w_grid", "w_text_ssl", "w_image_ssl"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.zero_shot.grid < 2:
