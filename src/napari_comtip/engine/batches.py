@@ -217,7 +217,7 @@ class BatchSet(torch.utils.data.Dataset):
                 m.w_mfm > 0 or m.w_image_ssl > 0):
             u = torch.randint(0, len(self.ts.unlabelled), (dc.unlabelled_batch,), generator=g).numpy()
             us = np.sort(u)
-            raw_extra = torch.from_numpy(np.asarray(self.ts.unlabelled[us]))
+            raw_extra = torch.from_numpy(np.array(self.ts.unlabelled[us]))  # a writable copy of the (read-only) cache
             extra = self.aug(raw_extra, g)
         second = torch.zeros((0,) + tuple(imgs.shape[1:]), dtype=torch.uint8)
         if self.pixels and m.w_image_ssl > 0:  # drawn from their own stream: the first views stay as without the term
