@@ -153,3 +153,37 @@ def test_bad_values_are_refused():
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="vision.freeze"):
         RC.run_config_from_dict({**RUN, "model": {**RUN["model"], "vision": {"freeze": True}}})
+
+
+def test_tissue_only_slides_add_their_tissue_spots_included(shared_data):
+    from napari_comtip.engine.data import tissue_centres
+    from napari_comtip.engine.run_config import DataConfig
+    from napari_comtip.io import load_sample
+
+    tiny = shared_data / "visium_tiny"
+    if not tiny.is_dir():
+        pytest.skip("visium_tiny not found")
+    demo = load_sample("@demo")
+    base = build_training_set([demo], DataConfig(n_hvg=30, n_mean=10, unlabelled_per_sample=20), patch_um=175.0, img_size=32)
+    more = build_training_set([demo], DataConfig(n_hvg=30, n_mean=10, unlabelled_per_sample=20, tissue_only=[str(tiny)]),
+                              patch_um=175.0, img_size=32)
+    assert more.info["tissue_only"] == [f"{tiny}:visium_tiny"] and "tissue_only" not in base.info
+    assert len(more.unlabelled) > len(base.unlabelled)
+    np.testing.assert_array_equal(more.unlabelled[: len(base.unlabelled)], base.unlabelled)  # the training slides' first
+    np.testing.assert_array_equal(more.patches, base.patches)  # and no spot or count of the tissue slide is read
+    assert more.n_spots == base.n_spots and more.panel == base.panel
+    s = load_sample(tiny)
+    assert len(tissue_centres(s, 175.0, max_n=10**6, avoid_spots=False)) > len(tissue_centres(s, 175.0, max_n=10**6))
+
+
+def test_the_benchmark_refuses_to_read_its_own_slides_as_tissue(shared_data, tmp_path):
+    from napari_comtip.engine.loso import run_loso
+
+    her2st = shared_data / "her2st"
+    if not her2st.is_dir():
+        pytest.skip("her2st not found")
+    cfg = RC.run_config_from_dict({"preset": "micro", "data": {"tissue_only": [str(her2st)]}})
+    with pytest.raises(ConfigError, match="tissue_only names the benchmark's own data") as e:
+        run_loso(str(her2st), tmp_path / "b", config=cfg, arms=["untrained"])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "b" / "untrained").exists()  # refused before any fold

@@ -134,11 +134,12 @@ def panel_matrix(adata, panel: Sequence[str], sample_name: str = "", path=None,
 
 
 def tissue_centres(sample, patch_um: float, *, max_n: int = 1500, tissue_frac: float = 0.5,
-                   seed: int = 0, thumb_side: int = 1024) -> np.ndarray:
+                   seed: int = 0, thumb_side: int = 1024, avoid_spots: bool = True) -> np.ndarray:
     """Centres (row, col) of unlabelled tissue patches on a grid between and around the spots.
 
     Tissue: :func:`napari_comtip.io.tissue.tissue_mask` of a thumbnail; a grid of step ``patch side / 3``; a position is kept when its patch area is at least ``tissue_frac`` tissue and its
-    centre is at least half a patch side from every spot centre. At most ``max_n``, chosen
+    centre is at least half a patch side from every spot centre (``avoid_spots``; off for a
+    slide read for its tissue alone, ``data.tissue_only``). At most ``max_n``, chosen
     with a seeded generator.
     """
     img = sample.image
@@ -162,7 +163,7 @@ def tissue_centres(sample, patch_um: float, *, max_n: int = 1500, tissue_frac: f
     area = np.maximum((r1 - r0) * (c1 - c0), 1)
     frac = (ii[r1, c1] - ii[r0, c1] - ii[r1, c0] + ii[r0, c0]) / area
     cand = np.stack([rr[frac >= tissue_frac], cc[frac >= tissue_frac]], axis=1)
-    if len(cand) and sample.n_spots:
+    if len(cand) and sample.n_spots and avoid_spots:
         spots = sample.centers_rc()
         d2 = ((cand[:, None, :] - spots[None, :, :]) ** 2).sum(-1).min(1)
         cand = cand[d2 >= (side / 2) ** 2]
@@ -228,6 +229,11 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
             c = tissue_centres(s, patch_um, max_n=cfg.unlabelled_per_sample, tissue_frac=cfg.tissue_frac, seed=seed)
             if len(c):
                 unl.append(np.asarray(cache.get(s, c, patch_um, img_size, "tissue", progress=progress, cancel=cancel)))
+    tissue_names = []
+    if cfg.unlabelled and cfg.unlabelled_per_sample > 0:
+        for name, tissue in tissue_only_patches(cfg, patch_um, img_size, cache, seed, progress, cancel):
+            unl.append(tissue)
+            tissue_names.append(name)
     lib = np.concatenate(libs, 0)
     text_only, text_only_lib, text_only_names = expression_only_set(cfg, panel, lib)
     return TrainingSet(
@@ -238,7 +244,7 @@ def build_training_set(samples: Sequence, cfg: DataConfig, *, patch_um: float, i
         names=[s.name for s in samples],
         spot_ids=ids,
         unlabelled=np.concatenate(unl, 0) if unl else None,
-        info={"n_unlabelled": int(sum(len(u) for u in unl)),
+        info={"n_unlabelled": int(sum(len(u) for u in unl)), **({"tissue_only": tissue_names} if tissue_names else {}),
               **({"expression_only": text_only_names, "n_expression_only": int(len(text_only))} if text_only_names else {})},
         centres_rc=np.concatenate(centres, 0),
         library_z=_standardised(lib),
@@ -255,6 +261,23 @@ def _standardised(x: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
 
 def _log_library(ad) -> np.ndarray:
     return np.log1p(np.asarray(ad.X.sum(axis=1), dtype=np.float64).ravel())
+
+
+def tissue_only_patches(cfg: DataConfig, patch_um: float, img_size: int, cache: PatchCache, seed: int = 0,
+                        progress: Progress | None = None, cancel: Cancel | None = None):
+    """``(path:sample, patches)`` of every readable sample of ``cfg.tissue_only``: up to
+    ``unlabelled_per_sample`` tissue patches each, spots included (their counts are never read)."""
+    from ..io import list_samples, load_sample
+
+    for path in cfg.tissue_only:
+        for name in list_samples(path) or [None]:
+            s = load_sample(path, sample=name, progress=progress)
+            c = tissue_centres(s, patch_um, max_n=cfg.unlabelled_per_sample, tissue_frac=cfg.tissue_frac, seed=seed,
+                               avoid_spots=False)
+            if not len(c):
+                raise InputError(f"no tissue patch found in sample {s.name!r} of data.tissue_only", path=path,
+                                 hint="check the slide, or lower data.tissue_frac")
+            yield f"{path}:{s.name}", np.asarray(cache.get(s, c, patch_um, img_size, "tissue", progress=progress, cancel=cancel))
 
 
 def expression_only_set(cfg: DataConfig, panel: Sequence[str], train_library: np.ndarray
@@ -333,5 +356,5 @@ def load_training_samples(specs: Sequence[DataSpec | str | tuple], progress=None
 
 __all__ = [
     "select_gene_panel", "panel_matrix", "lognorm_matrix", "tissue_centres", "TrainingSet",
-    "build_training_set", "expression_only_set", "DataSpec", "resolve_data_specs", "load_training_samples",
+    "build_training_set", "tissue_only_patches", "expression_only_set", "DataSpec", "resolve_data_specs", "load_training_samples",
 ]

@@ -302,8 +302,11 @@ def run_loso(data: str, out: str | os.PathLike, *, samples: Sequence[str] | None
     if len(names) < 2:
         raise InputError(f"leave-one-section-out needs at least 2 sections, found {len(names)}", path=data)
     arms = list(arms) if arms else list(ARMS)
-    for a in arms:
-        arm_overrides(a)
+    for a in arms:  # every held-out section's pixels stay unseen: no arm reads the benchmark's slides as tissue
+        for p in with_overrides(cfg, arm_overrides(a)).data.tissue_only:
+            if Path(p).expanduser().resolve() == Path(data).expanduser().resolve():
+                raise ConfigError(f"arm {a!r}: data.tissue_only names the benchmark's own data {data}, so each "
+                                  "held-out section's tissue would be trained on", hint="name other slides in data.tissue_only")
     loaded = {n: load_sample(data, sample=n) for n in names}
     meta = {"data": str(data), "sections": names, "arms": arms, "max_steps": max_steps, "seed": seed,
             "config": cfg.to_dict(), "commit": _git_commit(), "host": platform.node(),

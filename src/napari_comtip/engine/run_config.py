@@ -48,6 +48,9 @@ class DataConfig:
     unlabelled_per_sample: int = 1500  # cap on unlabelled tissue patches per sample
     unlabelled_batch: int = 32  # vision-only patches per step
     tissue_frac: float = 0.5  # unlabelled patch must be at least this fraction tissue
+    # slides read for their tissue alone (MFM and model.w_image_ssl): every readable sample of each
+    # path adds up to unlabelled_per_sample unlabelled patches, spots included; its counts are not read
+    tissue_only: list[str] = dataclasses.field(default_factory=list)
     # expression without images (model.w_text_ssl only): data sets whose spots' counts train the gene
     # sentences (a legacy ST folder of counts and spot tables, an .h5ad of counts, or any readable sample)
     expression_only: list[str] = dataclasses.field(default_factory=list)

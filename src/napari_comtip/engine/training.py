@@ -366,6 +366,7 @@ def _pretrain(cfg: RunConfig, data_specs, out: Path, resume, overwrite, max_step
         extras["training"] = {
             "steps": step, "total_steps": total, "stopped_early": stopped, "epochs": step / spe,
             "samples": list(ts.names), "n_spots": ts.n_spots, "n_unlabelled": ts.info.get("n_unlabelled", 0),
+            "tissue_only": ts.info.get("tissue_only", []),
             "expression_only": ts.info.get("expression_only", []), "n_expression_only": ts.info.get("n_expression_only", 0),
             "elapsed_s": elapsed0 + time.time() - t0, "world_size": dist.world, "device": str(dev),
             "run_config": cfg.to_dict(), "panel_rule": panel_rule_text(cfg.data),
