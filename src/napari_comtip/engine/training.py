@@ -47,12 +47,15 @@ from .run_config import RunConfig, load_run_config, run_config_from_dict, save_r
 
 # --------------------------------------------------------------------------- model step
 class _StepModule(torch.nn.Module):
-    """One forward for DDP: the CoMTIP loss on spot batches plus MFM on vision-only batches.
+    """One forward for DDP: the CoMTIP loss on spot batches plus the image-only terms.
 
-    The vision-only batch (unlabelled tissue patches) adds only the MFM term: its full-branch
-    tokens are the (stop-gradient) target, so they run without gradient; the masked branch and
-    the mask feature generator learn from them. ``img_emb`` (the batch's normalised image
-    embeddings, detached) is captured from the projection for the collapse watch.
+    The vision-only batch (unlabelled tissue patches) adds the MFM term (its full-branch tokens
+    are the stop-gradient target, so they run without gradient; the masked branch and the mask
+    feature generator learn from them) and image self-distillation (``model.w_image_ssl``: the
+    spots' and those patches' second views against the EMA ``teacher``, a plain attribute so
+    DDP, the optimizer and the checkpoint never see it). ``img_emb`` (the batch's normalised image
+    embeddings, detached) is captured from the projection for the collapse watch, and the pooled
+    ViT features under it, with gradient, for the self-distillation.
     """
 
     def __init__(self, model, w_mfm: float, mask_ratio: float, teacher: EmaTeacher | None = None):
