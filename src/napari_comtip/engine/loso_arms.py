@@ -120,6 +120,7 @@ ARMS: dict[str, dict[str, Any]] = {
                                          "model.w_image_ssl": 1.0},
     # ... with twice its weight and twice the unlabelled tissue patches per step (the term's dose)
     "comtip-rank-colour-morph112-issl-alltissue": "comtip-rank-colour-morph112-issl whose unlabelled tissue patches also come from the two visium_mouse_brain slides (data.tissue_only)",
+    "comtip-rank-colour-morph112-lr2e3": "comtip-rank-colour-morph112 at twice the learning rate (training.lr 2e-3)",
     "comtip-rank-colour-morph112-issl2": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
                                           "model.vision.colour_features": True, "model.vision.morphology_px": 112,
                                           "model.w_image_ssl": 2.0, "data.unlabelled_batch": 64},
@@ -130,6 +131,10 @@ ARMS: dict[str, dict[str, Any]] = {
                                                    "model.vision.colour_features": True, "model.vision.morphology_px": 112,
                                                    "model.w_image_ssl": 1.0,
                                                    "data.tissue_only": ["../shared/data/visium_mouse_brain"]},
+    # ... at twice the learning rate (2e-3; the same warmup, cosine schedule and 20 epochs)
+    "comtip-rank-colour-morph112-lr2e3": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank",
+                                          "model.vision.colour_features": True, "model.vision.morphology_px": 112,
+                                          "training.lr": 2.0e-3},
     "comtip-grid-profile": {"model.w_mfm": 0.0, "model.text.value_transform": "spot_rank", "model.w_profile": 1.0,
                             "model.w_grid": 1.0, "model.vision.colour_features": True},
     "comtip-zs-uniform": {"model.w_mfm": 0.0, "data.expressed_weight": 1.0, "model.text.p_single": 0.3},
@@ -180,6 +185,7 @@ ARM_TEXT = {
     "comtip-rank-colour-morph112-b128": "comtip-rank-colour-morph112 with training batches of 128 spots (twice the InfoNCE negatives, same epochs)",
     "comtip-rank-colour-morph112-issl": "comtip-rank-colour-morph112 plus image self-distillation (BYOL, EMA teacher) on two views of the spot and unlabelled tissue patches (model.w_image_ssl 1)",
     "comtip-rank-colour-morph112-issl-alltissue": "comtip-rank-colour-morph112-issl whose unlabelled tissue patches also come from the two visium_mouse_brain slides (data.tissue_only)",
+    "comtip-rank-colour-morph112-lr2e3": "comtip-rank-colour-morph112 at twice the learning rate (training.lr 2e-3)",
     "comtip-rank-colour-morph112-issl2": "comtip-rank-colour-morph112-issl with the term at weight 2 and 64 unlabelled tissue patches per step instead of 32",
     "comtip-grid-profile": "comtip-profile-colour plus the value-grid term",
     "comtip-textssl-shared": "comtip-textssl with the two views drawn from one gene set per view for the whole batch (only values tell the spots apart)",
