@@ -16,7 +16,7 @@ import torch
 
 from napari_comtip.constants import Key
 from napari_comtip.engine import training as T
-from napari_comtip.engine.callbacks import Callback
+from _training_common import CrashAt
 from napari_comtip.engine import run_config as RC
 from napari_comtip.engine import run_folder as RF
 from napari_comtip.engine import bank_probe as BP
@@ -132,20 +132,11 @@ def _state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class _Crash(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step(self, step, total, metrics):
-        if step == self.at:
-            raise RuntimeError("killed")
-
-
 def test_resume_after_kill_gives_the_same_weights(demo_set, tmp_path):
     cfg = RC.run_config_from_dict(MICRO)
     full = T.pretrain(cfg, [], tmp_path / "full", max_steps=6, training_set=demo_set, device="cpu")
     with pytest.raises(RuntimeError, match="killed"):
-        T.pretrain(cfg, [], tmp_path / "cut", max_steps=6, training_set=demo_set, device="cpu", callbacks=[_Crash(5)])
+        T.pretrain(cfg, [], tmp_path / "cut", max_steps=6, training_set=demo_set, device="cpu", callbacks=[CrashAt(5)])
     assert [s for s, _ in RF.list_checkpoints(tmp_path / "cut")] == [3]
     resumed = T.pretrain(cfg, [], tmp_path / "cut", max_steps=6, training_set=demo_set, device="cpu", resume=True)
     a = _state(tmp_path / "full" / "checkpoints" / "step-0000006.pt")
