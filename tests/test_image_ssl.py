@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from _model_common import one_thread  # noqa: F401
+from _training_common import CrashAt
 from napari_comtip.engine import run_config as RC
 from napari_comtip.engine import run_folder as RF
 from napari_comtip.engine import training as T
 from napari_comtip.engine.batches import Augment, BatchSet, generator, random_crops
-from napari_comtip.engine.callbacks import Callback
 from napari_comtip.engine.data import build_training_set
 from napari_comtip.engine.distributed import Dist
 from napari_comtip.errors import ConfigError
@@ -118,20 +118,11 @@ def test_the_loss_trains_the_student_and_not_the_teacher(demo_set, one_thread):
     assert np.mean(losses[-5:]) < 0.5 * losses[0]
 
 
-class _Crash(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step(self, step, total, metrics):
-        if step == self.at:
-            raise RuntimeError("killed")
-
-
 def test_a_run_with_the_term_logs_it_and_resumes_to_the_same_weights(demo_set, tmp_path):
     cfg = _cfg()
     full = T.pretrain(cfg, [], tmp_path / "full", max_steps=5, training_set=demo_set, device="cpu")
     with pytest.raises(RuntimeError, match="killed"):
-        T.pretrain(cfg, [], tmp_path / "cut", max_steps=5, training_set=demo_set, device="cpu", callbacks=[_Crash(4)])
+        T.pretrain(cfg, [], tmp_path / "cut", max_steps=5, training_set=demo_set, device="cpu", callbacks=[CrashAt(4)])
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step-0000003.pt", map_location="cpu", weights_only=True)
     assert state["image_ssl_teacher"] is not None  # the teacher resumes from its own weights
     resumed = T.pretrain(cfg, [], tmp_path / "cut", max_steps=5, training_set=demo_set, device="cpu", resume=True)
@@ -151,8 +142,9 @@ def test_bad_values_are_refused():
             _cfg(**{key: value}) if "." not in key else RC.run_config_from_dict(
                 {**RUN, "model": {**RUN["model"], "image_ssl": {key.split(".")[1]: value}}})
         assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="vision.freeze"):
-        RC.run_config_from_dict({**RUN, "model": {**RUN["model"], "vision": {"freeze": True}}})
+    for freeze in (True, 0):  # no block of the ViT trains
+        with pytest.raises(ConfigError, match="vision.freeze"):
+            RC.run_config_from_dict({**RUN, "model": {**RUN["model"], "vision": {"freeze": freeze}}})
 
 
 def test_tissue_only_slides_add_their_tissue_spots_included(shared_data):

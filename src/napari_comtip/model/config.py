@@ -19,7 +19,7 @@ from typing import Any
 
 from ..constants import Default
 from ..errors import ConfigError
-from .config_checks import check_ranges
+from .config_checks import check_ranges, fully_frozen
 
 #: Version of the network definition. Bump it when a change makes old weights meaningless.
 MODEL_VERSION = 1
@@ -287,8 +287,6 @@ class ComtipConfig:
         if self.w_grid > 0 and t.mode != "names+values":
             raise ConfigError(f"w_grid needs text.mode names+values (it trains the zero-shot readout), got {t.mode!r}",
                               hint="set w_grid: 0")
-        if self.w_image_ssl > 0 and (v.freeze is True or (not isinstance(v.freeze, bool) and v.freeze == 0)):
-            raise ConfigError(f"w_image_ssl trains the ViT, but vision.freeze is {v.freeze!r} (no block trains)", hint="set w_image_ssl: 0 or vision.freeze: false")
         for name in ("w_mfm", "w_paat", "w_profile", "w_grid", "w_text_ssl", "w_image_ssl"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -298,6 +296,8 @@ class ComtipConfig:
             raise ConfigError(f"paat.n_negatives must be >= 1, got {self.paat.n_negatives}", hint="set w_paat: 0 to switch PAAT off")
         if not isinstance(v.freeze, bool) and (not isinstance(v.freeze, int) or v.freeze < 0):
             raise ConfigError(f"vision.freeze must be true, false or a number of blocks >= 0, got {v.freeze!r}")
+        if self.w_image_ssl > 0 and fully_frozen(v.freeze):
+            raise ConfigError(f"w_image_ssl trains the ViT, but vision.freeze is {v.freeze!r} (no block trains)", hint="set w_image_ssl: 0 or vision.freeze: false")
         for name in ("mean", "std"):
             val = getattr(v, name)
             if val is not None and len(val) != 3:

@@ -181,4 +181,12 @@ def check_ranges(obj: Any, *, prefix: str = "", source: str | None = None,
                               hint="fix the value in the config file or in --set")
 
 
-__all__ = ["Range", "RANGES", "check_ranges"]
+def fully_frozen(freeze) -> bool:
+    """True for ``vision.freeze: true`` and ``freeze: 0`` (no block trains): what the config's
+    checks, the model and the feature cache all mean by a frozen ViT."""
+    if isinstance(freeze, bool):
+        return freeze
+    return int(freeze) == 0
+
+
+__all__ = ["Range", "RANGES", "check_ranges", "fully_frozen"]

@@ -26,19 +26,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from .config_checks import fully_frozen  # noqa: F401  (defined beside the config checks, which need it without torch)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _HINT_ARCH = "set vision.name and vision.overrides to the weights' architecture (docs/foundation-models.md has the settings of common models)"
 
 
 # ---------------------------------------------------------------------------- freezing
-def fully_frozen(freeze) -> bool:
-    """True for ``freeze: true`` and ``freeze: 0`` (no block trains)."""
-    if isinstance(freeze, bool):
-        return freeze
-    return int(freeze) == 0
-
-
 def apply_freeze(vit: nn.Module, freeze, name: str = "") -> int:
     """Set ``requires_grad`` of the ViT's parameters; returns the number of trainable blocks.
 

@@ -5,7 +5,7 @@ The paper's masked branch reconstructs the features of the same network (stop-gr
 teacher), and at the CPU recipe's 4 x 4 tokens MFM did not help (docs/results.md). This term is
 the other image-only pretext the issue names: BYOL-style self-distillation on the pooled ViT
 features. Two views of one tissue patch (the training view and a second, independently augmented
-and cropped view, engine/batches.py ``second_views``) pass through the ViT; the student's
+and cropped view, engine/batches.py ``random_crops``) pass through the ViT; the student's
 projection and predictor must match the projection of the *other* view by an exponential moving
 average (EMA) of the student (the teacher, no gradient), ``2 - 2 cos``, symmetrised. It runs on
 the spots of the batch and on the unlabelled tissue patches between and around them
